@@ -1,0 +1,5 @@
+import sys
+
+from llmstages.cli import main
+
+sys.exit(main())

@@ -1,0 +1,124 @@
+"""Model checkpoints: what goes into a committed store folder and how it comes back.
+
+    model.safetensors   weights (safetensors: loading executes no code)
+    model.json          GPTConfig (vocab, sizes, head type, class names, LoRA)
+    tokenizer.json      the exact tokenizer
+    meta.json           stage, step, metrics, parent checkpoint, data + tokenizer fingerprints, template
+    train_state.pt      optimizer state and torch RNG states (loaded with torch.load(weights_only=True))
+    train_state.json    step, tokens seen, schedule, sampler position, Python/NumPy RNG states
+
+The atomic write itself is `Store.commit` (store.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from llmstages.errors import UserError
+from llmstages.model import GPT, GPTConfig
+from llmstages.store import Store, manifest_fingerprint, step_name, verify
+from llmstages.tokenizer import Tokenizer
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model with its tokenizer and metadata. `path` is None for models not from the store."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    meta: dict
+    path: Path | None
+
+    @property
+    def ref(self) -> str:
+        return str(self.path) if self.path is not None else self.meta.get("source", "?")
+
+
+def write_model_files(folder: Path, model: GPT, tokenizer: Tokenizer, meta: dict) -> None:
+    """Weights, config, tokenizer and meta of `model` into `folder` (the caller makes it atomic)."""
+    state = {k: v.to("cpu") for k, v in model.state_for_saving().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "model.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+    tokenizer.save(folder / "tokenizer.json")
+    meta = dict(meta, tokenizer_fingerprint=tokenizer.fingerprint)
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+def write_train_state(folder: Path, tensors: dict[str, Any], info: dict) -> None:
+    torch.save(tensors, folder / "train_state.pt")
+    (folder / "train_state.json").write_text(json.dumps(info, indent=2))
+
+
+def save_checkpoint(store: Store, run: str, step: int, model: GPT, tokenizer: Tokenizer, meta: dict,
+                    train_state: tuple[dict, dict] | None = None) -> Path:
+    """Commit one checkpoint of `run` at `step`; returns its folder."""
+    with store.commit(run, step) as tmp:
+        write_model_files(tmp, model, tokenizer, dict(meta, run=run, step=step))
+        if train_state is not None:
+            write_train_state(tmp, *train_state)
+    return store.run_dir(run) / step_name(step)
+
+
+def load_checkpoint(ref: str | Path, store: Store | None = None, *, device: str | torch.device = "cpu",
+                    check_hashes: bool = True) -> Checkpoint:
+    """Load a MODEL reference: a run name (`run`, `run@best`, `run@500`), a checkpoint folder, or hf:DIR_OR_ID."""
+    ref = str(ref)
+    if ref.startswith("hf:"):
+        from llmstages.interop import load_hf  # imported here: only hf: references need it
+        return load_hf(ref[3:], device=device)
+    store = store or Store()
+    path = store.resolve(ref)
+    if check_hashes and (problems := verify(path)):
+        raise UserError("\n".join(problems), hint="load an earlier checkpoint of the run (run@STEP)")
+    try:
+        config = GPTConfig.from_dict(json.loads((path / "model.json").read_text()))
+        meta = json.loads((path / "meta.json").read_text())
+        model = GPT(config)
+        model.load_saved_state(load_file(str(path / "model.safetensors"), device=str(device)))
+    except (json.JSONDecodeError, SafetensorError, ValueError, KeyError) as err:
+        raise UserError(f"{path}: cannot load the checkpoint ({err})") from None
+    tokenizer = Tokenizer.from_file(path / "tokenizer.json")
+    meta["fingerprint"] = manifest_fingerprint(path)
+    return Checkpoint(model.to(device), tokenizer, meta, path)
+
+
+def load_train_state(path: Path) -> tuple[dict, dict]:
+    """(tensors, info) of a checkpoint's train state; refuses a checkpoint that has none."""
+    if not (path / "train_state.pt").exists():
+        raise UserError(f"{path}: has no train state to resume from (an exported or final-only checkpoint)")
+    tensors = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+    info = json.loads((path / "train_state.json").read_text())
+    return tensors, info
+
+
+def lineage(ckpt_path: Path, store: Store) -> list[dict]:
+    """The chain of parents of a checkpoint, newest first, each as its meta.json (as far as it can be read)."""
+    chain, path, seen = [], ckpt_path, set()
+    while path is not None and path not in seen:
+        seen.add(path)
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            chain.append({"ref": str(path), "missing": True})
+            break
+        meta["ref"] = str(path)
+        chain.append(meta)
+        parent = meta.get("parent")
+        if not parent:
+            break
+        parent_ref = parent.get("ref", "")
+        if parent_ref.startswith("hf:"):
+            chain.append({"ref": parent_ref, "task": "pretrained (Hugging Face)"})
+            break
+        candidate = Path(parent.get("path", ""))
+        path = candidate if candidate.is_dir() else None
+        if path is None:
+            chain.append({"ref": parent_ref, "missing": True})
+    return chain

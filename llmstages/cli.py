@@ -1,0 +1,214 @@
+"""The `llmstages` command line: parse arguments, load the recipe, call a stage, print the result.
+
+No training logic lives here. User errors (`UserError`) print their message and exit with code 2,
+without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llmstages.errors import UserError
+
+app = typer.Typer(
+    name="llmstages",
+    help="Pretrain and fine-tune GPT-style language models: prepare -> pretrain -> finetune -> generate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+console = Console()
+err_console = Console(stderr=True)
+
+STORE_HELP = "Store root (default: $LLMSTAGES_STORE or ./store)."
+
+
+@app.callback()
+def _root(store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP, envvar="LLMSTAGES_STORE")) -> None:
+    """Pretrain and fine-tune GPT-style language models.
+
+    Examples:\n
+      llmstages prepare quickstart\n
+      llmstages pretrain quickstart train.max_steps=200\n
+      llmstages finetune --task spam\n
+      llmstages generate quickstart "It was a dark and stormy night"
+    """
+    if store is not None:
+        os.environ["LLMSTAGES_STORE"] = str(store)
+
+
+def _store():
+    from llmstages.store import Store
+    return Store()
+
+
+# ---------------------------------------------------------------------------------------------------
+# browse
+# ---------------------------------------------------------------------------------------------------
+@app.command()
+def recipes() -> None:
+    """List the built-in recipes with their one-line descriptions.
+
+    Example: llmstages recipes
+    """
+    from llmstages.config import builtin_recipes, read_yaml
+
+    table = Table(title="built-in recipes", show_lines=False)
+    table.add_column("recipe", style="bold cyan")
+    table.add_column("task")
+    table.add_column("description")
+    for path in builtin_recipes():
+        raw = read_yaml(path)
+        table.add_row(path.stem, str(raw.get("task", "pretrain")), str(raw.get("description", "")))
+    console.print(table)
+
+
+@app.command()
+def runs() -> None:
+    """List the runs in the store: checkpoints, best metric, last logged figures.
+
+    Example: llmstages --store ./store runs
+    """
+    infos = _store().runs()
+    if not infos:
+        console.print(f"no runs in {_store().root} yet — start with `llmstages pretrain quickstart`")
+        return
+    table = Table(title=f"runs in {_store().root}")
+    for col in ("run", "task", "checkpoints", "last step", "best", "last log"):
+        table.add_column(col)
+    for info in infos:
+        best = f"{info.best['metric']}={info.best['value']:.4g} @ {info.best['step']}" if info.best else "-"
+        log = ""
+        if info.last_log:
+            log = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in info.last_log.items() if k in ("step", "loss", "val_loss", "val_bpb", "f1"))
+        table.add_row(info.name, info.task, str(len(info.steps)), str(info.steps[-1]) if info.steps else "-", best, log)
+    console.print(table)
+
+
+@app.command()
+def show(model: str = typer.Argument(..., help="Run name, run@STEP, or checkpoint folder."),
+         as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Show a checkpoint: model config, metrics and lineage (its parent checkpoints).
+
+    Example: llmstages show spam@best
+    """
+    from llmstages.checkpoint import lineage
+
+    store = _store()
+    path = store.resolve(model)
+    config = json.loads((path / "model.json").read_text())
+    chain = lineage(path, store)
+    if as_json:
+        console.print_json(json.dumps({"path": str(path), "config": config, "lineage": chain}, default=str))
+        return
+    meta = chain[0]
+    console.print(f"[bold]{path}[/bold]  task={meta.get('task')}  step={meta.get('step')}")
+    table = Table(title="model", show_header=False)
+    for key, value in config.items():
+        if value not in (None, [], 0) or key in ("n_layer", "n_head"):
+            table.add_row(key, str(value))
+    console.print(table)
+    if meta.get("metrics"):
+        metrics = Table(title="metrics", show_header=False)
+        for key, value in meta["metrics"].items():
+            metrics.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
+        console.print(metrics)
+    console.print("[bold]lineage[/bold] (newest first):")
+    for depth, item in enumerate(chain):
+        what = "(not found)" if item.get("missing") else f"task={item.get('task')} step={item.get('step')}"
+        console.print(f"  {'  ' * depth}{'└─ ' if depth else ''}{item['ref']}  {what}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------------
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="Run name, run@STEP, checkpoint folder, or hf:DIR_OR_ID."),
+    prompt: str = typer.Argument(..., help="Text to continue ('-' reads it from stdin)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", min=1, help="Tokens to generate."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", min=0.0, help="0 = greedy."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help="Keep the k most likely tokens (0 = off)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (1 = off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    raw: bool = typer.Option(False, "--raw", help="Do not apply an instruction model's prompt template."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Generate without the KV cache (slower)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
+) -> None:
+    """Continue PROMPT with MODEL, streaming tokens as they are produced; stops at end-of-text.
+
+    Examples:\n
+      llmstages generate quickstart "The old man said" --temperature 0.8 --top-k 50 --seed 1\n
+      llmstages generate instruct "Rewrite in passive voice: The cat ate the fish." -t 0\n
+      llmstages generate quickstart "Once upon a time" --json
+    """
+    from llmstages.checkpoint import load_checkpoint
+    from llmstages.runtime import set_threads
+    from llmstages.stages.generate import generate_text, stream_to_stdout
+
+    set_threads()
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    ckpt = load_checkpoint(model, _store())
+    defaults = ckpt.meta.get("generate") or {}
+    model_input = None
+    template = ckpt.meta.get("template")
+    if template and not raw:
+        from llmstages.templates import format_prompt
+        model_input = format_prompt(template, prompt)
+    result = generate_text(
+        ckpt, prompt, model_input=model_input,
+        max_new_tokens=max_new_tokens or defaults.get("max_new_tokens", 200),
+        temperature=temperature if temperature is not None else defaults.get("temperature", 0.8),
+        top_k=top_k if top_k is not None else defaults.get("top_k", 0),
+        top_p=top_p if top_p is not None else defaults.get("top_p", 1.0),
+        seed=seed, use_cache=not no_cache, on_text=None if as_json else stream_to_stdout)
+    if as_json:
+        print(json.dumps(result.to_json()))
+    else:
+        sys.stdout.write("\n")
+        err_console.print(f"[dim]{result.tokens} tokens, {result.tokens_per_s:.1f} tokens/s[/dim]")
+
+
+# ---------------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user errors exit with code 2 and a message, no traceback."""
+    from rich.markup import escape
+
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except UserError as err:
+        err_console.print(f"[bold red]error:[/bold red] {escape(err.message)}", highlight=False)
+        if err.hint:
+            err_console.print(f"[yellow]fix:[/yellow] {escape(err.hint)}", highlight=False)
+        return err.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except typer.Exit as exit_:
+        return exit_.exit_code
+    except (typer.Abort,):
+        return 130
+    except Exception as err:  # click usage errors carry their own exit code (2)
+        import click
+        if isinstance(err, click.ClickException):
+            err.show()
+            return err.exit_code
+        raise
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,544 @@
+"""Recipes: YAML files loaded into typed, documented dataclasses.
+
+A recipe is read with `yaml.safe_load` (YAML tags that build Python objects are refused), checked
+against the dataclasses below, and changed by `KEY=VALUE` overrides on the command line. A value is
+converted by the type its field declares, never by YAML's guessing: `train.lr=3e-4` is a float.
+All problems of a recipe are collected and reported together, each with its dotted path, and an
+unknown key gets a "did you mean" suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmstages.errors import RecipeError, UserError
+
+TASKS = ("pretrain", "classify", "instruct")
+
+
+def _f(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, ge: float | None = None,
+       gt: float | None = None, le: float | None = None, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with the checks `validate` applies to it (allowed values and bounds)."""
+    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it becomes a prepared dataset in the store."""
+
+    # Files, folders or globs; http(s) URLs; or hf:ORG/NAME[:split]. One string or a list.
+    source: list[str] = _f(factory=list)
+    # Expected sha256 of each URL source, in the order of `source` ("" where unknown).
+    sha256: list[str] = _f(factory=list)
+    # Separate validation / test files; when empty the split is carved out of `source`.
+    val_source: list[str] = _f(factory=list)
+    test_source: list[str] = _f(factory=list)
+    # Name of the prepared dataset in the store (default: the recipe's run name).
+    name: str | None = None
+    # File format; auto = by file extension.
+    format: str = _f("auto", choices=("auto", "txt", "jsonl", "json", "csv", "tsv", "parquet"))
+    # .txt: a line that separates documents inside one file (e.g. <|endoftext|>); "" = one document per file.
+    delimiter: str = ""
+    # .txt: keep only the text between Project Gutenberg's "*** START OF" and "*** END OF" markers.
+    strip_gutenberg: bool = True
+    # csv/tsv without a header row: names for its columns, in order (e.g. [label, text]).
+    columns: list[str] = _f(factory=list)
+    # Field holding the text (pretraining and classification).
+    text_field: str = "text"
+    # Field holding the class label (classification).
+    label_field: str = "label"
+    # Class names in order; empty = the sorted set of labels found in the training data.
+    labels: list[str] = _f(factory=list)
+    # Instruction data fields (Alpaca style), or the chat-style messages field.
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    messages_field: str = "messages"
+    # "train" = train a byte-level BPE on the corpus; otherwise a tokenizer.json path or folder.
+    tokenizer: str = "train"
+    # Vocabulary size when training a tokenizer (includes <|endoftext|>).
+    vocab_size: int = _f(8192, ge=260, le=1 << 20)
+    # Fractions of the documents / records held out for validation and test.
+    val_fraction: float = _f(0.05, ge=0.0, le=0.5)
+    test_fraction: float = _f(0.0, ge=0.0, le=0.5)
+    # Seed of the deterministic train/val/test split.
+    split_seed: int = 1234
+    # Write the good records and list the bad ones in the manifest instead of failing.
+    skip_bad: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """The GPT's shape. A named size fills the numbers not given explicitly."""
+
+    # tiny | small (GPT-2 124M) | medium | large | xl | custom (give every number below).
+    size: str = _f("tiny", choices=("tiny", "mini", "small", "medium", "large", "xl", "custom"))
+    n_layer: int | None = _f(None, ge=1)
+    n_head: int | None = _f(None, ge=1)
+    n_embd: int | None = _f(None, ge=1)
+    # Context length in tokens.
+    block_size: int | None = _f(None, ge=2)
+    # Vocabulary size; default: the tokenizer's.
+    vocab_size: int | None = _f(None, ge=2)
+    # Dropout on attention, residual and embeddings (0 for pretraining small data is rarely best).
+    dropout: float = _f(0.0, ge=0.0, le=0.9)
+    # Biases in linear layers and LayerNorms (GPT-2 has them).
+    bias: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop shared by every stage."""
+
+    # Optimizer steps; see also `epochs`.
+    max_steps: int = _f(1000, ge=1)
+    # If > 0, the number of passes over the training set; sets max_steps from the data size.
+    epochs: float = _f(0.0, ge=0.0)
+    # Peak learning rate, after warmup.
+    lr: float = _f(6e-4, gt=0.0, le=1.0)
+    # Learning rate at the end of the cosine decay.
+    min_lr: float = _f(6e-5, ge=0.0)
+    # Linear warmup steps.
+    warmup_steps: int = _f(100, ge=0)
+    # AdamW settings; weight decay is not applied to biases, norms and embeddings.
+    weight_decay: float = _f(0.1, ge=0.0)
+    beta1: float = _f(0.9, ge=0.0, le=1.0)
+    beta2: float = _f(0.95, ge=0.0, le=1.0)
+    # Clip the global gradient norm to this (0 = off).
+    grad_clip: float = _f(1.0, ge=0.0)
+    # Sequences per forward/backward pass on one process.
+    micro_batch_size: int = _f(16, ge=1)
+    # Sequences per optimizer step over all processes (gradient accumulation makes up the rest).
+    global_batch_size: int = _f(16, ge=1)
+    # Evaluate every N steps on `eval_batches` validation batches (0 = only at the end).
+    eval_every: int = _f(100, ge=0)
+    eval_batches: int = _f(20, ge=1)
+    # Commit a checkpoint every N steps (0 = only at the end); keep the last `keep_last` and the best.
+    save_every: int = _f(500, ge=0)
+    keep_last: int = _f(2, ge=1)
+    # Log training figures every N steps.
+    log_every: int = _f(10, ge=1)
+    # Seed for initialisation, data order and dropout.
+    seed: int = 1337
+    # auto = bf16 where the hardware runs it fast (CUDA with bf16, CPUs with avx512_bf16/AMX), else fp32.
+    precision: str = _f("auto", choices=("auto", "fp32", "bf16"))
+    # torch.compile the model.
+    compile: bool = False
+    # auto = cuda if available, else cpu.
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"))
+    # Stop after this many evaluations without improvement of `best_metric` (0 = never).
+    patience: int = _f(0, ge=0)
+    # Metric that picks the best checkpoint: val_loss (lower is better), or accuracy / f1 (higher).
+    best_metric: str = _f("val_loss", choices=("val_loss", "accuracy", "f1"))
+
+
+@dataclass
+class FinetuneConfig:
+    """What fine-tuning changes and how it treats the labeled data."""
+
+    # all | head | last_blocks:N (+ final norm and head) | lora.
+    trainable: str = "all"
+    # LoRA: rank, scaling alpha, dropout, and which linear layers get adapters.
+    lora_rank: int = _f(8, ge=1)
+    lora_alpha: float = _f(16.0, gt=0.0)
+    lora_dropout: float = _f(0.0, ge=0.0, le=0.9)
+    lora_targets: list[str] = _f(factory=lambda: ["c_attn", "c_proj", "c_fc"])
+    # Classification: how to treat class imbalance in the training set.
+    balance: str = _f("none", choices=("none", "undersample", "weighted"))
+    # Instruction: prompt template, and whether prompt tokens are left out of the loss.
+    template: str = _f("alpaca", choices=("alpaca", "chat"))
+    mask_prompt: bool = True
+    # Instruction: sample generations for fixed validation prompts printed at each eval.
+    eval_samples: int = _f(2, ge=0)
+
+
+@dataclass
+class GenerateConfig:
+    """Default sampling settings for generate / chat / sample generations."""
+
+    max_new_tokens: int = _f(200, ge=1)
+    # 0 = greedy.
+    temperature: float = _f(0.8, ge=0.0)
+    # Keep the k most likely tokens (0 = off).
+    top_k: int = _f(0, ge=0)
+    # Nucleus sampling: keep the smallest set of tokens with this much probability (1 = off).
+    top_p: float = _f(1.0, gt=0.0, le=1.0)
+
+
+@dataclass
+class Recipe:
+    """A whole recipe: one training run (or, for `prepare`, one dataset)."""
+
+    # One line shown by `llmstages recipes`.
+    description: str = ""
+    # pretrain | classify | instruct.
+    task: str = _f("pretrain", choices=TASKS)
+    # Run name in the store (default: the recipe file's stem).
+    run: str | None = None
+    # Starting point: a run name, a checkpoint folder, or hf:DIR_OR_ID. Fine-tuning inherits its shape.
+    init_from: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+
+# Names users bring from other tools, mapped to ours, so "did you mean" can point at the right key.
+ALIASES = {
+    "learning_rate": "train.lr", "learningrate": "train.lr", "max_lr": "train.lr",
+    "min_learning_rate": "train.min_lr", "max_iters": "train.max_steps", "iters": "train.max_steps",
+    "num_steps": "train.max_steps", "steps": "train.max_steps", "batch_size": "train.micro_batch_size",
+    "micro_batch": "train.micro_batch_size", "gradient_accumulation_steps": "train.global_batch_size",
+    "warmup_iters": "train.warmup_steps", "warmup": "train.warmup_steps", "eval_interval": "train.eval_every",
+    "eval_iters": "train.eval_batches", "log_interval": "train.log_every", "checkpoint_every": "train.save_every",
+    "clip": "train.grad_clip", "dtype": "train.precision", "num_epochs": "train.epochs",
+    "n_embed": "model.n_embd", "d_model": "model.n_embd", "hidden_size": "model.n_embd",
+    "num_layers": "model.n_layer", "n_layers": "model.n_layer", "num_heads": "model.n_head",
+    "n_heads": "model.n_head", "context_length": "model.block_size", "seq_len": "model.block_size",
+    "max_seq_length": "model.block_size", "name": "run", "out_dir": "run", "resume_from": "init_from",
+    "path": "data.source", "dataset": "data.source", "files": "data.source",
+}
+
+
+def _field_paths(cls: type, prefix: str = "") -> dict[str, tuple[type, dataclasses.Field]]:
+    """Every dotted leaf path of a recipe dataclass -> (declared type, field)."""
+    paths: dict[str, tuple[type, dataclasses.Field]] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            paths.update(_field_paths(tp, f"{prefix}{f.name}."))
+        else:
+            paths[prefix + f.name] = (tp, f)
+    return paths
+
+
+FIELD_PATHS = _field_paths(Recipe)
+
+
+def suggest(key: str, section: str = "") -> str | None:
+    """The known dotted path closest to an unknown `key` found in `section` ("" = top level)."""
+    leaf = key.rsplit(".", 1)[-1].lower()
+    candidates: dict[str, str] = {}  # spelling -> dotted path
+    for path in FIELD_PATHS:
+        candidates.setdefault(path.rsplit(".", 1)[-1], path)
+        candidates.setdefault(path, path)
+    for section_name in ("data", "model", "train", "finetune", "generate"):
+        candidates.setdefault(section_name, section_name)
+    for alias, path in ALIASES.items():
+        candidates.setdefault(alias, path)
+    # Prefer a path inside the section where the typo was made.
+    if section and f"{section}.{leaf}" in FIELD_PATHS:
+        return f"{section}.{leaf}"
+    match = difflib.get_close_matches(leaf, list(candidates), n=1, cutoff=0.7)
+    return candidates[match[0]] if match else None
+
+
+def _type_name(tp: Any) -> str:
+    if tp in (int, float, str, bool):
+        return tp.__name__
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(args[0])}"
+    if type(None) in args:
+        return f"{_type_name(next(a for a in args if a is not type(None)))} or null"
+    return str(tp)
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def convert(value: Any, tp: Any, *, from_text: bool) -> Any:
+    """Convert `value` to the declared type `tp`; raise ValueError with a short reason.
+
+    `from_text` marks a command-line override: the string is parsed by the field's type, so
+    `3e-4` becomes a float and `none` becomes None only where the field allows null.
+    """
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = next(a for a in args if a is not type(None))
+        if value is None or (from_text and isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            return None
+        return convert(value, inner, from_text=from_text)
+    if typing.get_origin(tp) is list:
+        if from_text and isinstance(value, str):
+            text = value.strip()
+            if text.startswith("[") and text.endswith("]"):
+                text = text[1:-1]
+            value = [part.strip() for part in text.split(",") if part.strip()]
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single value where a list is expected
+        if not isinstance(value, list):
+            raise ValueError(f"expected {_type_name(tp)}, got {type(value).__name__}")
+        return [convert(v, args[0], from_text=from_text) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ValueError(f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
+                if number.is_integer() and re.fullmatch(r"[+-]?[\d_]+(\.0*)?([eE]\+?\d+)?", value.strip()):
+                    return int(number)
+            except ValueError:
+                pass
+        raise ValueError(f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise ValueError(f"expected a number, got {value!r}") from None
+            if math.isfinite(number):
+                return number
+        raise ValueError(f"expected a finite number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    raise TypeError(f"unsupported field type {tp}")  # a bug in this file, not user input
+
+
+def _check_bounds(path: str, value: Any, meta: dict, problems: list[tuple[str, str]]) -> None:
+    if value is None:
+        return
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if meta.get("choices") and v not in meta["choices"]:
+            hint = difflib.get_close_matches(str(v), [str(c) for c in meta["choices"]], n=1)
+            extra = f" (did you mean `{hint[0]}`?)" if hint else ""
+            problems.append((path, f"{v!r} is not one of {', '.join(map(str, meta['choices']))}{extra}"))
+        if isinstance(v, (int, float)):
+            if meta.get("ge") is not None and v < meta["ge"]:
+                problems.append((path, f"{v} is below the minimum {meta['ge']}"))
+            if meta.get("gt") is not None and v <= meta["gt"]:
+                problems.append((path, f"{v} must be greater than {meta['gt']}"))
+            if meta.get("le") is not None and v > meta["le"]:
+                problems.append((path, f"{v} is above the maximum {meta['le']}"))
+
+
+def _build(cls: type, raw: dict, prefix: str, problems: list[tuple[str, str]], overridden: dict) -> Any:
+    """Build dataclass `cls` from a raw YAML mapping, appending every problem found."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            hint = suggest(str(key), prefix.rstrip("."))
+            msg = "unknown key" + (f"; did you mean `{hint}`?" if hint else "")
+            problems.append((path, msg))
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                problems.append((path, f"expected a section (mapping), got {type(value).__name__}"))
+                continue
+            kwargs[key] = _build(tp, value, path + ".", problems, overridden)
+            continue
+        try:
+            kwargs[key] = convert(value, tp, from_text=path in overridden)
+        except ValueError as err:
+            source = f" (from {path}={overridden[path]})" if path in overridden else ""
+            problems.append((path, f"{err}{source}"))
+            continue
+        _check_bounds(path, kwargs[key], names[key].metadata, problems)
+    for key, f in names.items():
+        if key not in kwargs and dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], {}, f"{prefix}{key}.", problems, overridden)
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict, text: str, problems: list[tuple[str, str]], overridden: dict) -> None:
+    if "=" not in text:
+        problems.append(("", f"override {text!r} is not KEY=VALUE (e.g. train.lr=3e-4)"))
+        return
+    path, value = text.split("=", 1)
+    path = path.strip()
+    if path not in FIELD_PATHS:
+        hint = suggest(path, path.rsplit(".", 1)[0] if "." in path else "")
+        problems.append((path, "unknown key in override" + (f"; did you mean `{hint}`?" if hint else "")))
+        return
+    node = raw
+    *parents, leaf = path.split(".")
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
+    overridden[path] = value
+
+
+def _cross_checks(recipe: Recipe, problems: list[tuple[str, str]]) -> None:
+    t, m, ft = recipe.train, recipe.model, recipe.finetune
+    if t.global_batch_size % t.micro_batch_size:
+        problems.append(("train.global_batch_size", f"{t.global_batch_size} is not a multiple of "
+                         f"train.micro_batch_size={t.micro_batch_size}"))
+    if t.min_lr > t.lr:
+        problems.append(("train.min_lr", f"{t.min_lr} is above train.lr={t.lr}"))
+    if m.n_embd is not None and m.n_head is not None and m.n_embd % m.n_head:
+        problems.append(("model.n_embd", f"{m.n_embd} is not divisible by model.n_head={m.n_head}"))
+    if m.size == "custom" and None in (m.n_layer, m.n_head, m.n_embd, m.block_size):
+        problems.append(("model.size", "custom needs model.n_layer, n_head, n_embd and block_size"))
+    if not re.fullmatch(r"all|head|lora|last_blocks:\d+", ft.trainable):
+        problems.append(("finetune.trainable", f"{ft.trainable!r} is not all, head, lora or last_blocks:N"))
+    if recipe.run is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", recipe.run):
+        problems.append(("run", f"{recipe.run!r}: use letters, digits, '.', '_' and '-'"))
+    if recipe.data.sha256 and len(recipe.data.sha256) != len(recipe.data.source):
+        problems.append(("data.sha256", f"{len(recipe.data.sha256)} hashes for {len(recipe.data.source)} "
+                         "sources; give one per source (\"\" where unknown)"))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that also rejects duplicate keys (a silent overwrite is a common recipe bug)."""
+
+
+def _mapping_no_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen[key] = True
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_no_duplicates)
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a YAML mapping safely; a syntax error or a Python tag is a UserError naming the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such recipe file", hint="`llmstages recipes` lists the built-in ones") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = err.problem or str(err)
+        if "python/" in str(err):
+            problem += " (recipes are data: Python object tags are refused)"
+        raise UserError(f"{where}: invalid recipe YAML: {problem}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: invalid recipe YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def build_recipe(raw: dict, overrides: list[str] = (), *, source: str = "<recipe>", stem: str | None = None) -> Recipe:
+    """Build a checked Recipe from a raw mapping plus KEY=VALUE overrides; raise RecipeError listing all problems."""
+    raw = _deep_copy(raw)
+    problems: list[tuple[str, str]] = []
+    overridden: dict[str, str] = {}
+    for text in overrides:
+        _apply_override(raw, text, problems, overridden)
+    recipe = _build(Recipe, raw, "", problems, overridden)
+    if not problems:
+        _cross_checks(recipe, problems)
+    if problems:
+        raise RecipeError(source, problems)
+    if recipe.run is None and stem:
+        recipe.run = stem
+    if recipe.data.name is None:
+        recipe.data.name = recipe.run
+    return recipe
+
+
+def _deep_copy(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {k: _deep_copy(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_deep_copy(v) for v in raw]
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Load a recipe file (or a built-in recipe name) and apply overrides."""
+    path = resolve_recipe_path(path)
+    return build_recipe(read_yaml(path), overrides, source=str(path), stem=path.stem)
+
+
+def recipes_dir() -> Path:
+    """Folder of the built-in recipes (`recipes/` beside the package in a source checkout)."""
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def builtin_recipes() -> list[Path]:
+    return sorted(recipes_dir().glob("*.yaml"))
+
+
+def resolve_recipe_path(name: str | Path) -> Path:
+    """A recipe path as given, or the name of a built-in recipe (`quickstart` -> recipes/quickstart.yaml)."""
+    path = Path(name)
+    if path.exists() or path.suffix in (".yaml", ".yml") and path.parent != Path("."):
+        return path
+    builtin = recipes_dir() / f"{path.stem}.yaml"
+    if builtin.exists():
+        return builtin
+    if path.exists():
+        return path
+    known = [p.stem for p in builtin_recipes()]
+    hint = difflib.get_close_matches(path.stem, known, n=1)
+    raise UserError(f"{name}: no such recipe file or built-in recipe",
+                    hint=f"did you mean `{hint[0]}`?" if hint else "`llmstages recipes` lists the built-in ones")
+
+
+def to_dict(obj: Any) -> Any:
+    """A recipe (or section) as plain data, for recipe.yaml, meta.json and diffs."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def dump_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False, allow_unicode=True)
+
+
+def recipe_diff(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Dotted paths whose values differ between two recipe dicts: (path, old, new)."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += recipe_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append((f"{prefix}{key}", a, b))
+    return diffs

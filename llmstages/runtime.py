@@ -1,0 +1,76 @@
+"""Where and how the model runs: device, precision, autocast, threads, peak memory.
+
+bf16 is used only where it is fast: CUDA devices that support it, and CPUs with native bf16 matmul
+(avx512_bf16 or AMX). On a CPU without them bf16 is emulated and several times slower than fp32,
+so `precision: auto` chooses fp32 there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import resource
+import sys
+
+import torch
+
+from llmstages.errors import UserError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA device is available", hint="use train.device=auto or cpu")
+    return torch.device(name)
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 dot products (avx512_bf16, or AMX tiles)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return sys.platform == "darwin" and os.uname().machine == "arm64"  # Apple silicon has bf16
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """'fp32' or 'bf16' for this device; 'auto' picks bf16 only where it is fast."""
+    if name == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return name
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to bf16 for matmuls (weights and optimizer stay fp32), or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def set_threads() -> int:
+    """Use one intra-op thread per core available to this process (and per process under torchrun)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = max(1, cores // local)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def peak_device_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / (1 << 20)
+    return None
