@@ -1,0 +1,61 @@
+"""Shared fixtures. Real data comes from $LLMSTAGES_TEST_DATA (default ../shared/data).
+
+A test that needs a data file asks for it with `data_file("sms_spam/SMSSpamCollection.tsv")`.
+Locally a missing file skips the test; with LLMSTAGES_REQUIRE_TEST_DATA=1 (CI) it fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_ROOT = Path(os.environ.get("LLMSTAGES_TEST_DATA", REPO.parent / "shared" / "data"))
+REQUIRE_DATA = os.environ.get("LLMSTAGES_REQUIRE_TEST_DATA") == "1"
+
+
+def need_data(relative: str) -> Path:
+    path = DATA_ROOT / relative
+    if not path.exists():
+        message = f"test data {path} is missing (set LLMSTAGES_TEST_DATA)"
+        if REQUIRE_DATA:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def data_file():
+    """data_file("the-verdict.txt") -> Path into the shared data folder (skip or fail when missing)."""
+    return need_data
+
+
+@pytest.fixture
+def gpt2_tokenizer_dir() -> Path:
+    return need_data("gpt2-tokenizer")
+
+
+@pytest.fixture
+def store_dir(tmp_path, monkeypatch) -> Path:
+    """An empty store for this test, also set as $LLMSTAGES_STORE for CLI calls."""
+    root = tmp_path / "store"
+    monkeypatch.setenv("LLMSTAGES_STORE", str(root))
+    return root
+
+
+def run_cli(*args: str, env: dict | None = None, input: str | None = None, timeout: float = 600,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m llmstages ARGS` in a real subprocess; returns the completed process (text mode)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "llmstages", *args], capture_output=True, text=True,
+                          env=full_env, input=input, timeout=timeout, cwd=cwd)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
