@@ -89,6 +89,15 @@ def load_checkpoint(ref: str | Path, store: Store | None = None, *, device: str 
     return Checkpoint(model.to(device), tokenizer, meta, path)
 
 
+def load_tokenizer(ref: str | Path, store: Store | None = None) -> Tokenizer:
+    """Only the tokenizer of a MODEL reference (no weights loaded): used to prepare fine-tuning data."""
+    ref = str(ref)
+    if ref.startswith("hf:"):
+        from llmstages.interop import load_hf_tokenizer
+        return load_hf_tokenizer(ref[3:])
+    return Tokenizer.from_file((store or Store()).resolve(ref) / "tokenizer.json")
+
+
 def load_train_state(path: Path) -> tuple[dict, dict]:
     """(tensors, info) of a checkpoint's train state; refuses a checkpoint that has none."""
     if not (path / "train_state.pt").exists():

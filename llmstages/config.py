@@ -43,6 +43,9 @@ class DataConfig:
     source: list[str] = _f(factory=list)
     # Expected sha256 of each URL source, in the order of `source` ("" where unknown).
     sha256: list[str] = _f(factory=list)
+    # Where each source sits inside the local mirror folder $LLMSTAGES_DATA, in the order of `source`
+    # ("" = look up the URL's file name). A mirror file is used instead of downloading.
+    mirror: list[str] = _f(factory=list)
     # Separate validation / test files; when empty the split is carved out of `source`.
     val_source: list[str] = _f(factory=list)
     test_source: list[str] = _f(factory=list)
@@ -67,8 +70,9 @@ class DataConfig:
     input_field: str = "input"
     output_field: str = "output"
     messages_field: str = "messages"
-    # "train" = train a byte-level BPE on the corpus; otherwise a tokenizer.json path or folder.
-    tokenizer: str = "train"
+    # auto = the init_from model's tokenizer when there is one, else train one; "train" = train a
+    # byte-level BPE on the corpus; otherwise a tokenizer.json path (or a folder holding one).
+    tokenizer: str = "auto"
     # Vocabulary size when training a tokenizer (includes <|endoftext|>).
     vocab_size: int = _f(8192, ge=260, le=1 << 20)
     # Fractions of the documents / records held out for validation and test.
@@ -416,9 +420,11 @@ def _cross_checks(recipe: Recipe, problems: list[tuple[str, str]]) -> None:
         problems.append(("finetune.trainable", f"{ft.trainable!r} is not all, head, lora or last_blocks:N"))
     if recipe.run is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", recipe.run):
         problems.append(("run", f"{recipe.run!r}: use letters, digits, '.', '_' and '-'"))
-    if recipe.data.sha256 and len(recipe.data.sha256) != len(recipe.data.source):
-        problems.append(("data.sha256", f"{len(recipe.data.sha256)} hashes for {len(recipe.data.source)} "
-                         "sources; give one per source (\"\" where unknown)"))
+    for key in ("sha256", "mirror"):
+        given = getattr(recipe.data, key)
+        if given and len(given) != len(recipe.data.source):
+            problems.append((f"data.{key}", f"{len(given)} entries for {len(recipe.data.source)} sources; "
+                             "give one per source (\"\" where unknown)"))
 
 
 class _StrictLoader(yaml.SafeLoader):
