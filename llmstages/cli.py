@@ -201,9 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         return exit_.exit_code
     except (typer.Abort,):
         return 130
-    except Exception as err:  # click usage errors carry their own exit code (2)
-        import click
-        if isinstance(err, click.ClickException):
+    except Exception as err:
+        # Usage errors (bad option values, missing arguments) carry their own message and exit code 2.
+        # They are click's exceptions, which newer typer versions vendor, so recognise them by shape.
+        if callable(getattr(err, "show", None)) and isinstance(getattr(err, "exit_code", None), int):
             err.show()
             return err.exit_code
         raise

@@ -1,0 +1,122 @@
+"""Recipes: typed loading, overrides converted by field type, every problem reported with its path."""
+
+from pathlib import Path
+
+import pytest
+
+from llmstages.config import build_recipe, builtin_recipes, load_recipe, recipe_diff, to_dict
+from llmstages.errors import RecipeError, UserError
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_run_name_from_file_stem(tmp_path):
+    recipe = load_recipe(write(tmp_path, "model:\n  size: tiny\n", "my-run.yaml"))
+    assert recipe.run == "my-run"
+    assert recipe.data.name == "my-run"
+    assert recipe.model.size == "tiny"
+
+
+def test_overrides_are_converted_by_declared_type():
+    recipe = build_recipe({}, ["train.lr=3e-4", "train.max_steps=1e3", "train.compile=yes",
+                               "data.source=a.txt,b.txt", "init_from=none", "model.n_layer=6"])
+    assert recipe.train.lr == 3e-4 and isinstance(recipe.train.lr, float)
+    assert recipe.train.max_steps == 1000 and isinstance(recipe.train.max_steps, int)
+    assert recipe.train.compile is True
+    assert recipe.data.source == ["a.txt", "b.txt"]
+    assert recipe.init_from is None
+    assert recipe.model.n_layer == 6
+
+
+def test_yaml_string_numbers_become_floats(tmp_path):
+    # YAML 1.1 reads `3e-4` as a string; the field's type decides.
+    recipe = load_recipe(write(tmp_path, "train:\n  lr: 3e-4\n  min_lr: 1e-5\n"))
+    assert recipe.train.lr == pytest.approx(3e-4)
+
+
+def test_single_string_where_a_list_is_expected(tmp_path):
+    recipe = load_recipe(write(tmp_path, "data:\n  source: books/*.txt\n"))
+    assert recipe.data.source == ["books/*.txt"]
+
+
+def test_unknown_key_suggests_the_right_name(tmp_path):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write(tmp_path, "train:\n  learing_rate: 0.001\n"))
+    assert "train.learing_rate" in str(err.value)
+    assert "did you mean `train.lr`" in str(err.value)
+
+
+def test_key_in_the_wrong_section_points_to_its_section():
+    with pytest.raises(RecipeError) as err:
+        build_recipe({"model": {"max_steps": 10}})
+    assert "did you mean `train.max_steps`" in str(err.value)
+
+
+def test_every_problem_is_listed_with_its_path():
+    with pytest.raises(RecipeError) as err:
+        build_recipe({"train": {"lr": "fast", "max_steps": -1, "batchsize": 4}, "model": {"size": "huge"},
+                      "finetune": {"balance": "wheighted"}})
+    paths = [p for p, _ in err.value.problems]
+    assert paths == ["train.lr", "train.max_steps", "train.batchsize", "model.size", "finetune.balance"]
+    text = str(err.value)
+    assert "expected a number, got 'fast'" in text
+    assert "below the minimum 1" in text
+    assert "did you mean `weighted`" in text
+
+
+def test_bad_override_names_the_override():
+    with pytest.raises(RecipeError) as err:
+        build_recipe({}, ["train.max_steps=ten", "train.lrr=1", "nokeyvalue"])
+    text = str(err.value)
+    assert "train.max_steps=ten" in text
+    assert "did you mean `train.lr`" in text
+    assert "not KEY=VALUE" in text
+
+
+def test_cross_field_checks():
+    with pytest.raises(RecipeError) as err:
+        build_recipe({"train": {"micro_batch_size": 3, "global_batch_size": 8},
+                      "model": {"n_embd": 100, "n_head": 3}, "finetune": {"trainable": "last_blocks"}})
+    paths = {p for p, _ in err.value.problems}
+    assert {"train.global_batch_size", "model.n_embd", "finetune.trainable"} <= paths
+
+
+def test_python_tags_are_refused(tmp_path):
+    evil = write(tmp_path, "run: !!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(UserError) as err:
+        load_recipe(evil)
+    assert "r.yaml:1" in str(err.value)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    with pytest.raises(UserError) as err:
+        load_recipe(write(tmp_path, "train:\n  lr: 1\n   bad: [\n"))
+    assert "r.yaml:" in str(err.value)
+
+
+def test_duplicate_keys_are_refused(tmp_path):
+    with pytest.raises(UserError, match="duplicate key 'lr'"):
+        load_recipe(write(tmp_path, "train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n"))
+
+
+def test_missing_recipe_suggests_builtin(tmp_path):
+    with pytest.raises(UserError):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_recipe_diff():
+    a = to_dict(build_recipe({}))
+    b = to_dict(build_recipe({}, ["train.lr=1e-3"]))
+    assert recipe_diff(a, b) == [("train.lr", 6e-4, 1e-3)]
+
+
+@pytest.mark.parametrize("path", builtin_recipes(), ids=lambda p: p.stem)
+def test_every_builtin_recipe_parses(path):
+    recipe = load_recipe(path)
+    assert recipe.description, f"{path.name} needs a one-line description"
+    assert recipe.data.source, f"{path.name} names no data source"
