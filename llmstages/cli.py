@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from llmstages.errors import UserError
+from llmstages.errors import StopTraining, UserError
 
 app = typer.Typer(
     name="llmstages",
@@ -130,6 +130,46 @@ def show(model: str = typer.Argument(..., help="Run name, run@STEP, or checkpoin
 
 
 # ---------------------------------------------------------------------------------------------------
+# training stages
+# ---------------------------------------------------------------------------------------------------
+OVERRIDES_HELP = "Recipe overrides as dotted KEY=VALUE, e.g. train.lr=3e-4 model.n_layer=6."
+
+
+@app.command()
+def pretrain(
+    recipe: str = typer.Argument(..., help="Recipe file, or the name of a built-in recipe."),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run from its latest checkpoint, exactly."),
+    allow_change: bool = typer.Option(False, "--allow-change", help="With --resume: accept a changed recipe."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, time and memory estimate; train nothing."),
+) -> None:
+    """Train a base model by next-token prediction (prepares the data first if needed).
+
+    Examples:\n
+      llmstages pretrain quickstart\n
+      llmstages pretrain quickstart train.max_steps=200 --dry-run\n
+      llmstages pretrain shakespeare model.n_layer=6 train.lr=1e-3\n
+      llmstages pretrain quickstart --resume\n
+      torchrun --nproc_per_node 4 -m llmstages pretrain gpt2-124m
+    """
+    from llmstages.config import load_recipe
+    from llmstages.loop import print_summary
+    from llmstages.runtime import set_threads
+    from llmstages.stages.pretrain import pretrain as run_pretrain
+
+    set_threads()
+    loaded = load_recipe(recipe, overrides or [])
+    result = run_pretrain(loaded, _store(), resume=resume, allow_change=allow_change, dry_run=dry_run,
+                          console=err_console)
+    if not dry_run and _is_main_process():
+        print_summary(err_console, result, f"pretrain {loaded.run}")
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+# ---------------------------------------------------------------------------------------------------
 # generate
 # ---------------------------------------------------------------------------------------------------
 @app.command()
@@ -194,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         if err.hint:
             err_console.print(f"[yellow]fix:[/yellow] {escape(err.hint)}", highlight=False)
         return err.exit_code
+    except StopTraining as stop:
+        return 128 + stop.signum  # 130 after SIGINT, 143 after SIGTERM: a clean stop with a checkpoint
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130

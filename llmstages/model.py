@@ -223,6 +223,16 @@ class GPT(nn.Module):
             raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
+def set_dropout(model: GPT, p: float) -> None:
+    """Change the dropout of a built model (e.g. a fine-tuning recipe's choice over its parent's)."""
+    model.config.dropout = p
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and not name.endswith("lora_dropout"):
+            module.p = p
+        elif isinstance(module, CausalSelfAttention):
+            module.dropout = p
+
+
 def build_config(size: str = "tiny", *, vocab_size: int, **overrides) -> GPTConfig:
     """A GPTConfig from a named size plus explicit numbers (None values are ignored)."""
     base = dict(SIZES.get(size, {}))

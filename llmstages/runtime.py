@@ -74,3 +74,37 @@ def peak_device_mb(device: torch.device) -> float | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / (1 << 20)
     return None
+
+
+# Dense bf16 peak of common accelerators (FLOP/s, without sparsity), for MFU on CUDA.
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+                 "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+@functools.cache
+def peak_flops(device: torch.device, precision: str) -> float:
+    """The FLOP/s that MFU is measured against.
+
+    CUDA: the datasheet dense peak for known cards (bf16; fp32 runs on TF32 tensor cores at half that).
+    CPU: measured here and now as the best of a few 1024x1024 matmuls in the training dtype, so the
+    figure says how much of *this* machine's matmul speed the model reaches.
+    """
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_BF16.items():
+            if key in name:
+                return value if precision == "bf16" else value / 2
+        return float("nan")
+    import time
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    n = 1024
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = min(best, (time.perf_counter() - start) / 4)
+    return 2 * n**3 / best

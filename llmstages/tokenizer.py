@@ -87,6 +87,40 @@ class Tokenizer:
         return self.inner.decode(list(ids), skip_special_tokens=skip_special)
 
 
+def token_byte_lengths(tokenizer: Tokenizer) -> list[int]:
+    """UTF-8 bytes each token id stands for (special tokens count 0), for bits-per-byte.
+
+    Byte-level BPE tokens are strings over GPT-2's printable stand-ins for the 256 bytes; mapping
+    them back gives each token's exact byte count, even for tokens that hold part of a character.
+    """
+    to_byte = {ch: b for b, ch in enumerate(_byte_alphabet())}
+    special = {t.content for t in tokenizer.inner.get_added_tokens_decoder().values() if t.special}
+    lengths = []
+    for i in range(tokenizer.vocab_size):
+        token = tokenizer.inner.id_to_token(i)
+        if token is None or token in special:
+            lengths.append(0)
+        elif all(ch in to_byte for ch in token):
+            lengths.append(len(token))
+        else:  # not a byte-level token (another tokenizer family): fall back to decoding it
+            lengths.append(len(tokenizer.decode([i]).encode("utf-8")))
+    return lengths
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's bytes_to_unicode: printable characters standing for bytes 0..255, in byte order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
 def byte_level_bpe() -> HFTokenizer:
     """An empty byte-level BPE laid out like GPT-2's: every byte is a symbol, so no text is unknown."""
     tok = HFTokenizer(models.BPE())

@@ -1,0 +1,60 @@
+"""Scale-out with torch.distributed: the same command runs one process or many under `torchrun`.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; we then join a process group (nccl on CUDA, gloo on
+CPU), each rank takes its share of the micro-batches, DDP averages gradients, and rank 0 alone
+writes checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def any_true(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when `flag` is true on any rank (e.g. a stop request)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_distributed(device_name: str) -> tuple[DistContext, str]:
+    """Join the process group when launched by torchrun; returns the context and the device to use."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext(), device_name
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        return DistContext(rank, local_rank, world), f"cuda:{local_rank}"
+    return DistContext(rank, local_rank, world), "cpu"

@@ -1,0 +1,101 @@
+"""`llmstages pretrain`: next-token prediction on a prepared corpus, from scratch or from `init_from`.
+
+Read top to bottom: get the prepared data (preparing it if needed), build or load the model, check
+that tokenizer and data match, describe the task to the shared loop, train.
+"""
+
+from __future__ import annotations
+
+import torch
+from rich.console import Console
+
+from llmstages.checkpoint import load_checkpoint
+from llmstages.config import ModelConfig, Recipe
+from llmstages.data.prepared import PreparedDataset, find_prepared
+from llmstages.data.windows import WindowSampler, fixed_windows
+from llmstages.errors import UserError
+from llmstages.loop import TrainResult, TrainTask, train
+from llmstages.model import GPT, GPTConfig, build_config, set_dropout
+from llmstages.objectives import lm_loss, lm_metrics
+from llmstages.store import Store, manifest_fingerprint
+from llmstages.tokenizer import Tokenizer, token_byte_lengths
+
+
+def prepared_data(recipe: Recipe, store: Store, console: Console) -> PreparedDataset:
+    """The recipe's prepared dataset, preparing it first when the store does not have it."""
+    found = find_prepared(recipe, store)
+    if found is not None:
+        return found
+    from llmstages.stages.prepare import prepare
+    console.print(f"preparing dataset [cyan]{recipe.data.name}[/cyan] (first use)")
+    return prepare(recipe, store, console=console)
+
+
+def model_config(cfg: ModelConfig, vocab_size: int) -> GPTConfig:
+    if cfg.vocab_size is not None and cfg.vocab_size < vocab_size:
+        raise UserError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size} tokens",
+                        hint="remove model.vocab_size (it defaults to the tokenizer's) or raise it")
+    return build_config(cfg.size if cfg.size != "custom" else "", vocab_size=cfg.vocab_size or vocab_size,
+                        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                        dropout=cfg.dropout, bias=cfg.bias)
+
+
+def parent_info(ref: str, ckpt) -> dict:
+    """What a child checkpoint records about where it started (shown by `llmstages show` as lineage)."""
+    info = {"ref": ref, "task": ckpt.meta.get("task"), "step": ckpt.meta.get("step")}
+    if ckpt.path is not None:
+        info.update(path=str(ckpt.path.resolve()), fingerprint=manifest_fingerprint(ckpt.path))
+    return info
+
+
+def check_tokenizer(tokenizer: Tokenizer, data: PreparedDataset, model_ref: str) -> None:
+    """Refuse to train a model on data tokenized by a different tokenizer, before step 1."""
+    expected = data.manifest["tokenizer_fingerprint"]
+    if tokenizer.fingerprint != expected:
+        raise UserError(f"tokenizer mismatch: {model_ref} uses tokenizer {tokenizer.fingerprint}, the dataset "
+                        f"{data.path.name} was tokenized with {expected}",
+                        hint="prepare the data with the model's tokenizer (data.tokenizer=auto with init_from)")
+
+
+def build_model(recipe: Recipe, store: Store, data: PreparedDataset) -> tuple[GPT, Tokenizer, dict | None]:
+    """A new model shaped by `recipe.model`, or the `init_from` checkpoint (whose shape wins)."""
+    if recipe.init_from:
+        ckpt = load_checkpoint(recipe.init_from, store)
+        if ckpt.model.is_classifier:
+            raise UserError(f"init_from={recipe.init_from} is a classifier; pretraining needs a language model")
+        check_tokenizer(ckpt.tokenizer, data, recipe.init_from)
+        set_dropout(ckpt.model, recipe.model.dropout)
+        return ckpt.model, ckpt.tokenizer, parent_info(recipe.init_from, ckpt)
+    tokenizer = data.tokenizer
+    torch.manual_seed(recipe.train.seed)
+    return GPT(model_config(recipe.model, tokenizer.vocab_size)), tokenizer, None
+
+
+def pretrain_task(model: GPT, tokenizer: Tokenizer, data: PreparedDataset, recipe: Recipe) -> TrainTask:
+    if data.task != "pretrain":
+        raise UserError(f"dataset {data.path.name} was prepared for {data.task}, not pretraining",
+                        hint="use a recipe with task: pretrain")
+    block, micro = model.config.block_size, recipe.train.micro_batch_size
+    sampler = WindowSampler(data.shards("train"), block, micro, recipe.train.seed)
+    val_batches = fixed_windows(data.shards("val"), block, micro, recipe.train.eval_batches)
+    token_bytes = torch.tensor(token_byte_lengths(tokenizer))
+    train_tokens = data.manifest["splits"]["train"]["tokens"]
+    return TrainTask(kind="pretrain", batch=sampler, loss=lm_loss,
+                     evaluate=lambda m: lm_metrics(m, val_batches, token_bytes),
+                     data_fingerprint=data.fingerprint, examples_per_epoch=max(1, train_tokens // block))
+
+
+def pretrain(recipe: Recipe, store: Store, *, resume: bool = False, allow_change: bool = False,
+             dry_run: bool = False, console: Console | None = None) -> TrainResult | dict:
+    console = console or Console(stderr=True)
+    if recipe.task != "pretrain":
+        raise UserError(f"the recipe's task is {recipe.task}; pretrain runs task: pretrain recipes",
+                        hint=f"use `llmstages finetune --task ... RECIPE` for {recipe.task}")
+    data = prepared_data(recipe, store, console)
+    model, tokenizer, parent = build_model(recipe, store, data)
+    task = pretrain_task(model, tokenizer, data, recipe)
+    if dry_run:
+        from llmstages.dryrun import estimate
+        return estimate(model, recipe, task, console)
+    return train(model, tokenizer, recipe, task, store, stage="pretrain", parent=parent, resume=resume,
+                 allow_change=allow_change, console=console)
