@@ -5,7 +5,7 @@ One optimizer step = `accum` micro-batches per process, so that
     global_batch_size = micro_batch_size * accum * world_size.
 Micro-batch number g (counted over all processes since step 0) is a pure function of (seed, g):
 resuming needs only the step, and a 2-process run sees exactly the batches of a 1-process run.
-Dropout is re-seeded from (seed, step, rank) at every step for the same reason.
+Dropout is re-seeded from (seed, g) before every micro-batch for the same reason.
 
 The hot loop does not wait on the device: the loss is summed on the device and read only at log,
 eval and save steps (`.item()` there). A non-finite loss is caught at the next of those steps,
@@ -269,10 +269,10 @@ def _train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, st
             lr = lr_at(step, cfg, max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + dctx.rank)  # dropout masks depend on (step, rank)
             step_loss = torch.zeros((), device=device)
             for micro in range(accum):
                 index = (step * accum + micro) * dctx.world_size + dctx.rank
+                torch.manual_seed(cfg.seed * 1_000_003 + index)  # dropout masks follow the micro-batch, not the rank
                 batch = _to_device(task.batch(index), device)
                 last = micro == accum - 1
                 sync = model.no_sync() if dctx.enabled and not last else contextlib.nullcontext()

@@ -1,0 +1,71 @@
+"""Train a 2-layer model on Tiny-Shakespeare-like synthetic text through the shared loop (no prepare step).
+
+    python train_synthetic.py STORE STEPS [--resume] [--allow-change] [--nan-at STEP] [KEY=VALUE ...]
+
+Used by tests/test_loop.py in real subprocesses (kill, resume, torchrun). Exit codes follow the CLI.
+"""
+
+import sys
+import time
+
+import numpy as np
+import torch
+
+from llmstages.cli import main as cli_main  # noqa: F401  (the same process setup as the CLI)
+from llmstages.config import build_recipe
+from llmstages.errors import StopTraining, UserError
+from llmstages.loop import TrainTask, train
+from llmstages.model import GPT, build_config
+from llmstages.objectives import lm_loss, lm_metrics
+from llmstages.data.windows import WindowSampler, fixed_windows
+from llmstages.store import Store
+from llmstages.tokenizer import train_bpe
+
+WORDS = "the king shall speak of love and war to thee my lord for all is well that ends".split()
+
+
+def corpus(n_words: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    return " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), n_words))
+
+
+def main() -> int:
+    store, steps, *rest = sys.argv[1:]
+    flags = {a for a in rest if a.startswith("--")}
+    nan_at = int(rest[rest.index("--nan-at") + 1]) if "--nan-at" in rest else None
+    overrides = [a for a in rest if "=" in a]
+    tok = train_bpe([corpus(5000, 0)], 300)
+    train_ids = np.array(tok.encode(corpus(20000, 1)), dtype=np.uint16)
+    val_ids = np.array(tok.encode(corpus(3000, 2)), dtype=np.uint16)
+    recipe = build_recipe({"run": "syn", "train": {
+        "max_steps": int(steps), "micro_batch_size": 4, "global_batch_size": 8, "eval_every": 10,
+        "save_every": 10, "log_every": 5, "warmup_steps": 3, "lr": 3e-3, "min_lr": 3e-4}}, overrides)
+    torch.manual_seed(0)
+    model = GPT(build_config("tiny", vocab_size=tok.vocab_size, block_size=64, dropout=0.1))
+    sampler = WindowSampler([train_ids], 64, 4, recipe.train.seed)
+    val = fixed_windows([val_ids], 64, 4, 2)
+
+    def loss(m, batch):
+        if "--slow" in flags:
+            time.sleep(0.5)  # gives a test time to send a second signal mid-step
+        value = lm_loss(m, batch)
+        return value * float("nan") if nan_at is not None and batch["index"] >= nan_at else value
+
+    def batch(index):
+        return dict(sampler(index), index=index // (recipe.train.global_batch_size // 4))
+
+    task = TrainTask("pretrain", batch, loss, lambda m: lm_metrics(m, val), "synthetic")
+    try:
+        result = train(model, tok, recipe, task, Store(store), stage="pretrain", resume="--resume" in flags,
+                       allow_change="--allow-change" in flags)
+    except StopTraining as stop:
+        return 128 + stop.signum
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    print(f"done {result.step}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The shared training loop in real subprocesses: exact resume after SIGKILL / SIGTERM, torchrun DDP,
+non-finite loss, recipe changes on resume. Uses tests/scripts/train_synthetic.py (no prepare step)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llmstages.config import build_recipe
+from llmstages.model import GPT, GPTConfig
+from llmstages.optim import lr_at, param_groups
+
+SCRIPT = Path(__file__).parent / "scripts" / "train_synthetic.py"
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def run(store, steps, *args, timeout=300):
+    return subprocess.run([sys.executable, str(SCRIPT), str(store), str(steps), *args], capture_output=True,
+                          text=True, env=ENV, timeout=timeout)
+
+
+def log(store) -> list[dict]:
+    return [json.loads(line) for line in (Path(store) / "runs/syn/log.jsonl").read_text().splitlines()]
+
+
+def figures(records):
+    return [(r["step"], r.get("loss"), r.get("val_loss"), r.get("lr"), r.get("tokens")) for r in records]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 30-step run."""
+    store = tmp_path_factory.mktemp("ref")
+    result = run(store, 30)
+    assert result.returncode == 0, result.stderr
+    return log(store)
+
+
+def start_and_signal(store, sig, after_line):
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(store), "30"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=ENV)
+    for line in proc.stdout:
+        if line.startswith(after_line):
+            break
+    os.kill(proc.pid, sig)
+    out = proc.stdout.read()
+    return proc.wait(timeout=120), out
+
+
+@pytest.mark.parametrize("sig,after,code", [(signal.SIGKILL, "step 15", -9), (signal.SIGTERM, "step 15", 143),
+                                            (signal.SIGINT, "step 5", 130)])
+def test_resume_after_a_kill_is_exact(tmp_path, reference, sig, after, code):
+    returncode, out = start_and_signal(tmp_path, sig, after)
+    assert returncode == code, out
+    if sig != signal.SIGKILL:
+        assert "Resume with:" in out  # a clean stop commits a checkpoint and says how to continue
+    resumed = run(tmp_path, 30, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert figures(log(tmp_path)) == figures(reference)  # every logged figure, bit for bit
+
+
+def test_second_ctrl_c_exits_at_once(tmp_path):
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), "100000", "--slow"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    for line in proc.stdout:
+        if line.startswith("step 5"):
+            break
+    os.kill(proc.pid, signal.SIGINT)
+    for line in proc.stdout:
+        if line.startswith("stopping after this step"):
+            break
+    os.kill(proc.pid, signal.SIGINT)  # mid-step: each step sleeps 0.5 s per micro-batch
+    assert proc.wait(timeout=60) == 130
+    assert "second interrupt" in proc.stdout.read()
+    assert not list((tmp_path / "runs/syn").glob("step-*"))  # no checkpoint, not even a partial one
+    assert not list((tmp_path / "runs/syn").glob(".tmp-*"))
+
+
+def test_non_finite_loss_stops_without_a_later_checkpoint(tmp_path):
+    result = run(tmp_path, 30, "--nan-at", "13")
+    assert result.returncode == 1
+    assert "non-finite (nan/inf) at step 14" in result.stderr
+    assert "step-000010" in result.stderr  # names the last good checkpoint
+    steps = sorted(p.name for p in (tmp_path / "runs/syn").glob("step-*"))
+    assert steps == ["step-000010"]
+
+
+def test_resume_with_a_changed_recipe_is_refused_unless_allowed(tmp_path):
+    assert run(tmp_path, 10).returncode == 0
+    refused = run(tmp_path, 20, "--resume")
+    assert refused.returncode == 2
+    assert "train.max_steps: 10 -> 20" in refused.stderr and "--allow-change" in refused.stderr
+    assert run(tmp_path, 20, "--resume", "--allow-change").returncode == 0
+    assert log(tmp_path)[-1]["step"] == 20
+
+
+def test_existing_run_without_resume_is_refused(tmp_path):
+    assert run(tmp_path, 10).returncode == 0
+    again = run(tmp_path, 10)
+    assert again.returncode == 2 and "already has checkpoints" in again.stderr
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path, reference):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master-port", str(29500 + os.getpid() % 1000), str(SCRIPT), str(tmp_path), "30"],
+                            capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = log(tmp_path)
+    assert [r["step"] for r in ddp] == [r["step"] for r in reference]
+    for one, two in zip(reference, ddp):
+        key = "loss" if "loss" in one else "val_loss"
+        assert two[key] == pytest.approx(one[key], rel=1e-4)  # same batches; only summation order differs
+        assert two.get("tokens") == one.get("tokens")
+
+
+def test_lr_schedule_warmup_then_cosine_to_min_lr():
+    cfg = build_recipe({"train": {"lr": 1.0, "min_lr": 0.1, "warmup_steps": 10}}).train
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55)
+    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
+    values = [lr_at(s, cfg, 110) for s in range(10, 111)]
+    assert all(x >= y for x, y in zip(values, values[1:]))
+
+
+def test_no_weight_decay_on_biases_norms_and_embeddings():
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in decay["params"]} == {
+        "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
+        "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"}
+    assert "transformer.wte.weight" in {names[id(p)] for p in no_decay["params"]}
