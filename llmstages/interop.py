@@ -73,7 +73,7 @@ def _download(repo_id: str, *, weights: bool) -> Path:
                     f"and use hf:./{name}")
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
     except ImportError:
         raise UserError(f"hf:{repo_id}: not a local folder, and huggingface_hub is not installed to fetch it",
                         hint=f"pip install huggingface_hub, or {offline_hint}") from None
@@ -82,16 +82,22 @@ def _download(repo_id: str, *, weights: bool) -> Path:
         folder = Path(snapshot_download(repo_id, allow_patterns=patterns + (SAFETENSORS_FILES if weights else [])))
         if weights and not any(folder.glob("model*.safetensors")):  # an older repo with pickled weights only
             folder = Path(snapshot_download(repo_id, allow_patterns=patterns + BIN_FILES))
+    except GatedRepoError:
+        raise UserError(f"hf:{repo_id}: the model is gated on the Hugging Face hub",
+                        hint="accept its terms on the model's hub page and log in with `hf auth login`") from None
     except RepositoryNotFoundError:
         raise UserError(f"hf:{repo_id}: no such folder here, and no such model on the Hugging Face hub "
                         "(or it is private: log in with `hf auth login`)",
                         hint="check the spelling (e.g. hf:gpt2, hf:gpt2-medium) or give a local folder") from None
     except HFValidationError:
         raise UserError(f"hf:{repo_id}: no such folder, and not a valid hub id (ORG/NAME)") from None
-    except (LocalEntryNotFoundError, OSError) as err:
-        raise UserError(f"hf:{repo_id}: cannot download {repo_id!r} from the Hugging Face hub "
-                        f"(offline or unreachable, and not in the local Hugging Face cache): {type(err).__name__}",
-                        hint=offline_hint) from None
+    except OSError as err:  # LocalEntryNotFoundError (offline, not cached), network and HTTP errors
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"hf:{repo_id}: cannot get {repo_id!r} from the Hugging Face hub, and the local Hugging "
+                        f"Face cache does not hold it ({reason})", hint=offline_hint) from None
+    if weights and not any(folder.glob("model*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+        raise UserError(f"hf:{repo_id}: the Hugging Face cache ({folder}) holds no weights for it "
+                        "(only the tokenizer was fetched, or the download was cut off)", hint=offline_hint)
     return folder
 
 
@@ -140,7 +146,7 @@ def config_from_hf(hf: dict, num_classes: int, where: str) -> GPTConfig:
     )
 
 
-def hf_config(config: GPTConfig, eot_id: int) -> dict:
+def hf_config(config: GPTConfig, eot_id: int, dtype: torch.dtype = torch.float32) -> dict:
     """config.json for `transformers`: GPT2LMHeadModel, or GPT2ForSequenceClassification with labels."""
     hf = {
         "architectures": ["GPT2ForSequenceClassification" if config.num_classes else "GPT2LMHeadModel"],
@@ -151,7 +157,7 @@ def hf_config(config: GPTConfig, eot_id: int) -> dict:
         "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
         "initializer_range": 0.02, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False, "use_cache": True, "tie_word_embeddings": True,
-        "bos_token_id": eot_id, "eos_token_id": eot_id, "dtype": "float32",
+        "bos_token_id": eot_id, "eos_token_id": eot_id, "dtype": str(dtype).removeprefix("torch."),
     }
     if config.num_classes:
         names = config.class_names or [f"LABEL_{i}" for i in range(config.num_classes)]
@@ -290,9 +296,12 @@ def load_hf(dir_or_id: str, device: str | torch.device = "cpu") -> Checkpoint:
                         f"{config.vocab_size} embeddings (tokenizer files of another model?)")
     model = GPT(config)
     model.load_saved_state(hf_to_ours(hf_state, config, where))
+    # `ref` is what a fine-tuned run records as its parent: a local folder as an absolute path.
+    local = Path(dir_or_id).expanduser().is_dir()
     meta = {
         "task": "classify" if config.num_classes else "pretrain",
-        "source": f"hf:{dir_or_id}", "ref": f"hf:{dir_or_id}", "hf_path": str(folder),
+        "source": f"hf:{dir_or_id}", "ref": f"hf:{folder.resolve()}" if local else f"hf:{dir_or_id}",
+        "hf_path": str(folder),
         "hf_architectures": hf.get("architectures") or [],
         "fingerprint": _fingerprint(folder), "tokenizer_fingerprint": tokenizer.fingerprint,
     }
@@ -344,7 +353,8 @@ def export_hf(ckpt: Checkpoint, out: Path, *, force: bool) -> Path:
     tmp.mkdir()
     try:
         save_file(ours_to_hf(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _write_json(tmp / "config.json", hf_config(model.config, tokenizer.eot_id))
+        dtype = model.transformer.wte.weight.dtype
+        _write_json(tmp / "config.json", hf_config(model.config, tokenizer.eot_id, dtype))
         if not model.config.num_classes:
             _write_json(tmp / "generation_config.json", generation_config(ckpt.meta.get("generate") or {},
                                                                            tokenizer.eot_id))
