@@ -221,6 +221,38 @@ def generate(
 
 
 # ---------------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------------
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="Run name, run@STEP, checkpoint folder, or hf:DIR_OR_ID."),
+    format: str = typer.Option("hf", "--format", help="Output format: hf (a Hugging Face transformers folder)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write (new or empty unless --force)."),
+    force: bool = typer.Option(False, "--force", help="Replace the contents of a non-empty --out folder."),
+) -> None:
+    """Export MODEL as a folder that Hugging Face `transformers` loads with from_pretrained.
+
+    Writes config.json, model.safetensors, tokenizer files and generation_config.json; LoRA is merged first.
+
+    Examples:\n
+      llmstages export quickstart --format hf --out exports/quickstart\n
+      llmstages export spam@best --out exports/spam --force      (GPT2ForSequenceClassification)
+    """
+    from llmstages.checkpoint import load_checkpoint
+    from llmstages.interop import export_hf
+
+    if format != "hf":
+        raise UserError(f"--format {format}: unknown export format", hint="use --format hf")
+    ckpt = load_checkpoint(model, _store())
+    path = export_hf(ckpt, out, force=force)
+    kind = "GPT2ForSequenceClassification" if ckpt.model.is_classifier else "GPT2LMHeadModel"
+    merged = " (LoRA merged)" if ckpt.model.config.lora_rank > 0 else ""
+    console.print(f"exported {ckpt.ref} to {path} as {kind}{merged}")
+    loader = "AutoModelForSequenceClassification" if ckpt.model.is_classifier else "AutoModelForCausalLM"
+    console.print(f"[dim]load it with transformers.{loader}.from_pretrained({str(path)!r})[/dim]", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
