@@ -165,6 +165,81 @@ def pretrain(
         print_summary(err_console, result, f"pretrain {loaded.run}")
 
 
+@app.command()
+def finetune(
+    task: Optional[str] = typer.Option(None, "--task", help="spam | instruct: picks the built-in recipe."),
+    recipe_and_overrides: Optional[list[str]] = typer.Argument(
+        None, metavar="[RECIPE] [KEY=VALUE]...", help="A recipe (optional with --task), then overrides.",
+        show_default=False),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run from its latest checkpoint, exactly."),
+    allow_change: bool = typer.Option(False, "--allow-change", help="With --resume: accept a changed recipe."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, time and memory estimate; train nothing."),
+) -> None:
+    """Fine-tune a base model on labeled data: classes (spam) or instruction/response pairs.
+
+    Examples:\n
+      llmstages finetune --task spam\n
+      llmstages finetune --task spam finetune.trainable=lora train.lr=1e-3\n
+      llmstages finetune --task spam init_from=hf:./gpt2 run=spam-gpt2\n
+      llmstages finetune --task instruct train.epochs=2\n
+      llmstages finetune my-labels.yaml --dry-run
+    """
+    from llmstages.config import load_recipe
+    from llmstages.loop import print_summary
+    from llmstages.runtime import set_threads
+    from llmstages.stages.finetune import finetune as run_finetune
+    from llmstages.stages.finetune import task_recipe
+
+    set_threads()
+    args = list(recipe_and_overrides or [])
+    recipe_path = args.pop(0) if args and "=" not in args[0] else None
+    if recipe_path is None:
+        if task is None:
+            raise UserError("give --task spam|instruct, or a recipe file",
+                            hint="e.g. `llmstages finetune --task spam`")
+        recipe_path = str(task_recipe(task))
+    loaded = load_recipe(recipe_path, args)
+    if task is not None:
+        wanted = "instruct" if task == "instruct" else "classify"
+        if loaded.task != wanted:
+            raise UserError(f"--task {task} wants a {wanted} recipe, but {recipe_path} has task: {loaded.task}")
+    result = run_finetune(loaded, _store(), resume=resume, allow_change=allow_change, dry_run=dry_run,
+                          console=err_console)
+    if not dry_run and _is_main_process():
+        print_summary(err_console, result, f"finetune {loaded.run}")
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Argument(..., help="Run name, run@STEP, checkpoint folder, or hf:DIR_OR_ID."),
+    data: list[str] = typer.Option(..., "--data", "-d", help="Data file(s), folder or glob; repeatable."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate at most N examples / documents."),
+) -> None:
+    """Evaluate MODEL on data: loss, perplexity and bits per byte for text; accuracy, per-class F1 and the
+    confusion matrix for classifiers; response loss, exact match and ROUGE-L for instruction models.
+
+    Examples:\n
+      llmstages evaluate quickstart --data ../shared/data/the-verdict.txt\n
+      llmstages evaluate finetune-spam --data sms.tsv --json\n
+      llmstages evaluate finetune-instruct --data held-out.json --limit 50 --json
+    """
+    from llmstages.runtime import set_threads
+    from llmstages.stages.evaluate import evaluate as run_evaluate
+
+    set_threads()
+    result = run_evaluate(model, data, _store(), limit=limit, console=err_console)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        from llmstages.runlog import summary_table
+        flat = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
+        console.print(summary_table(f"evaluate {model}", flat))
+        if "confusion" in result:
+            console.print(f"confusion (rows = true, columns = predicted {result.get('labels')}): "
+                          f"{result['confusion']}")
+
+
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 

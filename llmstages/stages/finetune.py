@@ -1,0 +1,124 @@
+"""`llmstages finetune`: continue training a base model on labeled data.
+
+The two kinds share everything but the task (the batch source, the loss and the metrics):
+    classify  (stages/classify.py): the LM head is replaced by a class head read at the last real token;
+    instruct  (stages/instruct.py): next-token loss on the response tokens only.
+Here: load the base (`init_from`), prepare the data with the base's tokenizer, let the task build the
+model and its TrainTask, choose what trains (`finetune.trainable`), then run the shared loop.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch.nn as nn
+from rich.console import Console
+
+from llmstages.checkpoint import Checkpoint, load_checkpoint
+from llmstages.config import FinetuneConfig, Recipe, recipes_dir
+from llmstages.errors import UserError
+from llmstages.lora import add_lora
+from llmstages.loop import TrainResult, train
+from llmstages.model import GPT, set_dropout
+from llmstages.stages.pretrain import check_tokenizer, parent_info, prepared_data
+from llmstages.store import Store
+
+# --task NAME -> built-in recipe
+TASK_RECIPES = {"spam": "finetune-spam", "instruct": "finetune-instruct", "classify": "finetune-spam"}
+
+
+def task_recipe(task: str) -> Path:
+    if task not in TASK_RECIPES:
+        raise UserError(f"--task {task}: unknown task", hint=f"use one of: {', '.join(sorted(TASK_RECIPES))}")
+    return recipes_dir() / f"{TASK_RECIPES[task]}.yaml"
+
+
+def load_base(recipe: Recipe, store: Store) -> Checkpoint:
+    """The checkpoint fine-tuning starts from, with a message that says how to make it when missing."""
+    if not recipe.init_from:
+        raise UserError("fine-tuning needs a starting point: init_from is not set",
+                        hint="add init_from=RUN (e.g. quickstart), a checkpoint folder, or hf:DIR_OR_ID")
+    try:
+        return load_checkpoint(recipe.init_from, store)
+    except UserError as err:
+        if "no run named" in err.message and (recipes_dir() / f"{recipe.init_from}.yaml").exists():
+            raise UserError(f"init_from={recipe.init_from}: that base model has not been trained yet "
+                            f"(store: {store.root})",
+                            hint=f"make it first with `llmstages pretrain {recipe.init_from}`, or set "
+                                 "init_from=hf:gpt2 to start from GPT-2") from None
+        raise
+
+
+def set_trainable(model: GPT, ft: FinetuneConfig) -> list[str]:
+    """Freeze what `finetune.trainable` leaves out; return the names of the trainable parameters.
+
+    all             every parameter
+    head            the class head only (classifiers)
+    last_blocks:N   the last N transformer blocks, the final LayerNorm and the class head. A language
+                    model's output head is tied to the token embedding, which stays frozen here.
+    lora            low-rank adapters on `lora_targets` (base weights frozen), plus a class head
+    """
+    mode = ft.trainable
+    for p in model.parameters():
+        p.requires_grad = mode == "all"
+    if mode == "lora":
+        add_lora(model, ft.lora_rank, ft.lora_alpha, ft.lora_dropout, ft.lora_targets)
+        model.config.lora_rank, model.config.lora_alpha = ft.lora_rank, ft.lora_alpha
+        model.config.lora_dropout, model.config.lora_targets = ft.lora_dropout, list(ft.lora_targets)
+        for name, p in model.named_parameters():
+            p.requires_grad = "lora_" in name
+    elif mode.startswith("last_blocks:"):
+        n = int(mode.split(":")[1])
+        if not 1 <= n <= model.config.n_layer:
+            raise UserError(f"finetune.trainable={mode}: the model has {model.config.n_layer} blocks",
+                            hint=f"use last_blocks:1 .. last_blocks:{model.config.n_layer}")
+        for block in model.transformer.h[-n:]:
+            block.requires_grad_(True)
+        model.transformer.ln_f.requires_grad_(True)
+    elif mode == "head" and not model.is_classifier:
+        raise UserError("finetune.trainable=head needs a class head; a language model's head is its embedding",
+                        hint="use all, last_blocks:N or lora for instruction fine-tuning")
+    if model.is_classifier:
+        model.score.requires_grad_(True)  # a new head always trains
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not names:
+        raise UserError(f"finetune.trainable={mode} leaves nothing to train")
+    return names
+
+
+def trainable_summary(model: nn.Module) -> str:
+    groups: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = re.sub(r"\.(weight|bias|lora_A|lora_B)$", "", name)
+            key = re.sub(r"^transformer\.", "", key).split(".")[0:2]
+            groups[".".join(key)] = groups.get(".".join(key), 0) + p.numel()
+    return ", ".join(f"{k} ({v:,})" for k, v in groups.items())
+
+
+def finetune(recipe: Recipe, store: Store, *, resume: bool = False, allow_change: bool = False,
+             dry_run: bool = False, console: Console | None = None) -> TrainResult | dict:
+    console = console or Console(stderr=True)
+    if recipe.task not in ("classify", "instruct"):
+        raise UserError(f"the recipe's task is {recipe.task}; finetune runs classify or instruct recipes",
+                        hint="use `llmstages pretrain` for pretraining recipes")
+    base = load_base(recipe, store)
+    data = prepared_data(recipe, store, console)
+    check_tokenizer(base.tokenizer, data, recipe.init_from)
+    if data.task != recipe.task:
+        raise UserError(f"dataset {data.path.name} was prepared for {data.task}, not {recipe.task}")
+    if recipe.task == "classify":
+        from llmstages.stages.classify import classification_task as make_task
+    else:
+        from llmstages.stages.instruct import instruction_task as make_task
+    model, task = make_task(base, data, recipe)
+    set_dropout(model, recipe.model.dropout)
+    set_trainable(model, recipe.finetune)
+    console.print(f"trainable: {trainable_summary(model)}", highlight=False)
+    if dry_run:
+        from llmstages.dryrun import estimate
+        return estimate(model, recipe, task, console)
+    return train(model, base.tokenizer, recipe, task, store, stage="finetune",
+                 parent=parent_info(recipe.init_from, base), resume=resume, allow_change=allow_change,
+                 console=console)
