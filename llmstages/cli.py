@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except typer.Exit as exit_:
         return exit_.exit_code
-    except (typer.Abort,):
+    except typer.Abort:
         return 130
     except Exception as err:
         # Usage errors (bad option values, missing arguments) carry their own message and exit code 2.
