@@ -1,19 +1,19 @@
-"""Fast, exact, batched tokenization; and training the tokenizer on a sample of the corpus.
+r"""Fast, exact, batched tokenization; and training the tokenizer on a sample of the corpus.
 
 `tokenizers` encodes a batch in parallel (Rust, all cores), but only across the batch's texts: one big
 book is encoded by one core, and its Encoding objects cost ~100 bytes per token. So long texts are cut
-into pieces of PIECE_CHARS characters first, at points where GPT-2's pre-tokenizer splits anyway:
-just before a newline or a space that follows a non-space character and precedes an ASCII letter or
-digit. The pre-tokenizer regex
+into pieces of about PIECE_CHARS characters first, at points where GPT-2's pre-tokenizer splits anyway:
+just before a space, tab or newline that follows a non-whitespace character. In the pre-tokenizer regex
 
-    's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+
+    's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
 
-never joins a non-space character with a following newline/space into one pre-token, and the next
-pre-token starts at the newline/space either way, so the pieces encode to exactly the ids of the
-whole text. This holds for byte-level BPE tokenizers with that pre-tokenizer and no normalizer
-(ours and GPT-2's); for any other tokenizer texts are encoded whole. A stretch of more than
-3 x PIECE_CHARS characters with no such point (a 50 MB line of base64) is cut hard: it still encodes
-and decodes to the same text, and only token ids next to the cut may differ from encoding it whole.
+no alternative matches a non-whitespace character followed by whitespace (a space may only open a
+match), so a pre-token always ends there; the next one starts there and depends only on the text
+after it (the one lookahead looks forward). Pieces cut there encode to exactly the ids of the whole
+text. This holds for byte-level BPE tokenizers with that pre-tokenizer and no normalizer (ours and
+GPT-2's); texts for any other tokenizer are encoded whole. A stretch of more than 2 x PIECE_CHARS
+characters with no such point (a 50 MB line of base64) is cut hard: it still encodes and decodes to
+the same text, and only the ids next to the cut may differ from encoding it whole.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import numpy as np
 from llmstages.tokenizer import Tokenizer, train_bpe
 
 PIECE_CHARS = 1 << 18
-# Cut before [\n ] when the previous character is not whitespace and the next is an ASCII letter/digit.
-_SAFE_CUT = re.compile(r"(?<=\S)(?=[\n ][A-Za-z0-9])")
+# Cut before a space / tab / newline that follows a non-whitespace character. (Python's \s is a superset
+# of the Unicode White_Space that the pre-tokenizer's \s means, so (?<=\S) is never wrongly true.)
+_SAFE_CUT = re.compile(r"(?<=\S)(?=[ \t\n])")
 # Pieces of training text; small enough that the trainer's word counting spreads over all cores.
 TRAIN_PIECE_CHARS = 1 << 16
 
@@ -48,8 +49,16 @@ def cut_text(text: str, size: int = PIECE_CHARS) -> list[str]:
         return [text]
     pieces, start = [], 0
     while len(text) - start > size:
-        match = _SAFE_CUT.search(text, start + size, start + 3 * size)
-        end = match.start() if match else start + size
+        match = _SAFE_CUT.search(text, start + size, start + 2 * size)
+        if match:
+            end = match.start()
+        elif len(text) - start <= 2 * size:
+            break  # the rest fits in one piece
+        else:  # no cut point ahead: the last one behind, else a hard cut
+            behind = None
+            for behind in _SAFE_CUT.finditer(text, start + 1, start + size):
+                pass
+            end = behind.start() if behind else start + size
         pieces.append(text[start:end])
         start = end
     pieces.append(text[start:])
