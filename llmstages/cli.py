@@ -130,6 +130,36 @@ def show(model: str = typer.Argument(..., help="Run name, run@STEP, or checkpoin
 
 
 # ---------------------------------------------------------------------------------------------------
+# prepare
+# ---------------------------------------------------------------------------------------------------
+@app.command()
+def prepare(
+    recipe: str = typer.Argument(..., help="Recipe file, or the name of a built-in recipe (`llmstages recipes`)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="KEY=VALUE overrides of the recipe (data.vocab_size=4096)."),
+    force: bool = typer.Option(False, "--force", help="Prepare again even when a dataset with the same fingerprint exists."),
+) -> None:
+    """Read, check, split and tokenize a recipe's data into a prepared dataset in the store.
+
+    Same input and settings reuse the prepared dataset; changed input or settings make a new one.
+    Bad records are listed as file:line: reason, and nothing is written (exit 2) unless
+    data.skip_bad=true. URL sources are looked up in $LLMSTAGES_DATA before any download.
+    Prints the dataset folder on stdout; progress and a summary go to stderr.
+
+    Examples:\n
+      LLMSTAGES_DATA=../shared/data llmstages prepare quickstart\n
+      llmstages prepare shakespeare data.vocab_size=1024 data.val_fraction=0.1\n
+      llmstages prepare my-recipe.yaml data.source=notes/ data.skip_bad=true --force\n
+      llmstages prepare finetune-spam data.tokenizer=../shared/data/gpt2-tokenizer
+    """
+    from llmstages.config import load_recipe
+    from llmstages.stages.prepare import prepare as prepare_data
+
+    loaded = load_recipe(recipe, overrides or [])
+    dataset = prepare_data(loaded, _store(), console=err_console, force=force)
+    print(dataset.path)
+
+
+# ---------------------------------------------------------------------------------------------------
 # training stages
 # ---------------------------------------------------------------------------------------------------
 OVERRIDES_HELP = "Recipe overrides as dotted KEY=VALUE, e.g. train.lr=3e-4 model.n_layer=6."

@@ -57,6 +57,9 @@ class DataConfig:
     strip_gutenberg: bool = True
     # csv/tsv without a header row: names for its columns, in order (e.g. [label, text]).
     columns: list[str] = _f(factory=list)
+    # csv/tsv quote handling: auto = off for .tsv (tab-separated corpora such as the SMS Spam Collection
+    # use `"` as plain text, and quoting would swallow lines), standard CSV quoting for .csv.
+    quoting: str = _f("auto", choices=("auto", "none", "csv"))
     # Field holding the text (pretraining and classification).
     text_field: str = "text"
     # Field holding the class label (classification).
@@ -73,6 +76,11 @@ class DataConfig:
     tokenizer: str = "auto"
     # Vocabulary size when training a tokenizer (includes <|endoftext|>).
     vocab_size: int = _f(8192, ge=260, le=1 << 20)
+    # Train the tokenizer on at most about this many bytes of the train split, sampled with split_seed
+    # (0 = all of it): BPE training time grows with the text while the merges settle after a few MB.
+    tokenizer_sample_bytes: int = _f(8_000_000, ge=0)
+    # Most tokens per pretraining shard file; a document may continue in the next shard.
+    shard_tokens: int = _f(100_000_000, ge=1024)
     # Fractions of the documents / records held out for validation and test.
     val_fraction: float = _f(0.05, ge=0.0, le=0.5)
     test_fraction: float = _f(0.0, ge=0.0, le=0.5)

@@ -1,0 +1,16 @@
+"""Data: sources -> records -> examples -> splits -> tokens -> a prepared dataset in the store.
+
+    sources.py   local files / folders / globs, http(s) downloads (mirror, cache, sha256), hf: datasets
+    readers.py   .txt .jsonl .json .csv .tsv .parquet -> records carrying `file:line`
+    examples.py  records -> the task's examples (document / text + label / prompt + response), checked
+    split.py     deterministic train / val / test splits
+    encode.py    exact parallel tokenization in bounded batches; training the tokenizer on a sample
+    plan.py      which files, which tokenizer, and the fingerprint that names the prepared dataset
+    prepared.py  the on-disk format: writers, and `PreparedDataset` to read it
+
+The stage that runs them in order is llmstages/stages/prepare.py.
+"""
+
+from llmstages.data.prepared import LabeledSplit, PreparedDataset, find_prepared
+
+__all__ = ["LabeledSplit", "PreparedDataset", "find_prepared"]

@@ -1,0 +1,135 @@
+"""What a recipe's prepared dataset is: its input files, its tokenizer, and its fingerprint.
+
+The fingerprint is the sha256 of everything that shapes the output: the content hash of every input
+file (by role: source / val_source / test_source), every `data.*` setting that affects the output,
+the task, the tokenizer (its fingerprint, or the settings it is trained with), the instruction
+template, and PREPARE_VERSION. Paths, mirror locations and the pinned URL hashes are left out: the
+same bytes found elsewhere make the same dataset. The dataset lives in
+`store.data_dir(f"{data.name}-{fingerprint[:12]}")`, so a re-run with the same input finds it and any
+change makes a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from llmstages.config import Recipe, builtin_recipes, to_dict
+from llmstages.data.prepared import FORMAT_VERSION
+from llmstages.data.readers import detect_format
+from llmstages.data.sources import SourceFile, data_root, resolve_sources
+from llmstages.errors import UserError
+from llmstages.store import Store
+from llmstages.tokenizer import Tokenizer
+
+# Bump when prepare's output changes for the same input and settings (old datasets are then not reused).
+PREPARE_VERSION = 1
+# data.* settings that do not change the prepared bytes (input identity is the files' content hashes).
+NOT_IN_FINGERPRINT = ("name", "source", "sha256", "mirror", "val_source", "test_source", "tokenizer")
+TRAINING_ONLY = ("vocab_size", "tokenizer_sample_bytes")
+
+
+@dataclass
+class TokenizerChoice:
+    """Where the dataset's tokenizer comes from: trained on the corpus, a file, or the parent model."""
+
+    kind: str                       # "train" | "file" | "parent"
+    ref: str | None = None          # the file, or the init_from reference
+    tokenizer: Tokenizer | None = None  # loaded now for "file" / "parent"
+
+    def describe(self) -> dict:
+        if self.kind == "train":
+            return {"kind": "train"}
+        return {"kind": self.kind, "from": self.ref, "fingerprint": self.tokenizer.fingerprint}
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    name: str
+    files: dict[str, list[SourceFile]]      # role (train / val / test) -> files
+    formats: dict[Path, str]                # file -> format
+    tokenizer: TokenizerChoice
+    fingerprint: str
+    folder: Path
+
+
+def make_plan(recipe: Recipe, store: Store, *, console: Console | None = None) -> Plan:
+    """Resolve the sources (mirror, cache or download), pick the tokenizer and compute the fingerprint."""
+    data = recipe.data
+    if not data.source:
+        raise UserError("data.source is empty", hint="give a file, folder, glob, URL or hf:ORG/NAME in the recipe's data section")
+    files = {"train": resolve_sources(data.source, data.sha256, data.mirror, store, fmt=data.format, console=console)}
+    for role, specs in (("val", data.val_source), ("test", data.test_source)):
+        if specs:
+            files[role] = resolve_sources(specs, [], [], store, fmt=data.format, console=console)
+    formats = {}
+    for role_files in files.values():
+        for f in role_files:
+            fmt = "parquet" if f.hf else detect_format(f.path, data.format)
+            if fmt == "txt" and recipe.task != "pretrain":
+                raise UserError(f"{f.display}: {recipe.task} data needs named fields, not plain text",
+                                hint="use jsonl, json, csv, tsv or parquet (data.format)")
+            formats[f.path] = fmt
+    choice = choose_tokenizer(recipe, store)
+    fingerprint = compute_fingerprint(recipe, files, choice)
+    name = data.name or recipe.run or "dataset"
+    return Plan(recipe, name, files, formats, choice, fingerprint, store.data_dir(f"{name}-{fingerprint[:12]}"))
+
+
+def fingerprint_settings(recipe: Recipe, choice: TokenizerChoice) -> dict:
+    settings = {k: v for k, v in to_dict(recipe.data).items() if k not in NOT_IN_FINGERPRINT}
+    if choice.kind != "train":
+        for key in TRAINING_ONLY:
+            settings.pop(key)
+    return settings
+
+
+def compute_fingerprint(recipe: Recipe, files: dict[str, list[SourceFile]], choice: TokenizerChoice) -> str:
+    parts = {
+        "format_version": FORMAT_VERSION,
+        "prepare_version": PREPARE_VERSION,
+        "task": recipe.task,
+        "files": {role: [f.sha256 for f in role_files] for role, role_files in sorted(files.items())},
+        "settings": fingerprint_settings(recipe, choice),
+        "tokenizer": choice.describe(),
+        "template": recipe.finetune.template if recipe.task == "instruct" else None,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def choose_tokenizer(recipe: Recipe, store: Store) -> TokenizerChoice:
+    """data.tokenizer: auto (the init_from model's, else train), train, or a tokenizer.json / folder."""
+    setting = recipe.data.tokenizer.strip()
+    if setting == "train" or (setting == "auto" and not recipe.init_from):
+        return TokenizerChoice("train")
+    if setting == "auto":
+        return TokenizerChoice("parent", recipe.init_from, parent_tokenizer(recipe.init_from, store))
+    path = Path(setting).expanduser()
+    root = data_root()
+    if not path.exists() and not path.is_absolute() and root is not None and (root / path).exists():
+        path = root / path
+    if not path.exists():
+        raise UserError(f"data.tokenizer: {setting}: no such tokenizer file or folder",
+                        hint="use auto, train, or the path of a tokenizer.json (or a folder holding one)")
+    return TokenizerChoice("file", str(path), Tokenizer.from_file(path))
+
+
+def parent_tokenizer(ref: str, store: Store) -> Tokenizer:
+    """The tokenizer of the model fine-tuning starts from; a missing run says which command makes it."""
+    from llmstages.checkpoint import load_tokenizer  # imports torch: only fine-tuning data needs it
+
+    try:
+        return load_tokenizer(ref, store)
+    except UserError as err:
+        if ref.startswith("hf:") or Path(ref).exists():
+            raise
+        run = ref.partition("@")[0]
+        maker = f"llmstages pretrain {run}" if run in {p.stem for p in builtin_recipes()} else \
+            "llmstages pretrain RECIPE (with run: " + run + ")"
+        raise UserError(f"init_from: {ref}: the model to fine-tune from does not exist yet ({err.message})",
+                        hint=f"make it first with `{maker}`, or set data.tokenizer to a tokenizer.json") from None

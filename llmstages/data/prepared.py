@@ -1,0 +1,219 @@
+"""Prepared datasets on disk: the writers, and `PreparedDataset`, the one way to read them.
+
+    store/data/<name>-<fingerprint[:12]>/
+      MANIFEST            sha256 of every file (written last by store.atomic_dir)
+      manifest.json       format_version, task, name, fingerprint, created, sources, settings,
+                          tokenizer_fingerprint, vocab_size, eot_id, dtype, bad_records, splits, stats
+      tokenizer.json
+      pretrain:           <split>-00000.bin ...   flat little-endian `dtype` token ids; every document
+                                                  is followed by eot_id; a document may span two shards
+      classify/instruct:  <split>.tokens.bin      flat `dtype` token ids of all records, back to back
+                          <split>.offsets.npy     int64, n + 1: record i is tokens[offsets[i]:offsets[i+1]]
+                          <split>.labels.npy      int64 class indices (classify)
+                          <split>.prompt_lens.npy int64 prompt tokens per record (instruct)
+                          <split>.jsonl           one JSON object per record: its text and `where`
+
+Classification records carry no end-of-text; instruction records are prompt + response + eot_id.
+Nothing is truncated here: the model's context length is known only at training time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from llmstages.errors import UserError
+from llmstages.store import MANIFEST, Store, is_committed
+from llmstages.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+
+
+def token_dtype(vocab_size: int) -> str:
+    """uint16 holds ids below 65536; larger vocabularies need uint32."""
+    return "uint16" if vocab_size <= 65536 else "uint32"
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------------
+class ShardWriter:
+    """Appends token arrays to `<split>-NNNNN.bin` files of at most `max_tokens` tokens each."""
+
+    def __init__(self, folder: Path, split: str, dtype: str, max_tokens: int):
+        self.folder, self.split, self.max_tokens = folder, split, max_tokens
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.shards: list[str] = []
+        self.shard_tokens: list[int] = []
+        self._file = None
+
+    def write(self, tokens: np.ndarray) -> None:
+        tokens = tokens.astype(self.dtype, copy=False)
+        while len(tokens):
+            if self._file is None or self.shard_tokens[-1] >= self.max_tokens:
+                self._next_shard()
+            room = self.max_tokens - self.shard_tokens[-1]
+            head, tokens = tokens[:room], tokens[room:]
+            head.tofile(self._file)
+            self.shard_tokens[-1] += len(head)
+
+    def _next_shard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        self._file = open(self.folder / name, "wb")  # noqa: SIM115 - closed in close() / the next shard
+        self.shards.append(name)
+        self.shard_tokens.append(0)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.shard_tokens)
+
+
+def write_labeled_split(folder: Path, split: str, token_arrays: Sequence[np.ndarray], dtype: str,
+                        rows: Sequence[dict], *, labels: Sequence[int] | None = None,
+                        prompt_lens: Sequence[int] | None = None) -> dict:
+    """Write one classify/instruct split; returns its `splits[split]` manifest entry (without class_counts)."""
+    lengths = np.fromiter((len(a) for a in token_arrays), dtype=np.int64, count=len(token_arrays))
+    offsets = np.zeros(len(token_arrays) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    files = {"tokens": f"{split}.tokens.bin", "offsets": f"{split}.offsets.npy", "text": f"{split}.jsonl"}
+    flat = np.concatenate(token_arrays) if token_arrays else np.zeros(0, dtype=np.uint32)
+    flat.astype(np.dtype(dtype).newbyteorder("<"), copy=False).tofile(folder / files["tokens"])
+    np.save(folder / files["offsets"], offsets, allow_pickle=False)
+    if labels is not None:
+        files["labels"] = f"{split}.labels.npy"
+        np.save(folder / files["labels"], np.asarray(labels, dtype=np.int64), allow_pickle=False)
+    if prompt_lens is not None:
+        files["prompt_lens"] = f"{split}.prompt_lens.npy"
+        np.save(folder / files["prompt_lens"], np.asarray(prompt_lens, dtype=np.int64), allow_pickle=False)
+    with open(folder / files["text"], "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return {"records": len(token_arrays), "tokens": int(offsets[-1]), "files": files}
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class LabeledSplit:
+    """One split of a classify / instruct dataset: record i is `tokens[offsets[i]:offsets[i+1]]`."""
+
+    tokens: np.ndarray                  # memmap of the flat token ids
+    offsets: np.ndarray                 # int64, len(self) + 1
+    labels: np.ndarray | None           # int64 class index per record (classify)
+    prompt_lens: np.ndarray | None      # int64 prompt tokens per record (instruct)
+    text_path: Path
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def example(self, i: int) -> np.ndarray:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"record {i} out of range ({len(self)} records)")
+        i %= len(self)
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    def texts(self) -> list[dict]:
+        with open(self.text_path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+
+def _memmap(path: Path, dtype: str) -> np.ndarray:
+    """A read-only memmap; an empty file (mmap cannot map it) gives an empty array."""
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
+
+
+class PreparedDataset:
+    """A committed prepared dataset folder, read through its manifest.json."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = path
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, path: str | Path) -> "PreparedDataset":
+        """Open a prepared dataset; refuses a folder without a valid MANIFEST (an interrupted write)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise UserError(f"{path}: no such prepared dataset", hint="run `llmstages prepare RECIPE` first")
+        if not is_committed(path):
+            raise UserError(f"{path}: not a complete prepared dataset (no valid {MANIFEST}; an interrupted write?)",
+                            hint="prepare it again with `llmstages prepare RECIPE --force`")
+        try:
+            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise UserError(f"{path}: unreadable manifest.json ({err})") from None
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{path}: prepared with format_version {manifest.get('format_version')}, "
+                            f"this llmstages reads {FORMAT_VERSION}", hint="prepare it again with --force")
+        return cls(path, manifest)
+
+    @property
+    def task(self) -> str:
+        return self.manifest["task"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["dtype"]
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_file(self.path / "tokenizer.json")
+
+    def _split(self, split: str) -> dict:
+        try:
+            return self.manifest["splits"][split]
+        except KeyError:
+            raise UserError(f"{self.path}: no {split!r} split (has {', '.join(self.splits)})") from None
+
+    def shards(self, split: str) -> list[np.ndarray]:
+        """The token shards of a pretraining split, memory-mapped read-only, in order."""
+        if self.task != "pretrain":
+            raise UserError(f"{self.path}: a {self.task} dataset has records, not token shards (use .records())")
+        return [_memmap(self.path / name, self.dtype) for name in self._split(split)["shards"]]
+
+    def records(self, split: str) -> LabeledSplit:
+        """The records of a classify / instruct split."""
+        if self.task == "pretrain":
+            raise UserError(f"{self.path}: a pretraining dataset has token shards, not records (use .shards())")
+        files = self._split(split)["files"]
+        load = lambda key: np.load(self.path / files[key], allow_pickle=False) if key in files else None  # noqa: E731
+        return LabeledSplit(tokens=_memmap(self.path / files["tokens"], self.dtype), offsets=load("offsets"),
+                            labels=load("labels"), prompt_lens=load("prompt_lens"), text_path=self.path / files["text"])
+
+    def __repr__(self) -> str:
+        return f"PreparedDataset({str(self.path)!r}, task={self.task!r})"
+
+
+def find_prepared(recipe, store: Store) -> PreparedDataset | None:
+    """The prepared dataset matching `recipe`'s data and settings right now, or None when there is none.
+
+    Resolves the sources (mirror / cache; a URL not yet downloaded is downloaded) to hash them.
+    """
+    from llmstages.data.plan import make_plan
+
+    plan = make_plan(recipe, store)
+    return PreparedDataset.open(plan.folder) if is_committed(plan.folder) else None
+

@@ -1,0 +1,110 @@
+"""Deterministic train / val / test splits.
+
+The split depends only on the records, the fractions and the seed, never on the machine or on hash
+randomisation. Within each stratum (the class label, for classification) the groups of records are
+shuffled with `numpy.random.default_rng(seed)` and dealt to test, then val, until each holds its
+fraction of the stratum's records; the rest is train. Records of one group (exact duplicate texts,
+or one instruction prompt) always land in the same split, so duplicates cannot leak from train into
+val or test. Each split keeps the records' original order.
+
+Pretraining splits by document. When there are too few documents for the fractions asked (fewer
+than one document's worth for val or test, e.g. a single .txt file), documents are first cut into
+pseudo-documents at line breaks (`pseudo_documents`), and the manifest says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+
+from llmstages.data.examples import Document
+from llmstages.errors import UserError
+
+# How many pieces each held-out split should get at least when documents are cut into pseudo-documents.
+PIECES_PER_SPLIT = 5
+
+
+def split_indices(n: int, *, val_fraction: float, test_fraction: float, seed: int,
+                  strata: Sequence[Hashable] | None = None,
+                  groups: Sequence[Hashable] | None = None) -> dict[str, np.ndarray]:
+    """Indices (sorted, int64) of the records in each split: train, and val / test when their fraction > 0."""
+    fractions = {"test": test_fraction, "val": val_fraction}
+    held = [name for name, frac in fractions.items() if frac > 0]
+    assignment = np.zeros(n, dtype=np.int8)  # 0 train, 1 val, 2 test
+    code = {"val": 1, "test": 2}
+    rng = np.random.default_rng(seed)
+    strata = list(strata) if strata is not None else [0] * n
+    groups = list(groups) if groups is not None else list(range(n))
+    by_stratum: dict[Hashable, dict[Hashable, list[int]]] = {}
+    for i, (stratum, group) in enumerate(zip(strata, groups)):
+        by_stratum.setdefault(stratum, {}).setdefault(group, []).append(i)
+    for stratum in sorted(by_stratum, key=str):
+        members = list(by_stratum[stratum].values())  # groups in first-seen order
+        size = sum(len(m) for m in members)
+        targets = {name: round(size * fractions[name]) for name in held}
+        filled = dict.fromkeys(held, 0)
+        for g in rng.permutation(len(members)):
+            target = next((name for name in held if filled[name] < targets[name]), None)
+            if target is None:
+                break
+            assignment[members[g]] = code[target]
+            filled[target] += len(members[g])
+    # Tiny data: make sure every split asked for gets at least one group, taken from train.
+    for name in held:
+        if not (assignment == code[name]).any():
+            train = np.flatnonzero(assignment == 0)
+            train_groups = {groups[i] for i in train}
+            if len(train_groups) < 2:
+                raise UserError(f"too few records to split: {n} record(s), val_fraction={val_fraction}, "
+                                f"test_fraction={test_fraction}",
+                                hint="add data, or set data.val_fraction=0 / data.test_fraction=0")
+            pick = train[rng.integers(len(train))]
+            assignment[[i for i in train if groups[i] == groups[pick]]] = code[name]
+    out = {"train": np.flatnonzero(assignment == 0)}
+    for name in ("val", "test"):
+        if name in held:
+            out[name] = np.flatnonzero(assignment == code[name])
+    if len(out["train"]) == 0:
+        raise UserError(f"no records left for training out of {n}",
+                        hint="lower data.val_fraction / data.test_fraction")
+    return out
+
+
+def needs_pseudo_documents(n_docs: int, fractions: Sequence[float]) -> bool:
+    """True when whole documents cannot honour a held-out fraction (less than one document's worth)."""
+    return any(0 < f and n_docs * f < 1 for f in fractions)
+
+
+def pseudo_documents(docs: list[Document], fractions: Sequence[float]) -> list[Document]:
+    """Cut documents at line breaks into pieces of about equal size, enough for every split to get
+    PIECES_PER_SPLIT pieces. The pieces concatenate back to each document's exact text."""
+    smallest = min(f for f in fractions if f > 0)
+    pieces_wanted = int(np.ceil(PIECES_PER_SPLIT / smallest))
+    total = sum(len(d.text) for d in docs)
+    size = max(1, total // pieces_wanted)
+    out = []
+    for doc in docs:
+        path, _, line = doc.where.rpartition(":")
+        line_no = int(line) if line.isdigit() else 1
+        text, start = doc.text, 0
+        while start < len(text):
+            end = _cut(text, start, size)
+            piece = text[start:end]
+            out.append(Document(piece, f"{path}:{line_no}" if path else doc.where, len(piece.encode("utf-8"))))
+            line_no += piece.count("\n")
+            start = end
+    return out
+
+
+def _cut(text: str, start: int, size: int) -> int:
+    """End of the piece starting at `start`: just after the first line break past `start + size`
+    (else the first space), looking no further than another `size` characters."""
+    goal = start + size
+    if goal >= len(text):
+        return len(text)
+    for sep in ("\n", " "):
+        found = text.find(sep, goal, goal + size)
+        if found != -1:
+            return found + 1
+    return goal  # a long stretch without breaks: cut it anyway (the pieces still join up exactly)

@@ -1,0 +1,348 @@
+"""`llmstages prepare`: raw text or labeled data -> a prepared dataset in the store.
+
+Read top to bottom:
+  1. plan       resolve the sources (mirror, cache, download), pick the tokenizer, fingerprint the
+                lot; a committed dataset with that fingerprint is reused as it is.
+  2. read       every file -> records -> the task's examples; bad records are collected with file:line.
+  3. check      any bad record stops here, before anything is written, unless data.skip_bad.
+  4. split      deterministic train / val / test (llmstages/data/split.py).
+  5. tokenizer  trained on (a sample of) the train split, or the given file / the parent model's.
+  6. write      tokens, arrays, tokenizer.json and manifest.json into a hidden folder of the store,
+                committed with its MANIFEST by one rename (store.atomic_dir).
+
+The on-disk layout is described in llmstages/data/prepared.py. `pretrain` and `finetune` call
+`prepare` themselves when their data is not prepared yet.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from llmstages.config import Recipe, to_dict
+from llmstages.data import examples as ex
+from llmstages.data.encode import encode_many, encode_pieces, train_tokenizer, with_end_of_text
+from llmstages.data.plan import Plan, make_plan
+from llmstages.data.prepared import FORMAT_VERSION, PreparedDataset, ShardWriter, token_dtype, write_labeled_split
+from llmstages.data.readers import BadRecord, read_records
+from llmstages.data.split import needs_pseudo_documents, pseudo_documents, split_indices
+from llmstages.errors import UserError
+from llmstages.store import Store, atomic_dir, is_committed, now_iso
+from llmstages.tokenizer import Tokenizer
+
+SHOW_BAD = 20
+
+
+@dataclass
+class BadRecords:
+    """Every bad record counted; the first SHOW_BAD kept as `file:line: reason`."""
+
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, bad: BadRecord) -> None:
+        self.count += 1
+        if len(self.examples) < SHOW_BAD:
+            self.examples.append(str(bad))
+
+    def to_json(self) -> dict:
+        return {"count": self.count, "examples": self.examples}
+
+    def error(self) -> UserError:
+        shown = "\n".join(f"  {line}" for line in self.examples)
+        more = f"\n  ... and {self.count - len(self.examples)} more" if self.count > len(self.examples) else ""
+        return UserError(f"{self.count} bad record{'s' if self.count != 1 else ''} in the data "
+                         f"(nothing was written):\n{shown}{more}",
+                         hint="fix them, or set data.skip_bad=true to prepare the good records "
+                              "and list the bad ones in manifest.json")
+
+
+def prepare(recipe: Recipe, store: Store, *, console: Console | None = None, force: bool = False) -> PreparedDataset:
+    """Prepare `recipe`'s data (or reuse the prepared dataset with the same fingerprint) and return it."""
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    plan = make_plan(recipe, store, console=console)
+    if not force and is_committed(plan.folder):
+        console.print(f"up to date: {plan.folder} (same input and settings; --force prepares it again)",
+                      highlight=False)
+        return PreparedDataset.open(plan.folder)
+    data, task = recipe.data, recipe.task
+
+    bad = BadRecords()
+    with _progress(console) as progress:
+        found = read_examples(plan, bad, progress)
+    labels = check_labels(found, recipe, bad) if task == "classify" else None
+    if bad.count and not data.skip_bad:
+        raise bad.error()
+    if not found["train"]:
+        raise UserError(f"no usable {'documents' if task == 'pretrain' else 'records'} in {', '.join(data.source)}"
+                        + (f" (all {bad.count} were bad)" if bad.count else " (empty corpus)"),
+                        hint="check data.source and the field names (data.text_field, ...)")
+    splits, notes = make_splits(recipe, found, labels)
+
+    t0 = time.perf_counter()
+    if plan.tokenizer.tokenizer is not None:
+        tokenizer, tok_info = plan.tokenizer.tokenizer, {"kind": plan.tokenizer.kind, "from": plan.tokenizer.ref}
+    else:
+        with _progress(console) as progress:
+            progress.add_task(f"training tokenizer (vocab {data.vocab_size:,})", total=None, count="")
+            tokenizer, tok_info = train_tokenizer([_text(e) for e in splits["train"]], data.vocab_size,
+                                                  max_bytes=data.tokenizer_sample_bytes, seed=data.split_seed)
+    tok_info["seconds"] = round(time.perf_counter() - t0, 3)
+    dtype = token_dtype(tokenizer.vocab_size)
+
+    t0 = time.perf_counter()
+    try:
+        with atomic_dir(plan.folder, replace=force) as tmp:
+            tokenizer.save(tmp / "tokenizer.json")
+            with _progress(console) as progress:
+                if task == "pretrain":
+                    split_info = write_pretrain(tmp, splits, tokenizer, dtype, data.shard_tokens, progress)
+                else:
+                    split_info = write_labeled(tmp, task, splits, tokenizer, dtype, labels, progress)
+            encode_seconds = time.perf_counter() - t0
+            manifest = build_manifest(plan, tokenizer, tok_info, dtype, bad, split_info, notes, labels,
+                                      seconds=time.perf_counter() - started, encode_seconds=encode_seconds)
+            (tmp / "manifest.json").write_text(_json(manifest), encoding="utf-8")
+    except FileExistsError:
+        if not is_committed(plan.folder):  # another process is committing the same dataset right now
+            raise
+        console.print(f"another process prepared {plan.folder} meanwhile; using it", highlight=False)
+    dataset = PreparedDataset.open(plan.folder)
+    console.print(summary_table(dataset))
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------------------
+# read + check
+# ---------------------------------------------------------------------------------------------------
+def read_examples(plan: Plan, bad: BadRecords, progress: Progress) -> dict[str, list]:
+    """Every role's examples (train from data.source, val / test from their own sources when given)."""
+    recipe = plan.recipe
+    total = sum(f.bytes for files in plan.files.values() for f in files)
+    bar = progress.add_task("reading", total=total, count="")
+    unit = "documents" if recipe.task == "pretrain" else "records"
+    found: dict[str, list] = {}
+    count = 0
+    for role, files in plan.files.items():
+        found[role] = items = []
+        for f in files:
+            for record in read_records(f.path, f.display, plan.formats[f.path], recipe.data):
+                if isinstance(record, BadRecord):
+                    bad.add(record)
+                    continue
+                item = ex.convert(recipe.task, record, recipe.data, recipe.finetune.template)
+                if isinstance(item, BadRecord):
+                    bad.add(item)
+                else:
+                    items.append(item)
+                    count += 1
+            progress.update(bar, advance=f.bytes, count=f"{count:,} {unit}")
+    return found
+
+
+def check_labels(found: dict[str, list], recipe: Recipe, bad: BadRecords) -> list[str]:
+    """The class names (data.labels, or the sorted labels of the training data); drops and reports
+    records whose label is not one of them."""
+    declared = bool(recipe.data.labels)
+    labels = list(recipe.data.labels) if declared else sorted({e.label for e in found["train"]})
+    if len(set(labels)) != len(labels):
+        raise UserError(f"data.labels lists a class twice: {labels}")
+    for role, items in found.items():
+        keep = []
+        for item in items:
+            problem = ex.label_problem(item, labels, declared)
+            if problem is None:
+                keep.append(item)
+            else:
+                bad.add(problem)
+        found[role] = keep
+    if found["train"] and len({e.label for e in found["train"]}) < 2:
+        raise UserError(f"classification needs at least two classes in the training data; found only "
+                        f"{sorted({e.label for e in found['train']})}", hint="check data.label_field and data.source")
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------------
+# split
+# ---------------------------------------------------------------------------------------------------
+def make_splits(recipe: Recipe, found: dict[str, list], labels: list[str] | None) -> tuple[dict[str, list], dict]:
+    """train / val / test examples: carved out of data.source unless a split has its own source."""
+    data = recipe.data
+    train = found["train"]
+    carve = {name: (0.0 if name in found else frac)
+             for name, frac in (("val", data.val_fraction), ("test", data.test_fraction))}
+    notes: dict = {"seed": data.split_seed, "carved": {k: v for k, v in carve.items() if v > 0}}
+    strata = groups = None
+    if recipe.task == "pretrain" and needs_pseudo_documents(len(train), carve.values()):
+        cut = pseudo_documents(train, list(carve.values()))
+        notes["pseudo_documents"] = {
+            "documents": len(train), "pieces": len(cut),
+            "reason": "too few documents for the val/test fractions: documents were cut at line breaks into "
+                      "pseudo-documents (each followed by end-of-text) before splitting"}
+        train = cut
+    elif recipe.task == "classify":
+        strata, groups = [e.label for e in train], [e.text for e in train]
+        notes["stratified_by"], notes["grouped_by"] = "label", "text (exact duplicates stay together)"
+    elif recipe.task == "instruct":
+        groups = [e.prompt for e in train]
+        notes["grouped_by"] = "prompt (repeated prompts stay together)"
+    index = split_indices(len(train), val_fraction=carve["val"], test_fraction=carve["test"],
+                          seed=data.split_seed, strata=strata, groups=groups)
+    splits = {"train": [train[i] for i in index["train"]]}
+    for name in ("val", "test"):
+        if name in found:
+            splits[name] = found[name]
+        elif name in index:
+            splits[name] = [train[i] for i in index[name]]
+    return splits, notes
+
+
+def _text(example) -> str:
+    if isinstance(example, ex.InstructExample):
+        return example.prompt + example.response
+    return example.text
+
+
+# ---------------------------------------------------------------------------------------------------
+# write
+# ---------------------------------------------------------------------------------------------------
+def write_pretrain(folder: Path, splits: dict[str, list], tokenizer: Tokenizer, dtype: str, shard_tokens: int,
+                   progress: Progress) -> dict:
+    """Each split's documents, tokenized in parallel batches and joined with end-of-text, into shards."""
+    info = {}
+    for name, docs in splits.items():
+        nbytes = sum(d.nbytes for d in docs)
+        bytes_per_char = nbytes / max(1, sum(len(d.text) for d in docs))
+        bar = progress.add_task(f"tokenizing {name}", total=nbytes, count="")
+        writer = ShardWriter(folder, name, dtype, shard_tokens)
+        done = 0
+        for batch in encode_pieces(tokenizer, (d.text for d in docs)):
+            writer.write(with_end_of_text(batch, tokenizer.eot_id))
+            done += sum(batch.last)
+            progress.update(bar, advance=batch.chars * bytes_per_char, count=f"{done:,}/{len(docs):,} documents")
+        writer.close()
+        info[name] = {"shards": writer.shards, "shard_tokens": writer.shard_tokens, "tokens": writer.tokens,
+                      "documents": len(docs), "bytes": sum(d.nbytes for d in docs)}
+    return info
+
+
+def write_labeled(folder: Path, task: str, splits: dict[str, list], tokenizer: Tokenizer, dtype: str,
+                  labels: list[str] | None, progress: Progress) -> dict:
+    info = {}
+    eot = np.array([tokenizer.eot_id], dtype=np.uint32)
+    for name, items in splits.items():
+        nbytes = sum(e.nbytes for e in items)
+        bar = progress.add_task(f"tokenizing {name}", total=nbytes, count="")
+        if task == "classify":
+            arrays = encode_many(tokenizer, [e.text for e in items])
+            rows = [{"text": e.text, "label": e.label, "where": e.where} for e in items]
+            entry = write_labeled_split(folder, name, arrays, dtype, rows,
+                                        labels=[labels.index(e.label) for e in items])
+            counts = Counter(e.label for e in items)
+            entry["class_counts"] = {label: counts.get(label, 0) for label in labels}
+        else:
+            prompts = encode_many(tokenizer, [e.prompt for e in items])
+            responses = encode_many(tokenizer, [e.response for e in items])
+            arrays = [np.concatenate([p, r, eot]) for p, r in zip(prompts, responses)]
+            entry = write_labeled_split(folder, name, arrays, dtype, [e.to_json() for e in items],
+                                        prompt_lens=[len(p) for p in prompts])
+        entry["bytes"] = nbytes
+        info[name] = entry
+        progress.update(bar, completed=nbytes, count=f"{len(items):,} records")
+    return info
+
+
+def build_manifest(plan: Plan, tokenizer: Tokenizer, tok_info: dict, dtype: str, bad: BadRecords, splits: dict,
+                   notes: dict, labels: list[str] | None, *, seconds: float, encode_seconds: float) -> dict:
+    recipe = plan.recipe
+    tokens = sum(s["tokens"] for s in splits.values())
+    count_key = "documents" if recipe.task == "pretrain" else "records"
+    measured = splits.get("val") or splits["train"]
+    # Compression: UTF-8 bytes per token of the text itself (end-of-text tokens not counted).
+    text_tokens = measured["tokens"] - (measured[count_key] if recipe.task != "classify" else 0)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "task": recipe.task,
+        "name": plan.name,
+        "fingerprint": plan.fingerprint,
+        "created": now_iso(),
+        "sources": [dict(f.manifest_entry(), role=role) for role, files in plan.files.items() for f in files],
+        "settings": to_dict(recipe.data),
+        "init_from": recipe.init_from,
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "dtype": dtype,
+        "tokenizer": tok_info,
+        "bad_records": bad.to_json(),
+        "split": notes,
+        "splits": splits,
+        "stats": {
+            "documents": sum(s[count_key] for s in splits.values()),
+            "tokens": tokens,
+            "bytes": sum(s["bytes"] for s in splits.values()),
+            "bytes_per_token": round(measured["bytes"] / max(text_tokens, 1), 4),
+            "bytes_per_token_split": "val" if "val" in splits else "train",
+            "seconds": round(seconds, 3),
+            "encode_seconds": round(encode_seconds, 3),
+            "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+        },
+    }
+    if recipe.task == "pretrain":
+        manifest["pseudo_documents"] = notes.get("pseudo_documents")
+    elif recipe.task == "classify":
+        manifest["labels"] = labels
+    else:
+        manifest["template"] = recipe.finetune.template
+    return manifest
+
+
+def _json(data: dict) -> str:
+    import json
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# console
+# ---------------------------------------------------------------------------------------------------
+def _progress(console: Console) -> Progress:
+    """One bar per phase over bytes of text, with the documents / records done so far."""
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                    TextColumn("{task.fields[count]}"), TimeElapsedColumn(), console=console, transient=True,
+                    disable=not console.is_terminal)  # logs and pipes get the summary table only
+
+
+def summary_table(dataset: PreparedDataset) -> Table:
+    m = dataset.manifest
+    stats, splits = m["stats"], m["splits"]
+    unit = "documents" if m["task"] == "pretrain" else "records"
+    per_split = lambda key: " / ".join(f"{s[key]:,} {name}" for name, s in splits.items())  # noqa: E731
+    table = Table(title=f"prepared {m['name']} ({m['task']})", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row(unit, per_split(unit))
+    table.add_row("tokens", per_split("tokens"))
+    if m["task"] == "classify":
+        counts = splits["train"]["class_counts"]
+        table.add_row("classes", ", ".join(f"{label} {n:,}" for label, n in counts.items()) + " (train)")
+    trained = m["tokenizer"].get("kind") == "trained"
+    table.add_row("vocab", f"{m['vocab_size']:,} ({'trained' if trained else m['tokenizer'].get('from')}), {m['dtype']}")
+    table.add_row("bytes/token", f"{stats['bytes_per_token']:.3f} ({stats['bytes_per_token_split']})")
+    table.add_row("time", f"{stats['seconds']:.1f} s (tokenizer {m['tokenizer']['seconds']:.1f} s, "
+                          f"tokenizing + writing {stats['encode_seconds']:.1f} s)")
+    table.add_row("tokens/s", f"{stats['tokens_per_s']:,.0f}")
+    if m["bad_records"]["count"]:
+        table.add_row("bad records", f"{m['bad_records']['count']:,} skipped (listed in manifest.json)")
+    if m.get("pseudo_documents"):
+        p = m["pseudo_documents"]
+        table.add_row("note", f"{p['documents']} document(s) cut into {p['pieces']} pseudo-documents for the split")
+    table.add_row("path", str(dataset.path))
+    return table
