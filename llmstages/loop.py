@@ -261,7 +261,8 @@ def _train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, st
                 "sampler": {"kind": "indexed", "seed": cfg.seed, "next_micro_batch": at_step * accum * dctx.world_size}}
         meta = {"task": task.kind, "stage": stage, "metrics": metrics, "parent": parent,
                 "data_fingerprint": task.data_fingerprint, "tokens_seen": tokens_seen, "created": now_iso(),
-                "llmstages_version": __version__, "generate": to_dict(recipe.generate), **task.meta}
+                "llmstages_version": __version__, "generate": to_dict(recipe.generate),
+                "data_settings": to_dict(recipe.data), **task.meta}
         return save_checkpoint(store, run, at_step, raw_model, tokenizer, meta, (tensors, info))
 
     try:

@@ -1,0 +1,91 @@
+"""`llmstages evaluate`: a model's figures on data it may never have seen.
+
+The kind of evaluation follows the model: a classifier gets accuracy, per-class precision/recall/F1
+and the confusion matrix (stages/classify.py); an instruction model gets response loss, exact match
+and ROUGE-L (stages/instruct.py); any other language model gets loss, perplexity and bits per byte
+on text (here). Files are read with the settings the model was trained with (`data_settings` in
+its checkpoint: format, columns, field names), so the same kind of file works without a recipe.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from llmstages.checkpoint import Checkpoint, load_checkpoint
+from llmstages.config import DataConfig
+from llmstages.data.examples import convert
+from llmstages.data.readers import BadRecord, detect_format, read_records
+from llmstages.data.sources import local_paths
+from llmstages.data.windows import fixed_windows
+from llmstages.errors import UserError
+from llmstages.objectives import lm_metrics
+from llmstages.store import Store
+from llmstages.tokenizer import token_byte_lengths
+
+MAX_REPORTED = 20
+
+
+def data_settings(ckpt: Checkpoint) -> DataConfig:
+    """The data settings a checkpoint was trained with (defaults for models from elsewhere)."""
+    saved = dict(ckpt.meta.get("data_settings") or {})
+    known = set(DataConfig.__dataclass_fields__)
+    return DataConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def read_examples(paths: list[str], task: str, cfg: DataConfig, *, template: str = "alpaca",
+                  limit: int | None = None) -> list:
+    """Examples of `task` from local files/folders/globs; every bad record is reported (exit 2)."""
+    examples, bad = [], []
+    for spec in paths:
+        for path in local_paths(spec, cfg.format):
+            for record in read_records(path, str(path), detect_format(path, cfg.format), cfg):
+                item = record if isinstance(record, BadRecord) else convert(task, record, cfg, template)
+                (bad if isinstance(item, BadRecord) else examples).append(item)
+    if bad:
+        shown = "\n".join(f"  {b}" for b in bad[:MAX_REPORTED])
+        more = f"\n  ... and {len(bad) - MAX_REPORTED} more" if len(bad) > MAX_REPORTED else ""
+        raise UserError(f"{len(bad)} bad record{'s' if len(bad) > 1 else ''} in the evaluation data:\n{shown}{more}",
+                        hint="fix them, or evaluate on other files")
+    if not examples:
+        raise UserError(f"no examples found in {', '.join(paths)}")
+    return examples[:limit] if limit else examples
+
+
+def evaluate_text(ckpt: Checkpoint, paths: list[str], *, limit: int | None = None, batch_size: int = 8) -> dict:
+    """Loss, perplexity and bits per byte of a language model on text documents.
+
+    Documents are tokenized, joined with <|endoftext|> and cut into non-overlapping windows of the
+    model's context; every token after the first of each window is predicted once.
+    """
+    cfg = data_settings(ckpt)
+    documents = read_examples(paths, "pretrain", cfg, limit=limit)
+    tok = ckpt.tokenizer
+    ids: list[int] = []
+    for encoded in tok.encode_batch([d.text for d in documents]):
+        ids += encoded + [tok.eot_id]
+    block = ckpt.model.config.block_size
+    tokens = np.array(ids, dtype=np.int64)
+    if len(tokens) < 2:
+        raise UserError("the evaluation text is too short to predict anything")
+    block = min(block, len(tokens) - 1)
+    windows = fixed_windows([tokens], block, batch_size, n_batches=len(tokens))
+    token_bytes = torch.tensor(token_byte_lengths(tok))
+    ckpt.model.eval()
+    with torch.inference_mode():
+        metrics = lm_metrics(ckpt.model, windows, token_bytes, prefix="")
+    return {"loss": metrics["loss"], "perplexity": metrics["ppl"], "bits_per_byte": metrics.get("bpb"),
+            "tokens": metrics["tokens"], "documents": len(documents), "bytes": sum(d.nbytes for d in documents)}
+
+
+def evaluate(model_ref: str, paths: list[str], store: Store, *, limit: int | None = None,
+             console: Console | None = None) -> dict:
+    ckpt = load_checkpoint(model_ref, store)
+    if ckpt.model.is_classifier:
+        from llmstages.stages.classify import evaluate_classifier
+        return evaluate_classifier(ckpt, paths, limit=limit, console=console)
+    if ckpt.meta.get("task") == "instruct":
+        from llmstages.stages.instruct import evaluate_instructions
+        return evaluate_instructions(ckpt, paths, limit=limit, console=console)
+    return evaluate_text(ckpt, paths, limit=limit)
