@@ -1,0 +1,145 @@
+"""`llmstages pretrain` end to end through the CLI, on real text: outputs, dry run, kill + resume, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmstages.checkpoint import load_checkpoint
+from llmstages.store import Store
+
+STEPS = 24
+
+
+def write_recipe(folder: Path, text_file: Path, name: str = "tiny-verdict", **train) -> Path:
+    settings = {"max_steps": STEPS, "micro_batch_size": 4, "global_batch_size": 8, "eval_every": 8,
+                "save_every": 8, "log_every": 4, "warmup_steps": 4, "lr": 3e-3, "min_lr": 3e-4, "eval_batches": 2}
+    settings.update(train)
+    lines = [f"description: tiny test run on {text_file.name}", "task: pretrain",
+             "data:", f"  source: [{text_file}]", "  tokenizer: train", "  vocab_size: 400", "  val_fraction: 0.1",
+             "model:", "  size: tiny", "  block_size: 64", "train:"]
+    lines += [f"  {k}: {v}" for k, v in settings.items()]
+    path = folder / f"{name}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def log_figures(store: Path, run: str = "tiny-verdict") -> list[tuple]:
+    records = [json.loads(line) for line in (store / "runs" / run / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("loss"), r.get("val_loss"), r.get("val_bpb"), r.get("lr"), r.get("tokens"))
+            for r in records]
+
+
+@pytest.fixture
+def recipe(tmp_path, data_file):
+    return write_recipe(tmp_path, data_file("the-verdict.txt"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, data_file_module):
+    folder = tmp_path_factory.mktemp("reference")
+    path = write_recipe(folder, data_file_module("the-verdict.txt"))
+    store = folder / "store"
+    result = subprocess.run([sys.executable, "-m", "llmstages", "--store", str(store), "pretrain", str(path)],
+                            capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr
+    return store, log_figures(store)
+
+
+@pytest.fixture(scope="module")
+def data_file_module():
+    from conftest import need_data
+    return need_data
+
+
+def test_pretrain_writes_a_complete_run(reference_run):
+    store, figures = reference_run
+    run = store / "runs" / "tiny-verdict"
+    assert (run / "recipe.yaml").exists()
+    steps = Store(store).checkpoints("tiny-verdict")
+    assert [p.name for p in steps][-1] == f"step-{STEPS:06d}"
+    assert len(steps) <= 3  # keep_last=2 plus the best
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    train_lines = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in train_lines] == list(range(4, STEPS + 1, 4))
+    assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "time"} <= set(train_lines[0])
+    assert [r["step"] for r in evals] == [8, 16, 24]
+    assert {"val_loss", "val_ppl", "val_bpb"} <= set(evals[0])
+    assert train_lines[-1]["loss"] < train_lines[0]["loss"]  # it learns
+    assert (run / "loss.png").exists()
+    ckpt = load_checkpoint("tiny-verdict", Store(store))
+    assert ckpt.meta["task"] == "pretrain" and ckpt.meta["step"] in (8, 16, 24)
+    assert ckpt.meta["tokenizer_fingerprint"] == ckpt.tokenizer.fingerprint
+    assert ckpt.meta["data_fingerprint"]
+    best = json.loads((run / "best.json").read_text())
+    assert best["metric"] == "val_loss" and best["value"] == min(r["val_loss"] for r in evals)
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(cli, recipe, store_dir):
+    result = cli("pretrain", str(recipe), "train.max_steps=100", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    for figure in ("parameters", "tokens per step", "estimated time", "peak memory", "tokens per parameter"):
+        assert figure in result.stderr
+    assert "max_steps: 100" in result.stderr  # the resolved recipe
+    assert not (store_dir / "runs").exists()
+
+
+@pytest.mark.parametrize("sig,expected", [(signal.SIGTERM, 143), (signal.SIGKILL, -9)])
+def test_killed_pretrain_resumes_exactly(tmp_path, recipe, reference_run, sig, expected):
+    _, reference = reference_run
+    store = tmp_path / "store"
+    cmd = [sys.executable, "-m", "llmstages", "--store", str(store), "pretrain", str(recipe)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stderr:
+        if line.startswith("step 12"):
+            break
+    os.kill(proc.pid, sig)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == expected
+    if sig == signal.SIGTERM:
+        assert "--resume" in rest  # the clean stop says how to resume
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert log_figures(store) == reference
+
+
+def test_recipe_typo_is_exit_2_with_a_suggestion(cli, tmp_path, store_dir):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  learing_rate: 0.001\nmodel:\n  n_layers: 4\n")
+    result = cli("pretrain", str(bad))
+    assert result.returncode == 2
+    assert "train.learing_rate: unknown key; did you mean `train.lr`?" in result.stderr
+    assert "did you mean `model.n_layer`?" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_override_type_error_is_exit_2(cli, recipe, store_dir):
+    result = cli("pretrain", str(recipe), "train.lr=fast")
+    assert result.returncode == 2
+    assert "train.lr: expected a number, got 'fast'" in result.stderr
+
+
+def test_continue_from_a_model_with_another_tokenizer_is_refused(cli, tmp_path, reference_run, data_file):
+    store, _ = reference_run
+    other = write_recipe(tmp_path, data_file("tinystories/tinystories_sample.txt"), name="other")
+    text = other.read_text().replace("task: pretrain", f"task: pretrain\ninit_from: {store}/runs/tiny-verdict")
+    other.write_text(text)
+    result = cli("--store", str(tmp_path / "store2"), "pretrain", str(other))
+    assert result.returncode == 2
+    assert "tokenizer mismatch" in result.stderr
+
+
+def test_evaluate_text_reports_bits_per_byte(cli, reference_run, data_file):
+    store, _ = reference_run
+    result = cli("--store", str(store), "evaluate", "tiny-verdict", "--data",
+                 str(data_file("tinystories/tinystories_sample.txt")), "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert {"loss", "perplexity", "bits_per_byte", "tokens"} <= set(figures)
+    assert 0 < figures["bits_per_byte"] < 20
