@@ -195,14 +195,20 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *,
-                last_index: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits.
+                last_index: torch.Tensor | None = None, last_only: bool = False,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits, or with `targets` the mean next-token loss.
 
         LM head: (B, T, V), or (B, 1, V) with `last_only` (generation needs only the last position).
+        With targets (B, T) (IGNORE = -100 left out): the scalar cross-entropy, computed without
+        materialising all logits where that is faster (objectives.head_loss).
         Class head: with `last_index` (B,) — the position of each row's last real token, padding is on
         the right — (B, K); without it, (B, T, K) at every position.
         """
         x = self.hidden(idx, cache)  # (B, T, C)
+        if targets is not None:
+            from llmstages.objectives import head_loss
+            return head_loss(x, self.lm_head.weight, targets)
         if self.is_classifier:
             if last_index is not None:
                 x = x[torch.arange(x.size(0), device=x.device), last_index]  # (B, C)

@@ -17,9 +17,61 @@ IGNORE = -100
 
 
 def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy of next-token prediction: input_ids (B, T), targets (B, T) -> scalar."""
-    logits = model(batch["input_ids"])  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE)
+    """Mean cross-entropy of next-token prediction: input_ids (B, T), targets (B, T) -> scalar.
+
+    The model computes it (GPT.forward with targets), so DDP and torch.compile see one forward call.
+    """
+    return model(batch["input_ids"], targets=batch["targets"])
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Output head + cross-entropy without the full logits: loss = CE(hidden @ weight.T, targets).
+
+    hidden (N, C), weight (V, C), targets (N,) -> mean loss over targets != IGNORE.
+    The N x V logits (4096 x 8192 fp32 = 128 MiB for the quickstart's micro-batch) are made `chunk`
+    rows at a time; each chunk's softmax gradient is turned into the gradients of hidden and weight
+    at once, so log-softmax, its backward and the big zero-filled gradient buffer are never
+    materialised. Same three matmuls as the plain path; less memory traffic. Used on the CPU in fp32,
+    where memory bandwidth, not FLOPs, is what the softmax costs.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        valid = targets != IGNORE
+        count = valid.sum().clamp(min=1)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.size(0), chunk):
+            h, t, ok = hidden[start:start + chunk], targets[start:start + chunk], valid[start:start + chunk]
+            logits = h @ weight.t()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            picked = t.clamp(min=0)
+            total += ((lse - logits.gather(1, picked[:, None]).squeeze(1)) * ok).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+            probs[torch.arange(len(t), device=t.device), picked] -= 1.0  # d(CE)/d(logits) = softmax - onehot
+            probs.mul_(ok[:, None])
+            torch.mm(probs, weight, out=grad_hidden[start:start + chunk])  # (n, C)
+            if grad_weight is not None:
+                grad_weight.addmm_(probs.t(), h)  # (V, C)
+        ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0), count)
+        ctx.has_weight_grad = grad_weight is not None
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_hidden, grad_weight, count = ctx.saved_tensors
+        scale = grad_out / count
+        return grad_hidden * scale, grad_weight * scale if ctx.has_weight_grad else None, None, None
+
+
+def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """Mean next-token cross-entropy of hidden states (B, T, C) under the head `weight` (V, C)."""
+    hidden, targets = hidden.flatten(0, 1), targets.flatten()
+    if hidden.device.type == "cpu" and hidden.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+        return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    logits = hidden @ weight.t()
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
 
 
 @torch.no_grad()

@@ -111,3 +111,42 @@ def test_flops_per_token_matches_six_n_rule_for_large_models():
     cfg = build_config("small", vocab_size=50257)
     n = 12 * 12 * 768 * 768 + 768 * 50257  # linear weights + head
     assert flops_per_token(cfg, 1024) == pytest.approx(6 * n + 12 * 12 * 1024 * 768)
+
+
+def test_loss_with_targets_equals_plain_cross_entropy_and_its_gradients():
+    import torch.nn.functional as F
+
+    from llmstages.objectives import IGNORE
+
+    model = tiny()
+    x, y = torch.randint(0, 97, (4, 32)), torch.randint(0, 97, (4, 32))
+    y[0, :10] = IGNORE  # masked positions (instruction prompts) count for nothing
+    plain = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+    plain.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    fused = model(x, targets=y)
+    fused.backward()
+    assert torch.allclose(fused, plain, atol=1e-6)
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, expected[name], atol=1e-6), name
+
+
+def test_pinned_training_loss_of_a_two_layer_model():
+    """Five AdamW steps on fixed data: any change to the model, init, loss or optimizer shows here."""
+    from llmstages.config import build_recipe
+    from llmstages.optim import build_optimizer
+
+    torch.manual_seed(1234)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    data = torch.arange(16 * 17).remainder(61).view(16, 17)  # a fixed, learnable pattern
+    optimizer = build_optimizer(model, build_recipe({"train": {"lr": 1e-2}}).train, torch.device("cpu"))
+    for _ in range(5):
+        loss = model(data[:, :-1], targets=data[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert float(loss) == pytest.approx(PINNED_LOSS, abs=1e-4)
+
+
+PINNED_LOSS = 3.3216  # ln(64) = 4.159 at the start
