@@ -1,0 +1,70 @@
+"""`make bench`: run every benchmark in bench/ and write their figures into one JSON file.
+
+    python bench/run_all.py [--out docs/bench.json] [--only train,generate]
+
+Each bench script prints one JSON object; this collects them with the machine they ran on. The
+README's performance table is made from the written file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHES = {
+    "prepare": ["bench_prepare.py"],
+    "train": ["bench_train.py"],
+    "generate": ["bench_generate.py"],
+    "classify": ["bench_classify.py"],
+}
+
+
+def machine() -> dict:
+    import torch
+
+    from llmstages.runtime import cpu_has_fast_bf16
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "cpu_fast_bf16": cpu_has_fast_bf16(), "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(HERE.parent / "docs" / "bench.json"))
+    parser.add_argument("--only", default=",".join(BENCHES))
+    args = parser.parse_args()
+    results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "benchmarks": {}}
+    for name in args.only.split(","):
+        script, *extra = BENCHES[name]
+        path = HERE / script
+        if not path.exists():
+            results["benchmarks"][name] = {"error": f"{script} not found"}
+            continue
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, str(path), *extra], capture_output=True, text=True)
+        if out.returncode != 0:
+            results["benchmarks"][name] = {"error": out.stderr.strip().splitlines()[-3:]}
+        else:
+            results["benchmarks"][name] = json.loads(out.stdout.strip().splitlines()[-1])
+        results["benchmarks"][name]["bench_seconds"] = round(time.perf_counter() - start, 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
