@@ -85,6 +85,9 @@ def prepare(recipe: Recipe, store: Store, *, console: Console | None = None, for
         raise UserError(f"no usable {'documents' if task == 'pretrain' else 'records'} in {', '.join(data.source)}"
                         + (f" (all {bad.count} were bad)" if bad.count else " (empty corpus)"),
                         hint="check data.source and the field names (data.text_field, ...)")
+    if task == "classify" and len(classes := {e.label for e in found["train"]}) < 2:
+        raise UserError(f"classification needs at least two classes in the training data; found only {sorted(classes)}",
+                        hint="check data.label_field and data.source")
     splits, notes = make_splits(recipe, found, labels)
 
     t0 = time.perf_counter()
@@ -164,9 +167,6 @@ def check_labels(found: dict[str, list], recipe: Recipe, bad: BadRecords) -> lis
             else:
                 bad.add(problem)
         found[role] = keep
-    if found["train"] and len({e.label for e in found["train"]}) < 2:
-        raise UserError(f"classification needs at least two classes in the training data; found only "
-                        f"{sorted({e.label for e in found['train']})}", hint="check data.label_field and data.source")
     return labels
 
 
