@@ -103,7 +103,8 @@ def prepare(recipe: Recipe, store: Store, *, console: Console | None = None, for
 
     t0 = time.perf_counter()
     try:
-        with atomic_dir(plan.folder, replace=force) as tmp:
+        # An existing folder here is not committed (checked above), or --force: replace it.
+        with atomic_dir(plan.folder, replace=force or plan.folder.exists()) as tmp:
             tokenizer.save(tmp / "tokenizer.json")
             with _progress(console) as progress:
                 if task == "pretrain":
