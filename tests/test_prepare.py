@@ -335,7 +335,7 @@ def test_fine_tuning_data_from_a_missing_run_names_the_command(tmp_path, store_d
     source = write_jsonl(tmp_path / "d.jsonl", [{"text": "x", "label": "a"}])
     with pytest.raises(UserError) as err:
         run(recipe("classify", init_from="quickstart", source=[str(source)]), store_dir)
-    assert "does not exist yet" in err.value.message and "llmstages pretrain quickstart" in err.value.hint
+    assert "no trained model to fine-tune from yet" in err.value.message and "llmstages pretrain quickstart" in err.value.hint
 
 
 def test_open_refuses_a_folder_without_manifest(tmp_path):

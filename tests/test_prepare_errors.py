@@ -132,7 +132,7 @@ def test_an_empty_corpus_is_a_clear_error(tmp_path, store_dir):
     (tmp_path / "a.txt").write_text("\n\n")
     (tmp_path / "b.jsonl").write_text("")
     r = recipe(source=[str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")], skip_bad=True)
-    with pytest.raises(UserError, match=r"no usable documents in .* \(all 2 were bad\)"):
+    with pytest.raises(UserError, match=r"no usable documents in 2 source file\(s\) \(all 2 were bad\)"):
         prepare(r, Store(store_dir), console=quiet())
     assert nothing_written(store_dir)
 

@@ -135,5 +135,5 @@ def parent_tokenizer(ref: str, store: Store) -> Tokenizer:
         run = ref.partition("@")[0]
         maker = f"llmstages pretrain {run}" if run in {p.stem for p in builtin_recipes()} else \
             "llmstages pretrain RECIPE (with run: " + run + ")"
-        raise UserError(f"init_from: {ref}: the model to fine-tune from does not exist yet ({err.message})",
+        raise UserError(f"init_from: {ref}: there is no trained model to fine-tune from yet ({err.message})",
                         hint=f"make it first with `{maker}`, or set data.tokenizer to a tokenizer.json") from None
