@@ -12,7 +12,9 @@ Three measurements, each in a fresh subprocess (so each has its own peak RSS), o
 
 `overhead_ratio` = fixed tokens/s / bare tokens/s: how much of the bare tokenizer's throughput is left
 after all the work prepare adds (1.0 = none lost; above 1 when cutting books into pieces balances the
-cores better than whole books do). With --repeat N, each figure is the median of N runs.
+cores better than whole books do). With --repeat N, each figure is the median of N runs. cpu_seconds
+(user + system, all threads) shows the work done independently of other load on the machine; the
+load averages before and after say how busy it was.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all threads): the work, whatever else runs."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_one(mode: str, store: str, tokenizer: str | None) -> dict:
     """One measurement, in this process."""
     from rich.console import Console
@@ -47,11 +55,11 @@ def run_one(mode: str, store: str, tokenizer: str | None) -> dict:
         from llmstages.stages.prepare import prepare
 
         overrides = [f"data.tokenizer={tokenizer}"] if mode == "fixed" else []
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds()
         dataset = prepare(load_recipe("quickstart", overrides), Store(store), console=quiet, force=True)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
         stats = dataset.manifest["stats"]
-        return {"seconds": round(seconds, 3), "tokenizer_seconds": dataset.manifest["tokenizer"]["seconds"],
+        return {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 2), "tokenizer_seconds": dataset.manifest["tokenizer"]["seconds"],
                 "encode_seconds": stats["encode_seconds"], "tokens": stats["tokens"],
                 "documents": stats["documents"], "bytes": stats["bytes"],
                 "tokens_per_s": round(stats["tokens"] / seconds), "bytes_per_token_val": stats["bytes_per_token"],
@@ -66,11 +74,11 @@ def run_one(mode: str, store: str, tokenizer: str | None) -> dict:
     texts = [r.fields["text"] for f in plan.files["train"]
              for r in read_records(f.path, f.display, plan.formats[f.path], recipe.data) if isinstance(r, Record)]
     tok = Tokenizer.from_file(tokenizer)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     ids = tok.encode_batch(texts)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     tokens = sum(map(len, ids)) + len(ids)  # + one end-of-text per document, as prepare writes
-    return {"seconds": round(seconds, 3), "tokens": tokens, "documents": len(texts),
+    return {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 2), "tokens": tokens, "documents": len(texts),
             "tokens_per_s": round(tokens / seconds), "peak_rss_mb": peak_rss_mb()}
 
 
