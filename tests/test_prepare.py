@@ -335,7 +335,7 @@ def test_fine_tuning_data_from_a_missing_run_names_the_command(tmp_path, store_d
     source = write_jsonl(tmp_path / "d.jsonl", [{"text": "x", "label": "a"}])
     with pytest.raises(UserError) as err:
         run(recipe("classify", init_from="quickstart", source=[str(source)]), store_dir)
-    assert "does not exist yet" in err.value.message and "llmstages pretrain quickstart" in err.value.hint
+    assert "no trained model to fine-tune from yet" in err.value.message and "llmstages pretrain quickstart" in err.value.hint
 
 
 def test_open_refuses_a_folder_without_manifest(tmp_path):
@@ -353,3 +353,34 @@ def test_records_and_shards_refuse_the_wrong_task(tmp_path, store_dir):
         ds.records("train")
     with pytest.raises(UserError, match="no 'val' split"):
         ds.shards("val")
+
+
+def test_the_tokenizer_s_location_is_not_part_of_the_fingerprint(tmp_path, store_dir):
+    rng = random.Random(6)
+    source = write_jsonl(tmp_path / "d.jsonl", [{"text": document(rng)} for _ in range(20)])
+    tokenizer = train_bpe([document(rng) for _ in range(50)], 300)
+    for place in ("a", "b"):
+        (tmp_path / place).mkdir()
+        tokenizer.save(tmp_path / place / "tokenizer.json")
+    first = run(recipe(source=[str(source)], tokenizer=str(tmp_path / "a")), store_dir)
+    second = run(recipe(source=[str(source)], tokenizer=str(tmp_path / "b" / "tokenizer.json")), store_dir)
+    assert first.path == second.path and first.manifest["tokenizer"]["kind"] == "file"
+
+
+def test_an_uncommitted_folder_in_the_way_is_replaced(tmp_path, store_dir):
+    source = write_jsonl(tmp_path / "d.jsonl", [{"text": f"doc {i}"} for i in range(10)])
+    r = recipe(source=[str(source)])
+    first = run(r, store_dir)
+    (first.path / MANIFEST).unlink()  # a damaged dataset: no longer exists for readers
+    assert find_prepared(r, Store(store_dir)) is None
+    again = run(r, store_dir)
+    assert again.path == first.path and (again.path / MANIFEST).exists()
+
+
+def test_progress_is_shown_on_a_terminal(tmp_path, store_dir):
+    source = write_jsonl(tmp_path / "d.jsonl", [{"text": f"document {i}"} for i in range(10)])
+    out = StringIO()
+    prepare(recipe(source=[str(source)]), Store(store_dir), console=Console(file=out, force_terminal=True, width=150))
+    shown = out.getvalue()
+    assert "reading" in shown and "tokenizing train" in shown and "documents" in shown
+    assert "bytes/token" in shown and "tokens/s" in shown  # the summary table

@@ -222,8 +222,11 @@ def test_hf_source_is_exported_once_to_parquet(tmp_path, monkeypatch):
 
 def test_hf_source_from_a_local_folder_offline(tmp_path, monkeypatch):
     """`datasets.load_dataset` on a local folder of jsonl files: no network involved."""
+    import datasets
+
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)  # read at import time
     folder = tmp_path / "local_set"
     folder.mkdir()
     (folder / "train.jsonl").write_text('{"text": "alpha"}\n{"text": "beta"}\n')

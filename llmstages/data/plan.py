@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +42,11 @@ class TokenizerChoice:
     ref: str | None = None          # the file, or the init_from reference
     tokenizer: Tokenizer | None = None  # loaded now for "file" / "parent"
 
-    def describe(self) -> dict:
+    def identity(self) -> dict:
+        """What the fingerprint needs: the tokenizer's own fingerprint, not where it was found."""
         if self.kind == "train":
-            return {"kind": "train"}
-        return {"kind": self.kind, "from": self.ref, "fingerprint": self.tokenizer.fingerprint}
+            return {"train": True}  # the training settings are in the data settings
+        return {"fingerprint": self.tokenizer.fingerprint}
 
 
 @dataclass
@@ -78,6 +80,8 @@ def make_plan(recipe: Recipe, store: Store, *, console: Console | None = None) -
     choice = choose_tokenizer(recipe, store)
     fingerprint = compute_fingerprint(recipe, files, choice)
     name = data.name or recipe.run or "dataset"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise UserError(f"data.name: {name!r} cannot name a folder in the store", hint="use letters, digits, '.', '_' and '-'")
     return Plan(recipe, name, files, formats, choice, fingerprint, store.data_dir(f"{name}-{fingerprint[:12]}"))
 
 
@@ -96,7 +100,7 @@ def compute_fingerprint(recipe: Recipe, files: dict[str, list[SourceFile]], choi
         "task": recipe.task,
         "files": {role: [f.sha256 for f in role_files] for role, role_files in sorted(files.items())},
         "settings": fingerprint_settings(recipe, choice),
-        "tokenizer": choice.describe(),
+        "tokenizer": choice.identity(),
         "template": recipe.finetune.template if recipe.task == "instruct" else None,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -131,5 +135,5 @@ def parent_tokenizer(ref: str, store: Store) -> Tokenizer:
         run = ref.partition("@")[0]
         maker = f"llmstages pretrain {run}" if run in {p.stem for p in builtin_recipes()} else \
             "llmstages pretrain RECIPE (with run: " + run + ")"
-        raise UserError(f"init_from: {ref}: the model to fine-tune from does not exist yet ({err.message})",
+        raise UserError(f"init_from: {ref}: there is no trained model to fine-tune from yet ({err.message})",
                         hint=f"make it first with `{maker}`, or set data.tokenizer to a tokenizer.json") from None

@@ -126,8 +126,8 @@ def read_txt(path: Path, display: str, cfg: DataConfig) -> Iterator[Record | Bad
     if cfg.strip_gutenberg and (body := gutenberg_body(text)) is not None:
         start, end = body
         if not text[start:end].strip():
-            line = text.count("\n", 0, start) + 1
-            yield BadRecord(f"{display}:{line}", "no text between the Project Gutenberg START and END markers")
+            marker_line = text.count("\n", 0, start)  # the body starts on the line after the marker
+            yield BadRecord(f"{display}:{marker_line}", "no text between the Project Gutenberg START and END markers")
             return
     pieces = _delimited(text, start, end, cfg.delimiter) if cfg.delimiter else [(start, end)]
     line, last = 1, 0
@@ -180,7 +180,7 @@ def read_jsonl(path: Path, display: str) -> Iterator[Record | BadRecord]:
             found += 1
             where = f"{display}:{lineno}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as err:
                 yield BadRecord(where, _byte_reason(raw, err))
                 continue

@@ -117,7 +117,7 @@ def local_paths(spec: str, fmt: str = "auto") -> list[Path]:
     if root is not None and not Path(spec).is_absolute():
         candidates.append(root / spec)
     for base in candidates:
-        if glob.has_magic(str(base)):
+        if any(ch in str(base) for ch in "*?["):  # a glob pattern
             found = sorted(Path(p) for p in glob.glob(str(base), recursive=True) if Path(p).is_file())
             if found:
                 return found
@@ -281,8 +281,9 @@ def _progress(console: Console | None, url: str, total: int | None, done: int):
     """A transient byte progress bar for one download; yields `advance(n)`."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+    console = console or Console(stderr=True)
     progress = Progress(TextColumn("downloading {task.description}"), BarColumn(), DownloadColumn(),
-                        TransferSpeedColumn(), console=console or Console(stderr=True), transient=True)
+                        TransferSpeedColumn(), console=console, transient=True, disable=not console.is_terminal)
     with progress:
         task = progress.add_task(url_file_name(url), total=total, completed=done)
         yield lambda n: progress.advance(task, n)

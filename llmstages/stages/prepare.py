@@ -16,6 +16,7 @@ The on-disk layout is described in llmstages/data/prepared.py. `pretrain` and `f
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -82,9 +83,13 @@ def prepare(recipe: Recipe, store: Store, *, console: Console | None = None, for
     if bad.count and not data.skip_bad:
         raise bad.error()
     if not found["train"]:
-        raise UserError(f"no usable {'documents' if task == 'pretrain' else 'records'} in {', '.join(data.source)}"
+        n_files = sum(len(files) for files in plan.files.values())
+        raise UserError(f"no usable {'documents' if task == 'pretrain' else 'records'} in {n_files} source file(s)"
                         + (f" (all {bad.count} were bad)" if bad.count else " (empty corpus)"),
                         hint="check data.source and the field names (data.text_field, ...)")
+    if task == "classify" and len(classes := {e.label for e in found["train"]}) < 2:
+        raise UserError(f"classification needs at least two classes in the training data; found only {sorted(classes)}",
+                        hint="check data.label_field and data.source")
     splits, notes = make_splits(recipe, found, labels)
 
     t0 = time.perf_counter()
@@ -100,7 +105,8 @@ def prepare(recipe: Recipe, store: Store, *, console: Console | None = None, for
 
     t0 = time.perf_counter()
     try:
-        with atomic_dir(plan.folder, replace=force) as tmp:
+        # An existing folder here is not committed (checked above), or --force: replace it.
+        with atomic_dir(plan.folder, replace=force or plan.folder.exists()) as tmp:
             tokenizer.save(tmp / "tokenizer.json")
             with _progress(console) as progress:
                 if task == "pretrain":
@@ -164,9 +170,6 @@ def check_labels(found: dict[str, list], recipe: Recipe, bad: BadRecords) -> lis
             else:
                 bad.add(problem)
         found[role] = keep
-    if found["train"] and len({e.label for e in found["train"]}) < 2:
-        raise UserError(f"classification needs at least two classes in the training data; found only "
-                        f"{sorted({e.label for e in found['train']})}", hint="check data.label_field and data.source")
     return labels
 
 
@@ -283,7 +286,7 @@ def build_manifest(plan: Plan, tokenizer: Tokenizer, tok_info: dict, dtype: str,
         "dtype": dtype,
         "tokenizer": tok_info,
         "bad_records": bad.to_json(),
-        "split": notes,
+        "split": {k: v for k, v in notes.items() if k != "pseudo_documents"},
         "splits": splits,
         "stats": {
             "documents": sum(s[count_key] for s in splits.values()),
@@ -306,7 +309,6 @@ def build_manifest(plan: Plan, tokenizer: Tokenizer, tok_info: dict, dtype: str,
 
 
 def _json(data: dict) -> str:
-    import json
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
