@@ -6,6 +6,9 @@ that tokenizer and data match, describe the task to the shared loop, train.
 
 from __future__ import annotations
 
+import os
+import time
+
 import torch
 from rich.console import Console
 
@@ -21,10 +24,20 @@ from llmstages.store import Store, manifest_fingerprint
 from llmstages.tokenizer import Tokenizer, token_byte_lengths
 
 
-def prepared_data(recipe: Recipe, store: Store, console: Console) -> PreparedDataset:
-    """The recipe's prepared dataset, preparing it first when the store does not have it."""
+def prepared_data(recipe: Recipe, store: Store, console: Console, *, wait_s: float = 3600) -> PreparedDataset:
+    """The recipe's prepared dataset, preparing it first when the store does not have it.
+
+    Under torchrun only rank 0 prepares; the other ranks wait for its dataset to be committed.
+    """
     found = find_prepared(recipe, store)
     if found is not None:
+        return found
+    if os.environ.get("RANK", "0") != "0":
+        deadline = time.monotonic() + wait_s
+        while (found := find_prepared(recipe, store)) is None:
+            if time.monotonic() > deadline:
+                raise UserError(f"rank {os.environ['RANK']}: gave up waiting for rank 0 to prepare {recipe.data.name}")
+            time.sleep(1.0)
         return found
     from llmstages.stages.prepare import prepare
     console.print(f"preparing dataset [cyan]{recipe.data.name}[/cyan] (first use)")
