@@ -95,7 +95,8 @@ def test_collate_masks_exactly_the_prompt_and_the_padding():
     rows_ = [Example(np.array([10, 11, 12, 13, 20, 21, eot]), n_prompt=4), Example(np.array([5, 6, 30, eot]), 2)]
     batch = collate(rows_, mask_prompt=True, pad_id=eot)
     assert batch["input_ids"].tolist() == [[10, 11, 12, 13, 20, 21], [5, 6, 30, eot, eot, eot]]
-    assert batch["targets"].tolist() == [[IGNORE, IGNORE, IGNORE, 20, 21, eot], [IGNORE, 30, eot, IGNORE, IGNORE, IGNORE]]
+    assert batch["targets"].tolist() == [[IGNORE, IGNORE, IGNORE, 20, 21, eot],
+                                         [IGNORE, 30, eot, IGNORE, IGNORE, IGNORE]]
     assert batch["n_tokens"] == 6 + 3
     unmasked = collate(rows_, mask_prompt=False, pad_id=eot)
     assert unmasked["targets"].tolist()[0] == [11, 12, 13, 20, 21, eot]
@@ -318,9 +319,10 @@ def test_end_to_end_on_the_real_instruction_data(cli, capsys, monkeypatch, data_
     records = json.loads(source.read_text())
     tok = train_bpe([format_prompt("alpaca", r["instruction"], r["input"]) + r["output"] for r in records], 1024)
     save_checkpoint(Store(store_dir), "base", 1, base_model(tok, block_size=96), tok, {"task": "pretrain"})
-    result = cli("finetune", "--task", "instruct", "init_from=base", "run=inst", "train.max_steps=4",
-                 "train.micro_batch_size=4", "train.global_batch_size=4", "train.eval_every=2", "train.eval_batches=2",
-                 "train.warmup_steps=1", "finetune.eval_samples=1", env={"LLMSTAGES_DATA": str(source.parent)})
+    result = cli("finetune", "--task", "instruct", "init_from=base", "run=inst", "train.epochs=0",
+                 "train.max_steps=4", "train.micro_batch_size=4", "train.global_batch_size=4", "train.eval_every=2",
+                 "train.eval_batches=2", "train.warmup_steps=1", "finetune.eval_samples=1",
+                 env={"LLMSTAGES_DATA": str(source.parent)})
     assert result.returncode == 0, result.stderr
     assert "cut to the context of 96 tokens" in result.stderr and "sample 1" in result.stderr
     log = [json.loads(line) for line in (store_dir / "runs" / "inst" / "log.jsonl").read_text().splitlines()]
