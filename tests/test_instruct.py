@@ -306,7 +306,7 @@ def test_missing_output_gives_file_and_line_and_exit_2(capsys, monkeypatch, tmp_
     del records[2]["output"]
     source = write_jsonl(tmp_path / "bad.jsonl", records)
     code, _, err = run_main(capsys, monkeypatch, "finetune", "--task", "instruct", f"data.source={source}",
-                            "init_from=base", "train.max_steps=1")
+                            "init_from=base", "train.epochs=0", "train.max_steps=1")
     assert code == 2
     assert f"{source}:3" in err.replace("\n", "") and "missing field 'output'" in err
     assert not Store(store_dir).run_dir("finetune-instruct").exists()
