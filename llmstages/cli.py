@@ -245,6 +245,9 @@ def evaluate(
     data: list[str] = typer.Option(..., "--data", "-d", help="Data file(s), folder or glob; repeatable."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate at most N examples / documents."),
+    template: Optional[str] = typer.Option(
+        None, "--template", help="alpaca | chat: score a language model on instruction data with this prompt "
+                                 "template (instruction models use their own)."),
 ) -> None:
     """Evaluate MODEL on data: loss, perplexity and bits per byte for text; accuracy, per-class F1 and the
     confusion matrix for classifiers; response loss, exact match and ROUGE-L for instruction models.
@@ -252,22 +255,33 @@ def evaluate(
     Examples:\n
       llmstages evaluate quickstart --data ../shared/data/the-verdict.txt\n
       llmstages evaluate finetune-spam --data sms.tsv --json\n
-      llmstages evaluate finetune-instruct --data held-out.json --limit 50 --json
+      llmstages evaluate finetune-instruct --data held-out.json --limit 50 --json\n
+      llmstages evaluate quickstart --data held-out.json --template alpaca --json   (the base, for comparison)
     """
     from llmstages.runtime import set_threads
     from llmstages.stages.evaluate import evaluate as run_evaluate
+    from llmstages.templates import TEMPLATES
 
+    if template is not None and template not in TEMPLATES:
+        raise UserError(f"--template {template}: unknown template", hint=f"use one of: {', '.join(TEMPLATES)}")
     set_threads()
-    result = run_evaluate(model, data, _store(), limit=limit, console=err_console)
+    result = run_evaluate(model, data, _store(), limit=limit, console=err_console, template=template)
     if as_json:
         print(json.dumps(result))
     else:
+        from rich.markup import escape
+
         from llmstages.runlog import summary_table
         flat = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
         console.print(summary_table(f"evaluate {model}", flat))
         if "confusion" in result:
             console.print(f"confusion (rows = true, columns = predicted {result.get('labels')}): "
                           f"{result['confusion']}")
+        for sample in result.get("samples", []):
+            console.print(f"[bold]instruction:[/bold] {escape(sample['instruction'])}"
+                          + (f"\n[bold]input:[/bold] {escape(sample['input'])}" if sample.get("input") else "")
+                          + f"\n[bold]reference:[/bold] {escape(sample['reference'])}"
+                          + f"\n[bold]generated:[/bold] {escape(sample['response'])}\n", highlight=False)
 
 
 def _is_main_process() -> bool:
@@ -325,8 +339,63 @@ def generate(
         err_console.print(f"[dim]{result.tokens} tokens, {result.tokens_per_s:.1f} tokens/s[/dim]")
 
 
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help="An instruction model: run name, run@STEP or checkpoint folder."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", min=1, help="Most tokens per reply."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", min=0.0, help="0 = greedy."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help="Keep the k most likely tokens (0 = off)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (1 = off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible replies."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message (chat template only)."),
+) -> None:
+    """Talk to an instruction model; replies stream as they are generated and end at end-of-text.
+
+    Enter sends a message; end a line with a backslash (\\) to continue it on the next line. /reset clears the conversation, /quit (or Ctrl-D) leaves; Ctrl-C stops a reply.
+
+    Prompts use the template stored in the checkpoint: with alpaca every message is a new instruction; with chat the conversation is kept (oldest turns dropped to fit the context) until /reset.
+
+    Replies go to stdout, everything else to stderr, so stdin can be piped.
+
+    Examples:\n
+      llmstages chat finetune-instruct\n
+      llmstages chat finetune-instruct -t 0 -n 100\n
+      printf 'Name three colors.\\n/quit\\n' | llmstages chat finetune-instruct -t 0
+    """
+    from llmstages.checkpoint import load_checkpoint
+    from llmstages.runtime import set_threads
+    from llmstages.stages.chat import Sampling
+    from llmstages.stages.chat import chat as run_chat
+    from llmstages.stages.generate import stream_to_stdout
+
+    set_threads()
+    ckpt = load_checkpoint(model, _store())
+    defaults = ckpt.meta.get("generate") or {}
+    sampling = Sampling(max_new_tokens=max_new_tokens or defaults.get("max_new_tokens", 200),
+                        temperature=temperature if temperature is not None else defaults.get("temperature", 0.8),
+                        top_k=top_k if top_k is not None else defaults.get("top_k", 0),
+                        top_p=top_p if top_p is not None else defaults.get("top_p", 1.0), seed=seed)
+    run_chat(ckpt, sampling, read_line=_read_line, write=stream_to_stdout, console=err_console, system=system)
+
+
+def _read_line(prompt: str) -> str | None:
+    """A line from stdin without its newline, None at end of input. A terminal gets a prompt and line editing."""
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401 - importing it gives input() history and editing
+        except ImportError:
+            pass
+        try:
+            return input(prompt)
+        except EOFError:
+            sys.stdout.write("\n")
+            return None
+    line = sys.stdin.readline()
+    return None if line == "" else line.rstrip("\r\n")
+
+
 # ---------------------------------------------------------------------------------------------------
-# export
+# export, merge
 # ---------------------------------------------------------------------------------------------------
 @app.command()
 def export(
@@ -355,6 +424,25 @@ def export(
     console.print(f"exported {ckpt.ref} to {path} as {kind}{merged}")
     loader = "AutoModelForSequenceClassification" if ckpt.model.is_classifier else "AutoModelForCausalLM"
     console.print(f"[dim]load it with transformers.{loader}.from_pretrained({str(path)!r})[/dim]", highlight=False)
+
+
+@app.command()
+def merge(
+    model: str = typer.Argument(..., help="A LoRA fine-tuned model: run name, run@STEP or checkpoint folder."),
+    run: Optional[str] = typer.Option(None, "--run", help="Name of the new run (default: RUN-merged)."),
+) -> None:
+    """Fold MODEL's LoRA adapters into its weights and store the result as a new run (lineage kept).
+
+    The merged model gives the same outputs without adapters; `export --format hf` merges the same way.
+
+    Examples:\n
+      llmstages merge instruct-lora\n
+      llmstages merge instruct-lora@best --run instruct-merged
+    """
+    from llmstages.stages.merge import merge as run_merge
+
+    path = run_merge(model, _store(), run=run)
+    console.print(f"merged the LoRA adapters of {model} into {path}", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------------
