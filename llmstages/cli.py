@@ -121,6 +121,8 @@ def show(model: str = typer.Argument(..., help="Run name, run@STEP, or checkpoin
     if meta.get("metrics"):
         metrics = Table(title="metrics", show_header=False)
         for key, value in meta["metrics"].items():
+            if not isinstance(value, (int, float, str)):
+                continue  # logged samples and matrices: see log.jsonl
             metrics.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
         console.print(metrics)
     console.print("[bold]lineage[/bold] (newest first):")

@@ -112,7 +112,9 @@ def label_problem(example: LabeledExample, labels: list[str], declared: bool) ->
 
 def to_instruction(record: Record, cfg: DataConfig, template: str) -> InstructExample | BadRecord:
     fields = record.fields
-    if cfg.instruction_field not in fields and cfg.messages_field in fields:
+    # A conversation wins when a record has both (prepare's own test.jsonl keeps `messages` beside the
+    # flattened instruction, so evaluating it must read the whole history).
+    if cfg.messages_field in fields and fields[cfg.messages_field] is not None:
         return _chat(record, cfg, template)
     parts = {}
     for name, required in ((cfg.instruction_field, True), (cfg.input_field, False), (cfg.output_field, True)):
