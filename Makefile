@@ -5,8 +5,10 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Real data for tests and the demo; CI points this at ../shared/data.
+# Real data for tests and the demo; CI points this at ../shared/data. Without a local copy the demo
+# downloads from the recipes' URLs.
 export LLMSTAGES_TEST_DATA ?= $(abspath ../shared/data)
+export LLMSTAGES_DATA ?= $(wildcard $(abspath ../shared/data))
 
 .PHONY: install test demo bench clean
 
