@@ -62,8 +62,8 @@ class ClassBatches:
 
     def __init__(self, split: LabeledSplit, batch_size: int, block_size: int, pad_id: int, seed: int,
                  *, undersample: bool = False):
-        self.split, self.batch_size, self.block_size, self.pad_id, self.seed = split, batch_size, block_size, pad_id, seed
-        self.undersample = undersample
+        self.split, self.batch_size, self.block_size, self.pad_id = split, batch_size, block_size, pad_id
+        self.seed, self.undersample = seed, undersample
         labels = split.labels
         self.by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
         smallest = min(len(members) for members in self.by_class)

@@ -85,19 +85,7 @@ def classification_task(base: Checkpoint, data: PreparedDataset, recipe: Recipe,
     val = data.records("val") if "val" in data.splits else None
 
     truncated = {name: count_truncated(np.diff(data.records(name).offsets), block) for name in data.splits}
-    if any(truncated.values()):
-        console.print(f"[yellow]note:[/yellow] texts longer than the model's context ({block} tokens) are cut to "
-                      f"their first {block} tokens: " + ", ".join(f"{n:,} in {s}" for s, n in truncated.items() if n),
-                      highlight=False)
-    if val is None:
-        console.print("[yellow]note:[/yellow] no validation split: nothing to pick the best checkpoint by "
-                      "(set data.val_fraction or data.val_source)", highlight=False)
-    line = "classes (train): " + ", ".join(f"{label} {n:,}" for label, n in zip(labels, counts))
-    if weight is not None:
-        line += "; loss weights " + ", ".join(f"{label} {w:.3g}" for label, w in zip(labels, weight.tolist()))
-    elif balance == "undersample":
-        line += f"; each epoch a fresh balanced draw of {batches.epoch_size:,} texts"
-    console.print(line, highlight=False)
+    _describe(console, labels, counts, truncated, block, weight, batches, has_val=val is not None)
 
     def evaluate(m: GPT) -> dict:
         return split_metrics(m, val, labels, pad_id) if val is not None else {}
@@ -106,6 +94,24 @@ def classification_task(base: Checkpoint, data: PreparedDataset, recipe: Recipe,
                      evaluate=evaluate, data_fingerprint=data.fingerprint, examples_per_epoch=batches.epoch_size,
                      meta={"labels": labels, "balance": balance, "truncated": truncated})
     return model, task
+
+
+def _describe(console: Console, labels: list[str], counts: np.ndarray, truncated: dict[str, int], block: int,
+              weight: torch.Tensor | None, batches: ClassBatches, *, has_val: bool) -> None:
+    """Say once, before training, what the data holds and how it is treated."""
+    if any(truncated.values()):
+        console.print(f"[yellow]note:[/yellow] texts longer than the model's context ({block} tokens) are cut to "
+                      f"their first {block} tokens: " + ", ".join(f"{n:,} in {s}" for s, n in truncated.items() if n),
+                      highlight=False)
+    if not has_val:
+        console.print("[yellow]note:[/yellow] no validation split: nothing to pick the best checkpoint by "
+                      "(set data.val_fraction or data.val_source)", highlight=False)
+    line = "classes (train): " + ", ".join(f"{label} {n:,}" for label, n in zip(labels, counts))
+    if weight is not None:
+        line += "; loss weights " + ", ".join(f"{label} {w:.3g}" for label, w in zip(labels, weight.tolist()))
+    elif batches.undersample:
+        line += f"; each epoch a fresh balanced draw of {batches.epoch_size:,} texts"
+    console.print(line, highlight=False)
 
 
 def split_metrics(model: GPT, split: LabeledSplit, labels: list[str], pad_id: int, prefix: str = "val_") -> dict:
@@ -146,17 +152,19 @@ def test_report(result: TrainResult, data: PreparedDataset, store: Store, *,
 
 
 def print_metrics(console: Console, title: str, metrics: dict) -> None:
-    """Accuracy, loss and macro F1, a per-class table and the confusion matrix."""
-    table = Table(title=f"{title}: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['f1']:.4f}, "
-                        f"loss {metrics['loss']:.4f}", title_justify="left")
+    """A headline (accuracy, macro F1, loss), a per-class table and the confusion matrix."""
+    console.print(f"[bold]{escape(title)}[/bold]: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['f1']:.4f}, "
+                  f"loss {metrics['loss']:.4f}", highlight=False)
+    table = Table()
     for column in ("class", "precision", "recall", "F1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for label, row in metrics["per_class"].items():
-        table.add_row(escape(label), f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", f"{row['support']:,}")
+        table.add_row(escape(label), f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}",
+                      f"{row['support']:,}")
     console.print(table)
     labels = metrics["labels"]
-    confusion = Table(title="confusion (rows: true, columns: predicted)", title_justify="left")
-    confusion.add_column("")
+    confusion = Table()
+    confusion.add_column("true \\ predicted")
     for label in labels:
         confusion.add_column(escape(label), justify="right")
     for label, row in zip(labels, metrics["confusion"]):
