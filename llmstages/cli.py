@@ -309,9 +309,10 @@ def classify(
         print(json.dumps({"model": ckpt.ref, "labels": ckpt.model.config.class_names, "predictions": predictions}))
         return
     table = Table(title=f"classify {model}", title_justify="left")
-    for column in ("#", "label", "probability", "text"):
-        table.add_column(column, justify="right" if column in ("#", "probability") else "left",
-                         overflow="ellipsis" if column == "text" else "fold", no_wrap=column == "text")
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("label", no_wrap=True)
+    table.add_column("probability", justify="right", no_wrap=True)
+    table.add_column("text", overflow="fold")  # long texts wrap; the other columns keep their width
     for i, p in enumerate(predictions, 1):
         table.add_row(str(i), escape(p["label"]), f"{p['probability']:.4f}", escape(p["text"]))
     console.print(table)

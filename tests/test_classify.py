@@ -270,6 +270,11 @@ def test_resume_after_a_stop_continues_exactly(tmp_path, store_dir, base, monkey
 
 
 # --- bad input: exit 2, clear message, nothing written ---------------------------------------------------------
+def squeezed(text: str) -> str:
+    """Text without whitespace: rich wraps long lines (and long paths) at the terminal width."""
+    return "".join(text.split())
+
+
 def finetune_cli(source: Path, *extra: str) -> list[str]:
     return ["finetune", "--task", "spam", f"data.source={source}", "data.mirror=[]", "data.sha256=[]",
             "init_from=base", "train.max_steps=2", "train.micro_batch_size=4", "train.global_batch_size=4", *extra]
@@ -285,8 +290,8 @@ def test_bad_data_is_exit_2_with_a_clear_message_and_nothing_written(rows, expec
                                                                      capsys):
     source = write_tsv(tmp_path / "sms.tsv", rows)
     assert cli_main(finetune_cli(source)) == 2
-    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
-    assert all(text in err for text in expected), err
+    err = squeezed(capsys.readouterr().err)
+    assert all(squeezed(text) in err for text in expected), err
     assert "Traceback" not in err
     assert not (store_dir / "data").exists() or not any((store_dir / "data").iterdir())
     assert not (store_dir / "runs/finetune-spam").exists()
@@ -295,14 +300,14 @@ def test_bad_data_is_exit_2_with_a_clear_message_and_nothing_written(rows, expec
 def test_missing_base_says_how_to_make_it(tmp_path, store_dir, capsys):
     source = write_tsv(tmp_path / "sms.tsv", labeled_rows(40))
     assert cli_main(finetune_cli(source, "init_from=quickstart")) == 2
-    err = " ".join(capsys.readouterr().err.split())
-    assert "has not been trained yet" in err and "llmstages pretrain quickstart" in err
+    err = squeezed(capsys.readouterr().err)
+    assert squeezed("has not been trained yet") in err and squeezed("llmstages pretrain quickstart") in err
 
 
 def test_classify_refuses_a_language_model(store_dir, base, capsys):
     assert cli_main(["classify", "base", "hello"]) == 2
-    err = " ".join(capsys.readouterr().err.split())
-    assert "not a classifier" in err and "llmstages finetune --task spam" in err
+    err = squeezed(capsys.readouterr().err)
+    assert squeezed("not a classifier") in err and squeezed("llmstages finetune --task spam") in err
 
 
 def test_evaluate_names_a_label_the_model_does_not_know(tmp_path, store_dir, base, capsys):
@@ -310,10 +315,10 @@ def test_evaluate_names_a_label_the_model_does_not_know(tmp_path, store_dir, bas
     finetune(spam_recipe(source, "train.max_steps=2"), Store(store_dir), console=quiet())
     other = write_tsv(tmp_path / "other.tsv", [("ham", "ok see you"), ("promo", "big sale today")])
     assert cli_main(["evaluate", "clf", "--data", str(other), "--json"]) == 2
-    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
-    assert "other.tsv:2: label 'promo' is not one of the model's classes" in err
+    err = squeezed(capsys.readouterr().err)
+    assert squeezed("other.tsv:2: label 'promo' is not one of the model's classes") in err
     assert cli_main(["classify", "clf", "fine", ""]) == 2
-    assert "text 2 of 2 is empty" in " ".join(capsys.readouterr().err.split())
+    assert squeezed("text 2 of 2 is empty") in squeezed(capsys.readouterr().err)
     assert cli_main(["evaluate", "clf", "--data", str(source)]) == 0  # the human-readable report
     out = capsys.readouterr().out
     assert "accuracy" in out and "true \\ predicted" in out and "spam" in out
