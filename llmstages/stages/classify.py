@@ -4,7 +4,7 @@ Read top to bottom:
   classification_task   the base model with its LM head replaced by a K-way class head, and the
                         TrainTask the shared loop runs: padded batches, cross-entropy (optionally
                         class-weighted or on undersampled epochs), validation figures.
-  test_report           after training: the best checkpoint's figures on the test split, printed,
+  report_test_split     after training: the best checkpoint's figures on the test split, printed,
                         written to the run's test_metrics.json and appended to its log.jsonl.
   evaluate_classifier   `llmstages evaluate MODEL --data FILE` for a classifier.
   classify_texts        `llmstages classify MODEL TEXT...`.
@@ -126,7 +126,7 @@ def split_metrics(model: GPT, split: LabeledSplit, labels: list[str], pad_id: in
 # ---------------------------------------------------------------------------------------------------
 # after training: the test split
 # ---------------------------------------------------------------------------------------------------
-def test_report(result: TrainResult, data: PreparedDataset, store: Store, *,
+def report_test_split(result: TrainResult, data: PreparedDataset, store: Store, *,
                 console: Console | None = None) -> dict | None:
     """The best checkpoint's figures on the test split (None when the data has no test split).
 

@@ -124,6 +124,6 @@ def finetune(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
                    parent=parent_info(recipe.init_from, base), resume=resume, allow_change=allow_change,
                    console=console)
     if recipe.task == "classify" and os.environ.get("RANK", "0") == "0":
-        from llmstages.stages.classify import test_report
-        test_report(result, data, store, console=console)  # the best checkpoint on the held-out test split
+        from llmstages.stages.classify import report_test_split
+        report_test_split(result, data, store, console=console)  # the best checkpoint on the held-out test split
     return result
