@@ -270,20 +270,68 @@ def evaluate(
     result = run_evaluate(model, data, _store(), limit=limit, console=err_console, template=template)
     if as_json:
         print(json.dumps(result))
+    elif "per_class" in result:
+        from llmstages.stages.classify import print_metrics
+        print_metrics(console, f"evaluate {model} ({result['examples']:,} texts)", result)
     else:
         from rich.markup import escape
 
         from llmstages.runlog import summary_table
         flat = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
         console.print(summary_table(f"evaluate {model}", flat))
-        if "confusion" in result:
-            console.print(f"confusion (rows = true, columns = predicted {result.get('labels')}): "
-                          f"{result['confusion']}")
         for sample in result.get("samples", []):
             console.print(f"[bold]instruction:[/bold] {escape(sample['instruction'])}"
                           + (f"\n[bold]input:[/bold] {escape(sample['input'])}" if sample.get("input") else "")
                           + f"\n[bold]reference:[/bold] {escape(sample['reference'])}"
                           + f"\n[bold]generated:[/bold] {escape(sample['response'])}\n", highlight=False)
+
+
+@app.command()
+def classify(
+    model: str = typer.Argument(..., help="A classifier: run name, run@STEP, checkpoint folder, or hf:DIR_OR_ID."),
+    texts: Optional[list[str]] = typer.Argument(None, help="Texts to classify; none or '-' reads one per line "
+                                                "from stdin (blank lines skipped).", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {model, labels, predictions}."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Texts per forward pass."),
+) -> None:
+    """Print the predicted label and its probability for each text.
+
+    The table (or --json) lists the texts in the order given; --json adds every class's probability.
+
+    Examples:\n
+      llmstages classify finetune-spam "WINNER! Claim your free prize now" "See you at 6?"\n
+      cat messages.txt | llmstages classify finetune-spam --json\n
+      llmstages classify finetune-spam@best - < messages.txt
+    """
+    from rich.markup import escape
+
+    from llmstages.checkpoint import load_checkpoint
+    from llmstages.runtime import set_threads
+    from llmstages.stages.classify import classify_texts, require_classifier
+
+    set_threads()
+    ckpt = load_checkpoint(model, _store())
+    require_classifier(ckpt, "classify")
+    texts = list(texts or [])
+    if texts in ([], ["-"]):
+        if sys.stdin.isatty():
+            err_console.print("reading texts from stdin, one per line (Ctrl-D to finish)")
+        texts = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+        if not texts:
+            raise UserError("no texts to classify: give them as arguments or one per line on stdin",
+                            hint=f'e.g. llmstages classify {model} "some text"')
+    predictions = classify_texts(ckpt, texts, batch_size=batch_size)
+    if as_json:
+        print(json.dumps({"model": ckpt.ref, "labels": ckpt.model.config.class_names, "predictions": predictions}))
+        return
+    table = Table(title=f"classify {model}", title_justify="left")
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("label", no_wrap=True)
+    table.add_column("probability", justify="right", no_wrap=True)
+    table.add_column("text", overflow="fold")  # long texts wrap; the other columns keep their width
+    for i, p in enumerate(predictions, 1):
+        table.add_row(str(i), escape(p["label"]), f"{p['probability']:.4f}", escape(p["text"]))
+    console.print(table)
 
 
 def _is_main_process() -> bool:

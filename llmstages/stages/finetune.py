@@ -9,6 +9,7 @@ model and its TrainTask, choose what trains (`finetune.trainable`), then run the
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -119,6 +120,10 @@ def finetune(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
     if dry_run:
         from llmstages.dryrun import estimate
         return estimate(model, recipe, task, console)
-    return train(model, base.tokenizer, recipe, task, store, stage="finetune",
-                 parent=parent_info(recipe.init_from, base), resume=resume, allow_change=allow_change,
-                 console=console)
+    result = train(model, base.tokenizer, recipe, task, store, stage="finetune",
+                   parent=parent_info(recipe.init_from, base), resume=resume, allow_change=allow_change,
+                   console=console)
+    if recipe.task == "classify" and os.environ.get("RANK", "0") == "0":
+        from llmstages.stages.classify import report_test_split
+        report_test_split(result, data, store, console=console)  # the best checkpoint on the held-out test split
+    return result

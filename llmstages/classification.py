@@ -1,0 +1,171 @@
+"""Classification with a GPT: padded batches, the loss, predictions and the figures that judge them.
+
+The model's class head reads the hidden state of each text's last real token (`last_index`), so a
+batch pads every text on the right to the longest one in it and the padding never changes a
+prediction: causal attention keeps real tokens from seeing the padding after them. Texts longer than
+the model's context keep their first `block_size` tokens.
+
+Shapes: B texts in a batch, T the longest of them in tokens, K classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmstages.data.prepared import LabeledSplit
+from llmstages.tokenizer import Tokenizer
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, block_size: int) -> dict:
+    """Token lists -> {"input_ids": (B, T), "last_index": (B,), "n_tokens": real tokens}.
+
+    Each text is cut to its first `block_size` tokens and right-padded with `pad_id` to the longest.
+    Every text needs at least one token (prepare and `classify` refuse empty texts).
+    """
+    lengths = [min(len(s), block_size) for s in sequences]
+    if min(lengths) == 0:
+        raise ValueError("an empty text has no last token to classify")
+    ids = np.full((len(sequences), max(lengths)), pad_id, dtype=np.int64)
+    for row, (seq, n) in enumerate(zip(sequences, lengths)):
+        ids[row, :n] = np.asarray(seq[:n], dtype=np.int64)
+    return {"input_ids": torch.from_numpy(ids), "last_index": torch.tensor(lengths, dtype=torch.long) - 1,
+            "n_tokens": int(sum(lengths))}
+
+
+def count_truncated(lengths: np.ndarray, block_size: int) -> int:
+    return int((lengths > block_size).sum())
+
+
+def class_weights(counts: Sequence[int]) -> torch.Tensor:
+    """Loss weights inverse to class frequency, n / (K * n_c) (scikit-learn's "balanced"): every class
+    contributes as much to the loss as the others. A class with no training example gets weight 0."""
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    weights = np.zeros_like(counts)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+class ClassBatches:
+    """`batches(index)` -> padded micro-batch number `index` of the training stream, with `targets`.
+
+    The stream is one epoch after another; each epoch is a permutation of the training records seeded
+    by (seed, epoch), so any micro-batch is a pure function of (seed, index): resume is exact and
+    DDP ranks (which take interleaved indices) see the batches of a single process.
+    With `undersample`, each epoch is a fresh balanced subset: every class present cut down to the
+    size of the smallest one, drawn by (seed, epoch).
+    """
+
+    def __init__(self, split: LabeledSplit, batch_size: int, block_size: int, pad_id: int, seed: int,
+                 *, undersample: bool = False):
+        self.split, self.batch_size, self.block_size, self.pad_id = split, batch_size, block_size, pad_id
+        self.seed, self.undersample = seed, undersample
+        labels = split.labels
+        self.by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+        smallest = min(len(members) for members in self.by_class)
+        self.epoch_size = smallest * len(self.by_class) if undersample else len(split)
+        self._orders: dict[int, np.ndarray] = {}  # the last two epochs drawn (a batch spans at most two)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Record indices of epoch `epoch`, in training order (length `epoch_size`)."""
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:
+                self._orders.pop(next(iter(self._orders)))
+            self._orders[epoch] = self._draw(epoch)
+        return self._orders[epoch]
+
+    def _draw(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        if not self.undersample:
+            return rng.permutation(len(self.split))
+        smallest = self.epoch_size // len(self.by_class)
+        picked = np.concatenate([rng.choice(members, size=smallest, replace=False) for members in self.by_class])
+        return rng.permutation(picked)
+
+    def records(self, index: int) -> np.ndarray:
+        """The record indices of micro-batch `index`."""
+        positions = index * self.batch_size + np.arange(self.batch_size)
+        epochs, within = np.divmod(positions, self.epoch_size)
+        return np.array([self.epoch_order(int(e))[w] for e, w in zip(epochs, within)], dtype=np.int64)
+
+    def __call__(self, index: int) -> dict:
+        rows = self.records(index)
+        batch = pad_batch([self.split.example(int(i)) for i in rows], self.pad_id, self.block_size)
+        batch["targets"] = torch.from_numpy(self.split.labels[rows])
+        return batch
+
+
+def classification_loss(model: nn.Module, batch: dict, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of one batch: logits (B, K) at the last real tokens vs targets (B,)."""
+    logits = model(batch["input_ids"], last_index=batch["last_index"])  # (B, K)
+    if weight is not None:
+        weight = weight.to(logits.device)
+    return F.cross_entropy(logits.float(), batch["targets"], weight=weight)
+
+
+@torch.no_grad()
+def class_probabilities(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int, *,
+                        batch_size: int = 32) -> torch.Tensor:
+    """Softmax over classes for every token list: (N, K) on the CPU, in the order given.
+
+    Texts are batched by length (less padding, same results) and put back in order afterwards.
+    """
+    device = next(model.parameters()).device
+    block_size = model.config.block_size
+    order = np.argsort([len(s) for s in sequences], kind="stable")
+    probs = torch.empty(len(sequences), model.config.num_classes)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = pad_batch([sequences[i] for i in rows], pad_id, block_size)
+            logits = model(batch["input_ids"].to(device), last_index=batch["last_index"].to(device))  # (b, K)
+            probs[torch.from_numpy(rows)] = logits.float().softmax(dim=-1).cpu()
+    finally:
+        model.train(was_training)
+    return probs
+
+
+def predict(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str], *,
+            batch_size: int = 32) -> list[tuple[str, float]]:
+    """(label, probability) of the most likely class for each text."""
+    probs = class_probabilities(model, tokenizer.encode_batch(list(texts)), tokenizer.eot_id, batch_size=batch_size)
+    best, index = probs.max(dim=-1)
+    names = model.config.class_names
+    return [(names[i], p) for i, p in zip(index.tolist(), best.tolist())]
+
+
+def classification_metrics(targets: np.ndarray, probs: torch.Tensor, labels: Sequence[str]) -> dict:
+    """Loss, accuracy, macro F1, per-class precision / recall / F1 / support, and the confusion matrix.
+
+    targets (N,) class ids; probs (N, K). `confusion[i][j]` counts texts of class i predicted as j
+    (rows true, columns predicted). A class never predicted has precision 0; `f1` is the mean F1 over
+    the classes that occur (as targets or predictions), so an absent class does not drag it down.
+    """
+    targets = np.asarray(targets, dtype=np.int64)
+    pred = probs.argmax(dim=-1).numpy()
+    k = len(labels)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (targets, pred), 1)
+    true_pos = np.diag(confusion).astype(np.float64)
+    predicted, support = confusion.sum(axis=0), confusion.sum(axis=1)
+    precision = np.divide(true_pos, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(true_pos, support, out=np.zeros(k), where=support > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros(k), where=both > 0)
+    occurs = (predicted + support) > 0
+    picked = probs[torch.arange(len(targets)), torch.from_numpy(targets)]
+    loss = float(-picked.clamp_min(1e-12).log().mean()) if len(targets) else float("nan")
+    return {
+        "loss": loss,
+        "accuracy": float(true_pos.sum() / max(len(targets), 1)),
+        "f1": float(f1[occurs].mean()) if occurs.any() else 0.0,
+        "per_class": {label: {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
+                              "support": int(support[c])} for c, label in enumerate(labels)},
+        "confusion": confusion.tolist(),
+    }

@@ -1,0 +1,231 @@
+"""Classification fine-tuning (`llmstages finetune` with `task: classify`), `classify` and classifier evaluation.
+
+Read top to bottom:
+  classification_task   the base model with its LM head replaced by a K-way class head, and the
+                        TrainTask the shared loop runs: padded batches, cross-entropy (optionally
+                        class-weighted or on undersampled epochs), validation figures.
+  report_test_split     after training: the best checkpoint's figures on the test split, printed,
+                        written to the run's test_metrics.json and appended to its log.jsonl.
+  evaluate_classifier   `llmstages evaluate MODEL --data FILE` for a classifier.
+  classify_texts        `llmstages classify MODEL TEXT...`.
+The batching, loss and metrics themselves are in llmstages/classification.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from llmstages.checkpoint import Checkpoint, load_checkpoint
+from llmstages.classification import (ClassBatches, class_probabilities, class_weights, classification_loss,
+                                      classification_metrics, count_truncated)
+from llmstages.config import Recipe
+from llmstages.data.prepared import LabeledSplit, PreparedDataset
+from llmstages.errors import UserError
+from llmstages.loop import TrainResult, TrainTask
+from llmstages.lora import merge_lora
+from llmstages.model import GPT, GPTConfig
+from llmstages.runlog import RunLog
+from llmstages.store import Store
+
+EVAL_BATCH = 64
+MAX_REPORTED = 20
+
+
+# ---------------------------------------------------------------------------------------------------
+# the model and the task
+# ---------------------------------------------------------------------------------------------------
+def classifier_from(base: GPT, labels: list[str], seed: int) -> GPT:
+    """A copy of `base` whose LM head is replaced by a `len(labels)`-way class head.
+
+    Every base weight is copied except the LM head (tied to the token embedding, which is copied).
+    The new head `score` gets GPT-2's small init, N(0, 0.02), seeded by `seed`. A base that is already
+    a classifier of exactly these classes keeps its head (fine-tuning it further). LoRA adapters of
+    the base are merged first: fine-tuning adds its own.
+    """
+    if base.config.lora_rank > 0:
+        merge_lora(base)
+    config = GPTConfig.from_dict(dict(base.config.to_dict(), num_classes=len(labels), class_names=list(labels),
+                                      lora_rank=0, lora_targets=[]))
+    torch.manual_seed(seed)
+    model = GPT(config)
+    keep_head = base.is_classifier and base.config.class_names == list(labels)
+    state = {k: v for k, v in base.state_for_saving().items()
+             if not k.startswith("lm_head.") and (keep_head or not k.startswith("score."))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"score.weight"}:
+        raise UserError(f"the base weights do not fit a classifier of the same shape "
+                        f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model
+
+
+def classification_task(base: Checkpoint, data: PreparedDataset, recipe: Recipe, *,
+                        console: Console | None = None) -> tuple[GPT, TrainTask]:
+    """The classifier built from `base` and the TrainTask that fine-tunes it on `data` as `recipe` says."""
+    console = console or Console(stderr=True)
+    labels = list(data.manifest["labels"])
+    train = data.records("train")
+    counts = np.bincount(train.labels, minlength=len(labels))
+    if (counts > 0).sum() < 2:
+        raise UserError(f"the training split of {data.path.name} has only one class "
+                        f"({labels[int(counts.argmax())]}); classification needs at least two")
+    model = classifier_from(base.model, labels, recipe.train.seed)
+    block = model.config.block_size
+    pad_id = int(data.manifest["eot_id"])
+    balance = recipe.finetune.balance
+    batches = ClassBatches(train, recipe.train.micro_batch_size, block, pad_id, recipe.train.seed,
+                           undersample=balance == "undersample")
+    weight = class_weights(counts) if balance == "weighted" else None
+    val = data.records("val") if "val" in data.splits else None
+
+    truncated = {name: count_truncated(np.diff(data.records(name).offsets), block) for name in data.splits}
+    _describe(console, labels, counts, truncated, block, weight, batches, has_val=val is not None)
+
+    def evaluate(m: GPT) -> dict:
+        return split_metrics(m, val, labels, pad_id) if val is not None else {}
+
+    task = TrainTask(kind="classify", batch=batches, loss=lambda m, b: classification_loss(m, b, weight),
+                     evaluate=evaluate, data_fingerprint=data.fingerprint, examples_per_epoch=batches.epoch_size,
+                     meta={"labels": labels, "balance": balance, "truncated": truncated})
+    return model, task
+
+
+def _describe(console: Console, labels: list[str], counts: np.ndarray, truncated: dict[str, int], block: int,
+              weight: torch.Tensor | None, batches: ClassBatches, *, has_val: bool) -> None:
+    """Say once, before training, what the data holds and how it is treated."""
+    if any(truncated.values()):
+        console.print(f"[yellow]note:[/yellow] texts longer than the model's context ({block} tokens) are cut to "
+                      f"their first {block} tokens: " + ", ".join(f"{n:,} in {s}" for s, n in truncated.items() if n),
+                      highlight=False)
+    if not has_val:
+        console.print("[yellow]note:[/yellow] no validation split: nothing to pick the best checkpoint by "
+                      "(set data.val_fraction or data.val_source)", highlight=False)
+    line = "classes (train): " + ", ".join(f"{label} {n:,}" for label, n in zip(labels, counts))
+    if weight is not None:
+        line += "; loss weights " + ", ".join(f"{label} {w:.3g}" for label, w in zip(labels, weight.tolist()))
+    elif batches.undersample:
+        line += f"; each epoch a fresh balanced draw of {batches.epoch_size:,} texts"
+    console.print(line, highlight=False)
+
+
+def split_metrics(model: GPT, split: LabeledSplit, labels: list[str], pad_id: int, prefix: str = "val_") -> dict:
+    """Figures of `model` on every record of a prepared split: `<prefix>loss` (plain, unweighted
+    cross-entropy), accuracy, f1 (macro), per_class and confusion."""
+    probs = class_probabilities(model, [split.example(i) for i in range(len(split))], pad_id, batch_size=EVAL_BATCH)
+    metrics = classification_metrics(split.labels, probs, labels)
+    metrics[f"{prefix}loss"] = metrics.pop("loss")
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# after training: the test split
+# ---------------------------------------------------------------------------------------------------
+def report_test_split(result: TrainResult, data: PreparedDataset, store: Store, *,
+                console: Console | None = None) -> dict | None:
+    """The best checkpoint's figures on the test split (None when the data has no test split).
+
+    Written to `runs/<run>/test_metrics.json`, appended to its log.jsonl as `test_*` figures at the
+    last step, and printed.
+    """
+    if "test" not in data.splits:
+        return None
+    console = console or Console(stderr=True)
+    path = store.best(result.run) or result.checkpoint
+    ckpt = load_checkpoint(path, store)
+    split = data.records("test")
+    labels = ckpt.model.config.class_names
+    metrics = split_metrics(ckpt.model, split, labels, ckpt.tokenizer.eot_id, prefix="")
+    report = {"split": "test", "checkpoint": str(path), "step": ckpt.meta.get("step"), "examples": len(split),
+              "labels": labels, **metrics}
+    run_dir = store.run_dir(result.run)
+    (run_dir / "test_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    RunLog(run_dir).write({"step": result.step, "checkpoint_step": report["step"],
+                           **{f"test_{k}": v for k, v in metrics.items()}})
+    print_metrics(console, f"test split ({len(split):,} texts), checkpoint {Path(path).name}", report)
+    return report
+
+
+def print_metrics(console: Console, title: str, metrics: dict) -> None:
+    """A headline (accuracy, macro F1, loss), a per-class table and the confusion matrix."""
+    console.print(f"[bold]{escape(title)}[/bold]: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['f1']:.4f}, "
+                  f"loss {metrics['loss']:.4f}", highlight=False)
+    table = Table()
+    for column in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for label, row in metrics["per_class"].items():
+        table.add_row(escape(label), f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}",
+                      f"{row['support']:,}")
+    console.print(table)
+    labels = metrics["labels"]
+    confusion = Table()
+    confusion.add_column("true \\ predicted")
+    for label in labels:
+        confusion.add_column(escape(label), justify="right")
+    for label, row in zip(labels, metrics["confusion"]):
+        confusion.add_row(escape(label), *(f"{n:,}" for n in row))
+    console.print(confusion)
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluate / classify a trained classifier
+# ---------------------------------------------------------------------------------------------------
+def require_classifier(ckpt: Checkpoint, command: str) -> None:
+    if not ckpt.model.is_classifier:
+        raise UserError(f"{ckpt.ref} is a language model, not a classifier: `{command}` needs a model fine-tuned "
+                        "with a class head",
+                        hint="fine-tune one with `llmstages finetune --task spam` (or a task: classify recipe); "
+                             "use `llmstages generate` for language models")
+
+
+def evaluate_classifier(ckpt: Checkpoint, paths: list[str], *, limit: int | None = None,
+                        console: Console | None = None, batch_size: int = EVAL_BATCH) -> dict:
+    """Accuracy, macro F1, per-class precision / recall / F1 / support, confusion, loss and the count of
+    examples of a classifier on labeled files, read with the settings it was trained with."""
+    from llmstages.stages.evaluate import data_settings, read_examples
+
+    require_classifier(ckpt, "evaluate")
+    labels = list(ckpt.model.config.class_names)
+    examples = read_examples(paths, "classify", data_settings(ckpt), limit=limit)
+    unknown = [e for e in examples if e.label not in labels]
+    if unknown:
+        shown = "\n".join(f"  {e.where}: label {e.label!r} is not one of the model's classes"
+                          for e in unknown[:MAX_REPORTED])
+        more = f"\n  ... and {len(unknown) - MAX_REPORTED} more" if len(unknown) > MAX_REPORTED else ""
+        raise UserError(f"{len(unknown)} record{'s' if len(unknown) > 1 else ''} with a label the model does not "
+                        f"know ({', '.join(labels)}):\n{shown}{more}",
+                        hint="evaluate on data with the model's classes (data.label_field of the training recipe)")
+    tok = ckpt.tokenizer
+    sequences = tok.encode_batch([e.text for e in examples])
+    block = ckpt.model.config.block_size
+    truncated = count_truncated(np.array([len(s) for s in sequences]), block)
+    if truncated and console is not None:
+        console.print(f"[yellow]note:[/yellow] {truncated:,} texts longer than {block} tokens were cut to their "
+                      f"first {block}", highlight=False)
+    probs = class_probabilities(ckpt.model, sequences, tok.eot_id, batch_size=batch_size)
+    targets = np.array([labels.index(e.label) for e in examples], dtype=np.int64)
+    metrics = classification_metrics(targets, probs, labels)
+    return {**metrics, "labels": labels, "examples": len(examples), "truncated": truncated}
+
+
+def classify_texts(ckpt: Checkpoint, texts: list[str], *, batch_size: int = 32) -> list[dict]:
+    """One {"text", "label", "probability", "probabilities"} per text (empty texts are refused)."""
+    require_classifier(ckpt, "classify")
+    empty = [i + 1 for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise UserError(f"text {empty[0]} of {len(texts)} is empty: there is nothing to classify",
+                        hint="give non-empty texts (from stdin, blank lines are skipped)")
+    tok = ckpt.tokenizer
+    probs = class_probabilities(ckpt.model, tok.encode_batch(texts), tok.eot_id, batch_size=batch_size)
+    names = ckpt.model.config.class_names
+    out = []
+    for text, row in zip(texts, probs.tolist()):
+        best = int(np.argmax(row))
+        out.append({"text": text, "label": names[best], "probability": row[best],
+                    "probabilities": dict(zip(names, row))})
+    return out
