@@ -21,7 +21,7 @@ def test_demo_smoke_runs_every_stage(tmp_path):
         assert command in result.stderr  # each stage shown as the command a user types
     figures = json.loads((tmp_path / "docs" / "demo-results-smoke.json").read_text())
     assert 0 < figures["base"]["val_bpb"] < 10
-    assert 0 <= figures["spam"]["test_accuracy"] <= 1
+    assert 0 <= figures["spam"]["test_accuracy"] <= 1 and 0 <= figures["spam"]["test_spam_f1"] <= 1
     assert figures["instruct"]["response_loss_after"] > 0 and figures["instruct"]["response_loss_before"] > 0
     assert figures["generate_tokens_per_s"] > 0
     assert set(figures["stage_seconds"]) >= {"prepare", "pretrain", "finetune spam", "finetune instruct"}
