@@ -60,16 +60,8 @@ def recipes() -> None:
 
     Example: llmstages recipes
     """
-    from llmstages.config import builtin_recipes, read_yaml
-
-    table = Table(title="built-in recipes", show_lines=False)
-    table.add_column("recipe", style="bold cyan")
-    table.add_column("task")
-    table.add_column("description")
-    for path in builtin_recipes():
-        raw = read_yaml(path)
-        table.add_row(path.stem, str(raw.get("task", "pretrain")), str(raw.get("description", "")))
-    console.print(table)
+    from llmstages.stages.browse import print_recipes
+    print_recipes(console)
 
 
 @app.command()
@@ -78,21 +70,8 @@ def runs() -> None:
 
     Example: llmstages --store ./store runs
     """
-    infos = _store().runs()
-    if not infos:
-        console.print(f"no runs in {_store().root} yet — start with `llmstages pretrain quickstart`")
-        return
-    table = Table(title=f"runs in {_store().root}")
-    for col in ("run", "task", "checkpoints", "last step", "best", "last log"):
-        table.add_column(col)
-    for info in infos:
-        best = f"{info.best['metric']}={info.best['value']:.4g} @ {info.best['step']}" if info.best else "-"
-        log = ""
-        if info.last_log:
-            log = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in info.last_log.items() if k in ("step", "loss", "val_loss", "val_bpb", "f1"))
-        table.add_row(info.name, info.task, str(len(info.steps)), str(info.steps[-1]) if info.steps else "-", best, log)
-    console.print(table)
+    from llmstages.stages.browse import print_runs
+    print_runs(console, _store())
 
 
 @app.command()
@@ -100,35 +79,10 @@ def show(model: str = typer.Argument(..., help="Run name, run@STEP, or checkpoin
          as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Show a checkpoint: model config, metrics and lineage (its parent checkpoints).
 
-    Example: llmstages show spam@best
+    Example: llmstages show finetune-spam@best
     """
-    from llmstages.checkpoint import lineage
-
-    store = _store()
-    path = store.resolve(model)
-    config = json.loads((path / "model.json").read_text())
-    chain = lineage(path, store)
-    if as_json:
-        console.print_json(json.dumps({"path": str(path), "config": config, "lineage": chain}, default=str))
-        return
-    meta = chain[0]
-    console.print(f"[bold]{path}[/bold]  task={meta.get('task')}  step={meta.get('step')}")
-    table = Table(title="model", show_header=False)
-    for key, value in config.items():
-        if value not in (None, [], 0) or key in ("n_layer", "n_head"):
-            table.add_row(key, str(value))
-    console.print(table)
-    if meta.get("metrics"):
-        metrics = Table(title="metrics", show_header=False)
-        for key, value in meta["metrics"].items():
-            if not isinstance(value, (int, float, str)):
-                continue  # logged samples and matrices: see log.jsonl
-            metrics.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
-        console.print(metrics)
-    console.print("[bold]lineage[/bold] (newest first):")
-    for depth, item in enumerate(chain):
-        what = "(not found)" if item.get("missing") else f"task={item.get('task')} step={item.get('step')}"
-        console.print(f"  {'  ' * depth}{'└─ ' if depth else ''}{item['ref']}  {what}")
+    from llmstages.stages.browse import print_checkpoint
+    print_checkpoint(console, _store(), model, as_json=as_json)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -363,25 +317,21 @@ def generate(
     """
     from llmstages.checkpoint import load_checkpoint
     from llmstages.runtime import set_threads
-    from llmstages.stages.generate import generate_text, stream_to_stdout
+    from llmstages.stages.generate import Sampling, generate_text, stream_to_stdout
 
     set_threads()
     if prompt == "-":
         prompt = sys.stdin.read()
     ckpt = load_checkpoint(model, _store())
-    defaults = ckpt.meta.get("generate") or {}
     model_input = None
     template = ckpt.meta.get("template")
     if template and not raw:
         from llmstages.templates import format_prompt
         model_input = format_prompt(template, prompt)
-    result = generate_text(
-        ckpt, prompt, model_input=model_input,
-        max_new_tokens=max_new_tokens or defaults.get("max_new_tokens", 200),
-        temperature=temperature if temperature is not None else defaults.get("temperature", 0.8),
-        top_k=top_k if top_k is not None else defaults.get("top_k", 0),
-        top_p=top_p if top_p is not None else defaults.get("top_p", 1.0),
-        seed=seed, use_cache=not no_cache, on_text=None if as_json else stream_to_stdout)
+    sampling = Sampling.from_checkpoint(ckpt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, seed=seed)
+    result = generate_text(ckpt, prompt, model_input=model_input, **sampling.as_kwargs(), use_cache=not no_cache,
+                           on_text=None if as_json else stream_to_stdout)
     if as_json:
         print(json.dumps(result.to_json()))
     else:
@@ -414,34 +364,15 @@ def chat(
     """
     from llmstages.checkpoint import load_checkpoint
     from llmstages.runtime import set_threads
-    from llmstages.stages.chat import Sampling
     from llmstages.stages.chat import chat as run_chat
-    from llmstages.stages.generate import stream_to_stdout
+    from llmstages.stages.chat import terminal_read_line
+    from llmstages.stages.generate import Sampling, stream_to_stdout
 
     set_threads()
     ckpt = load_checkpoint(model, _store())
-    defaults = ckpt.meta.get("generate") or {}
-    sampling = Sampling(max_new_tokens=max_new_tokens or defaults.get("max_new_tokens", 200),
-                        temperature=temperature if temperature is not None else defaults.get("temperature", 0.8),
-                        top_k=top_k if top_k is not None else defaults.get("top_k", 0),
-                        top_p=top_p if top_p is not None else defaults.get("top_p", 1.0), seed=seed)
-    run_chat(ckpt, sampling, read_line=_read_line, write=stream_to_stdout, console=err_console, system=system)
-
-
-def _read_line(prompt: str) -> str | None:
-    """A line from stdin without its newline, None at end of input. A terminal gets a prompt and line editing."""
-    if sys.stdin.isatty():
-        try:
-            import readline  # noqa: F401 - importing it gives input() history and editing
-        except ImportError:
-            pass
-        try:
-            return input(prompt)
-        except EOFError:
-            sys.stdout.write("\n")
-            return None
-    line = sys.stdin.readline()
-    return None if line == "" else line.rstrip("\r\n")
+    sampling = Sampling.from_checkpoint(ckpt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, seed=seed)
+    run_chat(ckpt, sampling, read_line=terminal_read_line, write=stream_to_stdout, console=err_console, system=system)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -460,7 +391,7 @@ def export(
 
     Examples:\n
       llmstages export quickstart --format hf --out exports/quickstart\n
-      llmstages export spam@best --out exports/spam --force      (GPT2ForSequenceClassification)
+      llmstages export finetune-spam@best --out exports/spam --force   (GPT2ForSequenceClassification)
     """
     from llmstages.checkpoint import load_checkpoint
     from llmstages.interop import export_hf

@@ -14,14 +14,14 @@ Input: Enter sends the message; a line ending with a backslash continues on the 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from rich.console import Console
 
 from llmstages.checkpoint import Checkpoint
 from llmstages.errors import UserError
-from llmstages.stages.generate import generate_text
+from llmstages.stages.generate import Sampling, generate_text
 from llmstages.templates import TEMPLATES, format_chat, format_prompt
 
 QUIT = ("/quit", "/exit")
@@ -29,14 +29,6 @@ RESET = "/reset"
 HELP = ("Enter sends; end a line with \\ to continue on the next line. "
         "/reset clears the conversation, /quit or Ctrl-D leaves.")
 
-
-@dataclass
-class Sampling:
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
 
 
 class Conversation:
@@ -123,3 +115,19 @@ def chat(ckpt: Checkpoint, sampling: Sampling, *, read_line: Callable[[str], str
             console.print(f"[dim](reply cut at {sampling.max_new_tokens} tokens)[/dim]")
         conversation.add(message, result.completion)
         replies += 1
+
+
+def terminal_read_line(prompt: str) -> str | None:
+    """A line from stdin without its newline, None at end of input. A terminal gets a prompt and line editing."""
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401 - importing it gives input() history and editing
+        except ImportError:
+            pass
+        try:
+            return input(prompt)
+        except EOFError:
+            sys.stdout.write("\n")
+            return None
+    line = sys.stdin.readline()
+    return None if line == "" else line.rstrip("\r\n")

@@ -15,6 +15,29 @@ from llmstages.tokenizer import StreamDecoder
 
 
 @dataclass
+class Sampling:
+    """How to pick tokens; `from_checkpoint` fills what the user left unset from the recipe's `generate`."""
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, *, max_new_tokens: int | None = None, temperature: float | None = None,
+                        top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> "Sampling":
+        """Options given on the command line (not None) win over the checkpoint's stored defaults."""
+        given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        stored = {k: v for k, v in (ckpt.meta.get("generate") or {}).items() if k in given}
+        return cls(**{**stored, **{k: v for k, v in given.items() if v is not None}}, seed=seed)
+
+    def as_kwargs(self) -> dict:
+        return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                    top_p=self.top_p, seed=self.seed)
+
+
+@dataclass
 class Generation:
     prompt: str
     completion: str

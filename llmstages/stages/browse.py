@@ -1,0 +1,71 @@
+"""`llmstages recipes`, `runs` and `show`: tables of what is built in and what is in the store."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from llmstages.checkpoint import lineage
+from llmstages.config import builtin_recipes, read_yaml
+from llmstages.store import Store
+
+LOG_FIGURES = ("step", "loss", "val_loss", "val_bpb", "f1")  # the last-log columns `runs` shows
+
+
+def print_recipes(console: Console) -> None:
+    table = Table(title="built-in recipes", show_lines=False)
+    table.add_column("recipe", style="bold cyan")
+    table.add_column("task")
+    table.add_column("description")
+    for path in builtin_recipes():
+        raw = read_yaml(path)
+        table.add_row(path.stem, str(raw.get("task", "pretrain")), str(raw.get("description", "")))
+    console.print(table)
+
+
+def print_runs(console: Console, store: Store) -> None:
+    infos = store.runs()
+    if not infos:
+        console.print(f"no runs in {store.root} yet — start with `llmstages pretrain quickstart`")
+        return
+    table = Table(title=f"runs in {store.root}")
+    for col in ("run", "task", "checkpoints", "last step", "best", "last log"):
+        table.add_column(col)
+    for info in infos:
+        best = f"{info.best['metric']}={info.best['value']:.4g} @ {info.best['step']}" if info.best else "-"
+        log = ""
+        if info.last_log:
+            log = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in info.last_log.items() if k in LOG_FIGURES)
+        table.add_row(info.name, info.task, str(len(info.steps)), str(info.steps[-1]) if info.steps else "-", best, log)
+    console.print(table)
+
+
+def print_checkpoint(console: Console, store: Store, model: str, *, as_json: bool = False) -> None:
+    """Model config, the metrics stored with the checkpoint, and its lineage (newest first)."""
+    path = store.resolve(model)
+    config = json.loads((path / "model.json").read_text())
+    chain = lineage(path, store)
+    if as_json:
+        console.print_json(json.dumps({"path": str(path), "config": config, "lineage": chain}, default=str))
+        return
+    meta = chain[0]
+    console.print(f"[bold]{path}[/bold]  task={meta.get('task')}  step={meta.get('step')}")
+    table = Table(title="model", show_header=False)
+    for key, value in config.items():
+        if value not in (None, [], 0) or key in ("n_layer", "n_head"):
+            table.add_row(key, str(value))
+    console.print(table)
+    if meta.get("metrics"):
+        metrics = Table(title="metrics", show_header=False)
+        for key, value in meta["metrics"].items():
+            if not isinstance(value, (int, float, str)):
+                continue  # logged samples and matrices: see log.jsonl
+            metrics.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
+        console.print(metrics)
+    console.print("[bold]lineage[/bold] (newest first):")
+    for depth, item in enumerate(chain):
+        what = "(not found)" if item.get("missing") else f"task={item.get('task')} step={item.get('step')}"
+        console.print(f"  {'  ' * depth}{'└─ ' if depth else ''}{item['ref']}  {what}")
