@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                  "train_tokens_per_s": train_tokens_per_s(run_log(store, "finetune-spam"))},
         "instruct": {"response_loss_before": before["loss"], "response_loss_after": after["loss"],
                      "rouge_l_before": before.get("rouge_l"), "rouge_l_after": after.get("rouge_l"),
+                     "ended_at_eot_before": before.get("ended_at_eot"), "ended_at_eot_after": after.get("ended_at_eot"),
+                     "examples": after.get("examples"),
                      "train_tokens_per_s": train_tokens_per_s(run_log(store, "finetune-instruct"))},
         "prepare_tokens_per_s": prepare_stats.get("tokens_per_s"),
         "generate_tokens_per_s": generation["tokens_per_s"],
@@ -178,7 +180,8 @@ def print_results(r: dict) -> None:
                   f"spam F1 {num(r['spam']['test_spam_f1'], '{:.3f}')}",
                   num(r["spam"]["train_tokens_per_s"], "{:,.0f}"), num(t.get("finetune spam"), "{:.0f}"))
     table.add_row("finetune instruct", f"held-out response loss {num(r['instruct']['response_loss_before'], '{:.3f}')}"
-                  f" -> {num(r['instruct']['response_loss_after'], '{:.3f}')}",
+                  f" -> {num(r['instruct']['response_loss_after'], '{:.3f}')}, ROUGE-L "
+                  f"{num(r['instruct']['rouge_l_before'], '{:.3f}')} -> {num(r['instruct']['rouge_l_after'], '{:.3f}')}",
                   num(r["instruct"]["train_tokens_per_s"], "{:,.0f}"), num(t.get("finetune instruct"), "{:.0f}"))
     table.add_row("generate", "60 tokens, KV cache", num(r["generate_tokens_per_s"], "{:,.0f}"),
                   num(t.get("generate"), "{:.0f}"))
