@@ -1,13 +1,14 @@
 """Training throughput: llmstages' loop against a plain fp32 eager PyTorch GPT loop of the same shape.
 
-    python bench/bench_train.py [--steps 30] [--variants baseline,fp32,fp32-compile,bf16]
+    python bench/bench_train.py [--steps 30] [--rounds 3] [--variants baseline,fp32,fp32-compile,bf16]
 
 Fixed shape (issue 4): 4 layers, 4 heads, 256 wide, block 256, micro-batch 16, vocab 8192.
 Every variant runs in its own subprocess (clean peak RSS, no shared caches) on the same token
 stream (Tiny Shakespeare through GPT-2's tokenizer folded into 8192 ids when the shared data is
 there, otherwise a fixed random stream), for --steps optimizer steps after --warmup steps.
-Prints one JSON object: per variant tokens/s, MFU against this machine's measured matmul peak,
-peak RSS, and the mean loss of the last 10 steps (the same data, so losses compare).
+Prints one JSON object: per variant the median over --rounds interleaved runs of tokens/s, with MFU
+against this machine's matmul peak measured in the same process, peak RSS, and the mean loss of the
+last 10 steps (the same data, so losses compare).
 
 The baseline is what a reader of a from-scratch tutorial writes: explicit attention with a causal
 mask, nn.GELU, torch.optim.AdamW with its defaults, fp32, `loss.item()` every step.
@@ -20,6 +21,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -173,6 +175,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", default="baseline,fp32,fp32-compile,bf16")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats of every variant (median)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args()
     if args.one:
@@ -182,13 +185,30 @@ def main() -> None:
     result = {"benchmark": "train", "shape": dict(SHAPE, micro_batch=MICRO_BATCH), "steps": args.steps,
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "cpu_fast_bf16": cpu_has_fast_bf16(), "variants": {}}
-    for name in args.variants.split(","):
-        out = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps),
-                              "--warmup", str(args.warmup)], capture_output=True, text=True)
-        if out.returncode != 0:
-            result["variants"][name] = {"error": out.stderr.strip().splitlines()[-1:]}
+    # The variants run interleaved, round after round (A B C A B C ...), each in a fresh process: this
+    # machine's speed drifts by 10-20% over minutes (shared host), and interleaving spreads that drift
+    # over every variant instead of favouring whichever ran in a quiet minute. Figures are medians.
+    names = args.variants.split(",")
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for round_index in range(args.rounds):
+        for name in names:
+            if name == "bf16" and not cpu_has_fast_bf16() and round_index > 0:
+                continue  # slow here by design (no avx512_bf16/AMX): one round shows it
+            out = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps),
+                                  "--warmup", str(args.warmup)], capture_output=True, text=True)
+            if out.returncode != 0:
+                runs[name].append({"error": out.stderr.strip().splitlines()[-1:]})
+                continue
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for name, samples in runs.items():
+        good = [r for r in samples if "tokens_per_s" in r]
+        if not good:
+            result["variants"][name] = samples[-1] if samples else {"error": "not run"}
             continue
-        result["variants"][name] = json.loads(out.stdout.strip().splitlines()[-1])
+        middle = sorted(good, key=lambda r: r["tokens_per_s"])[len(good) // 2]  # the median run
+        result["variants"][name] = dict(middle, runs=len(good),
+                                        tokens_per_s_each=[r["tokens_per_s"] for r in good],
+                                        mfu_median=statistics.median(r["mfu"] for r in good))
     base = result["variants"].get("baseline", {}).get("tokens_per_s")
     if base:
         for figures in result["variants"].values():
