@@ -1,5 +1,5 @@
 # llmstages — the two README commands are `make demo` (the whole pipeline on a CPU) and `make test`.
-# torch is installed first and pinned, so pip never pulls a CUDA build: override with TORCH=... for a GPU.
+# torch is installed first and pinned; TORCH=... picks another build (CPU-only or CUDA index), after `make clean`.
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
@@ -17,7 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
