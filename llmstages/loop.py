@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import json
 import random
 import signal
 import sys
@@ -151,15 +152,36 @@ def _set_rng_state(tensors: dict, info: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def _check_resume(run_dir: Path, recipe: Recipe, allow_change: bool) -> None:
+# Recipe fields that fix the shapes of the weights or the optimizer state: a checkpoint cannot be
+# resumed with other values, --allow-change or not.
+FIXED_ON_RESUME = ("model.size", "model.n_layer", "model.n_head", "model.n_embd", "model.block_size",
+                   "model.vocab_size", "model.bias", "finetune.trainable", "finetune.lora_rank",
+                   "finetune.lora_targets")
+
+
+def _check_resume(run_dir: Path, recipe: Recipe, allow_change: bool, latest: Path, data_fingerprint: str,
+                  tokenizer: Tokenizer) -> None:
+    """Refuse a resume that would not continue the same run: another recipe (unless allowed), other
+    shapes, another tokenizer (never allowed), or other training data (unless allowed)."""
     saved = run_dir / "recipe.yaml"
-    if not saved.exists():
-        return
-    diffs = recipe_diff(read_yaml(saved), to_dict(recipe))
+    diffs = recipe_diff(read_yaml(saved), to_dict(recipe)) if saved.exists() else []
+    lines = "\n".join(f"    {path}: {old!r} -> {new!r}" for path, old, new in diffs)
+    fixed = [path for path, _, _ in diffs if path in FIXED_ON_RESUME]
+    if fixed:
+        raise UserError(f"{run_dir.name} cannot be resumed with another {', '.join(fixed)}:\n{lines}",
+                        hint="these fix the shapes of the saved weights; start a new run with run=NEW_NAME")
     if diffs and not allow_change:
-        lines = "\n".join(f"    {path}: {old!r} -> {new!r}" for path, old, new in diffs)
         raise UserError(f"the recipe differs from the one {run_dir.name} was started with:\n{lines}",
                         hint="resume with the same recipe, or pass --allow-change to continue with the new one")
+    meta = json.loads((latest / "meta.json").read_text())
+    if meta.get("tokenizer_fingerprint") not in (None, tokenizer.fingerprint):
+        raise UserError(f"{latest.name} of {run_dir.name} was trained with another tokenizer than the one now "
+                        f"prepared (fingerprint {meta['tokenizer_fingerprint'][:12]} vs {tokenizer.fingerprint[:12]})",
+                        hint="the data changed since the run started: start a new run with run=NEW_NAME")
+    if meta.get("data_fingerprint") not in (None, data_fingerprint) and not allow_change:
+        raise UserError(f"the training data differs from the data {run_dir.name} was started with "
+                        f"(dataset {meta['data_fingerprint'][:12]} vs {data_fingerprint[:12]})",
+                        hint="resume on the same files, or pass --allow-change to continue on the new data")
 
 
 def train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store: Store, *,
@@ -194,7 +216,7 @@ def _train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, st
         if latest is None:
             raise UserError(f"run {run!r} has no checkpoint to resume from",
                             hint=f"start it without --resume (store: {store.root})")
-        _check_resume(run_dir, recipe, allow_change)
+        _check_resume(run_dir, recipe, allow_change, latest, task.data_fingerprint, tokenizer)
         from safetensors.torch import load_file
         model.load_saved_state(load_file(str(latest / "model.safetensors")))
         state_tensors, state_info = load_train_state(latest)
@@ -208,8 +230,11 @@ def _train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, st
     if dctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         store.clean_partial(run)
-        if resume:
-            log.truncate_after(start_step)
+        # Resume: drop what was logged after the checkpoint. A fresh start in a folder without
+        # checkpoints (a run killed before its first one): drop the old run's log entirely.
+        log.truncate_after(start_step)
+        if not resume:
+            log.plot_path.unlink(missing_ok=True)
         if not resume or allow_change:
             (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))
     dctx.barrier()
@@ -251,6 +276,10 @@ def _train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, st
     stopped_early = False
 
     def commit(at_step: int, metrics: dict) -> Path | None:
+        if dctx.enabled:  # every rank joins: the saved partial loss is the mean over ranks, as a log step takes it
+            import torch.distributed as dist
+            dist.all_reduce(loss_sum)
+            loss_sum.div_(dctx.world_size)
         if not dctx.is_main:
             return None
         tensors, rng_info = _rng_state()
@@ -301,6 +330,9 @@ def _train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, st
             is_save = (cfg.save_every and step % cfg.save_every == 0) or step == max_steps or stop_now
             if not (is_log or is_eval or is_save):
                 continue
+            if dctx.enabled:  # a nan on any rank has reached every rank's weights through the gradients
+                import torch.distributed as dist
+                dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
             if int(bad_step) >= 0:
                 where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
                 raise TrainingDiverged(f"the training loss became non-finite (nan/inf) at step {int(bad_step)}; "
@@ -314,7 +346,9 @@ def _train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, st
                     loss_sum /= dctx.world_size
                 seconds = time.perf_counter() - window_start
                 tps = window_tokens / seconds if seconds > 0 else 0.0
-                mfu = flops_per_token(raw_model.config, seq_len) * tps / peak if peak == peak else None
+                # tps counts the tokens of every process; peak is one device's
+                flops_per_s = flops_per_token(raw_model.config, seq_len) * tps
+                mfu = flops_per_s / (peak * dctx.world_size) if peak == peak else None
                 record = {"step": step, "loss": float(loss_sum) / loss_count, "lr": lr,
                           "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens": tokens_seen,
                           "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4) if mfu is not None else None,
@@ -327,6 +361,7 @@ def _train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, st
                 loss_count, window_tokens, window_start = 0, 0, time.perf_counter()
             improved = False
             if is_eval:
+                eval_start = time.perf_counter()
                 last_metrics = _evaluate(raw_model, task, amp)
                 if task.on_eval is not None and dctx.is_main:
                     last_metrics.update(task.on_eval(raw_model) or {})
@@ -343,7 +378,7 @@ def _train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, st
                     log.plot(title=run)
                     progress.message(f"eval @ {step}: " + "  ".join(
                         f"{k} {v:.4g}" for k, v in last_metrics.items() if isinstance(v, float)))
-                window_start = time.perf_counter()  # eval time does not count against tokens/s
+                window_start += time.perf_counter() - eval_start  # eval time does not count against tokens/s
             patience_out = cfg.patience and evals_since_best >= cfg.patience
             if is_save or improved or patience_out:
                 path = commit(step, last_metrics)
@@ -353,7 +388,7 @@ def _train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, st
                         store.set_best(run, best["step"], best["metric"], best["value"])
                     store.prune(run, cfg.keep_last)
                 dctx.barrier()
-            if stop_now:
+            if stop_now and step < max_steps:  # a signal during the last step: the run has finished anyway
                 progress.close()
                 progress.message(f"stopped at step {step}; checkpoint {last_ckpt}. Resume with:\n  "
                                  f"{resume_command(stage, recipe)}")

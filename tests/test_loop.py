@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,29 @@ def test_resume_with_a_changed_recipe_is_refused_unless_allowed(tmp_path):
     assert log(tmp_path)[-1]["step"] == 20
 
 
+def test_resume_refuses_other_shapes_and_other_data(tmp_path):
+    assert run(tmp_path, 10).returncode == 0
+    reshaped = run(tmp_path, 10, "--resume", "--allow-change", "model.n_layer=3")
+    assert reshaped.returncode == 2 and "cannot be resumed with another model.n_layer" in reshaped.stderr
+    other_data = run(tmp_path, 10, "--resume", "--data", "another-corpus")
+    assert other_data.returncode == 2 and "the training data differs" in other_data.stderr
+    assert "--allow-change" in other_data.stderr
+    allowed = run(tmp_path, 20, "--resume", "--allow-change", "--data", "another-corpus")
+    assert allowed.returncode == 0, allowed.stderr  # the user said the change is intended
+    assert [r["step"] for r in log(tmp_path) if "loss" in r][-1] == 20
+    retokenized = run(tmp_path, 20, "--resume", "--allow-change", "--data", "another-corpus", "--vocab", "280")
+    assert retokenized.returncode == 2 and "another tokenizer" in retokenized.stderr  # never allowed
+
+
+def test_a_fresh_start_replaces_the_log_of_a_run_killed_before_its_first_checkpoint(tmp_path):
+    run_dir = tmp_path / "runs" / "syn"
+    run_dir.mkdir(parents=True)
+    (run_dir / "log.jsonl").write_text(json.dumps({"step": 5, "loss": 99.0}) + "\n")  # left by the killed run
+    assert run(tmp_path, 10).returncode == 0
+    assert all(r.get("loss") != 99.0 for r in log(tmp_path))
+    assert [r["step"] for r in log(tmp_path) if "loss" in r] == [5, 10]
+
+
 def test_existing_run_without_resume_is_refused(tmp_path):
     assert run(tmp_path, 10).returncode == 0
     again = run(tmp_path, 10)
@@ -135,3 +159,28 @@ def test_no_weight_decay_on_biases_norms_and_embeddings():
         "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
         "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"}
     assert "transformer.wte.weight" in {names[id(p)] for p in no_decay["params"]}
+
+
+def test_torchrun_stop_and_resume_matches_one_process(tmp_path, reference):
+    """SIGTERM to torchrun mid-window: every rank stops at the same step, the committed partial loss is
+    the mean over ranks, and the resumed 2-process run logs the 1-process figures."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+              "--master-port", str(29500 + (os.getpid() + 7) % 1000), str(SCRIPT), str(tmp_path), "30"]
+    proc = subprocess.Popen([*launch, "--slow"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=ENV)
+    for line in proc.stdout:
+        if line.startswith("step 5"):
+            break
+    time.sleep(0.7)  # into the next window: the checkpoint then holds a partial loss sum
+    proc.send_signal(signal.SIGTERM)
+    out = proc.stdout.read()
+    proc.wait(timeout=120)
+    stopped = sorted(p.name for p in (tmp_path / "runs/syn").glob("step-*"))
+    assert stopped and stopped[-1] not in ("step-000005", "step-000030"), out[-3000:]
+    resumed = subprocess.run([*launch, "--resume"], capture_output=True, text=True, env=ENV, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ddp = log(tmp_path)
+    assert [r["step"] for r in ddp] == [r["step"] for r in reference]
+    for one, two in zip(reference, ddp):
+        key = "loss" if "loss" in one else "val_loss"
+        assert two[key] == pytest.approx(one[key], rel=1e-4), (one, two)

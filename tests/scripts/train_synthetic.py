@@ -34,7 +34,7 @@ def main() -> int:
     flags = {a for a in rest if a.startswith("--")}
     nan_at = int(rest[rest.index("--nan-at") + 1]) if "--nan-at" in rest else None
     overrides = [a for a in rest if "=" in a]
-    tok = train_bpe([corpus(5000, 0)], 300)
+    tok = train_bpe([corpus(5000, 0)], int(rest[rest.index("--vocab") + 1]) if "--vocab" in rest else 300)
     train_ids = np.array(tok.encode(corpus(20000, 1)), dtype=np.uint16)
     val_ids = np.array(tok.encode(corpus(3000, 2)), dtype=np.uint16)
     recipe = build_recipe({"run": "syn", "train": {
@@ -54,7 +54,8 @@ def main() -> int:
     def batch(index):
         return dict(sampler(index), index=index // (recipe.train.global_batch_size // 4))
 
-    task = TrainTask("pretrain", batch, loss, lambda m: lm_metrics(m, val), "synthetic")
+    data_fingerprint = rest[rest.index("--data") + 1] if "--data" in rest else "synthetic"
+    task = TrainTask("pretrain", batch, loss, lambda m: lm_metrics(m, val), data_fingerprint)
     try:
         result = train(model, tok, recipe, task, Store(store), stage="pretrain", resume="--resume" in flags,
                        allow_change="--allow-change" in flags)
