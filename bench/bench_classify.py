@@ -3,8 +3,8 @@
     python bench/bench_classify.py [--size mini] [--texts 512] [--data ../shared/data]
 
 A randomly initialised classifier of the given size (speed does not depend on the weights) with a
-byte-level BPE trained on the messages themselves; `predict` is the path `llmstages classify` and
-`llmstages evaluate` use (tokenize, batch by length, pad, forward, softmax). Figures are the median
+byte-level BPE trained on the messages themselves; `predict` is the path `llmstages classify` takes
+(tokenize, batch by length, pad, forward, softmax). Figures are the median
 of --repeats passes over the same texts.
 """
 

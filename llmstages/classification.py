@@ -131,13 +131,16 @@ def class_probabilities(model: nn.Module, sequences: Sequence[Sequence[int]], pa
     return probs
 
 
-def predict(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str], *,
-            batch_size: int = 32) -> list[tuple[str, float]]:
-    """(label, probability) of the most likely class for each text."""
+def predict(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str], *, batch_size: int = 32) -> list[dict]:
+    """One {"text", "label", "probability", "probabilities"} per text: the most likely class and all of them."""
     probs = class_probabilities(model, tokenizer.encode_batch(list(texts)), tokenizer.eot_id, batch_size=batch_size)
-    best, index = probs.max(dim=-1)
     names = model.config.class_names
-    return [(names[i], p) for i, p in zip(index.tolist(), best.tolist())]
+    out = []
+    for text, row in zip(texts, probs.tolist()):
+        best = max(range(len(row)), key=row.__getitem__)
+        out.append({"text": text, "label": names[best], "probability": row[best],
+                    "probabilities": dict(zip(names, row))})
+    return out
 
 
 def classification_metrics(targets: np.ndarray, probs: torch.Tensor, labels: Sequence[str]) -> dict:

@@ -173,8 +173,8 @@ def finetune(
     from llmstages.config import load_recipe
     from llmstages.loop import print_summary
     from llmstages.runtime import set_threads
+    from llmstages.stages.finetune import check_task, task_recipe
     from llmstages.stages.finetune import finetune as run_finetune
-    from llmstages.stages.finetune import task_recipe
 
     set_threads()
     args = list(recipe_and_overrides or [])
@@ -186,9 +186,7 @@ def finetune(
         recipe_path = str(task_recipe(task))
     loaded = load_recipe(recipe_path, args)
     if task is not None:
-        wanted = "instruct" if task == "instruct" else "classify"
-        if loaded.task != wanted:
-            raise UserError(f"--task {task} wants a {wanted} recipe, but {recipe_path} has task: {loaded.task}")
+        check_task(task, loaded, recipe_path)
     result = run_finetune(loaded, _store(), resume=resume, allow_change=allow_change, dry_run=dry_run,
                           console=err_console)
     if not dry_run and _is_main_process():
@@ -289,7 +287,8 @@ def classify(
 
 
 def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    from llmstages.distributed import is_main_process
+    return is_main_process()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -398,8 +397,9 @@ def export(
 
     if format != "hf":
         raise UserError(f"--format {format}: unknown export format", hint="use --format hf")
-    ckpt = load_checkpoint(model, _store())
-    path = export_hf(ckpt, out, force=force)
+    store = _store()
+    ckpt = load_checkpoint(model, store)
+    path = export_hf(ckpt, out, force=force, store_root=store.root)
     kind = "GPT2ForSequenceClassification" if ckpt.model.is_classifier else "GPT2LMHeadModel"
     merged = " (LoRA merged)" if ckpt.model.config.lora_rank > 0 else ""
     console.print(f"exported {ckpt.ref} to {path} as {kind}{merged}")

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from llmstages.errors import RecipeError, UserError
+from llmstages.store import RUN_NAME_RE
 from llmstages.recipe_parse import RecipeParser, read_yaml, recipe_diff  # noqa: F401 (re-exported)
 
 TASKS = ("pretrain", "classify", "instruct")
@@ -155,6 +156,9 @@ class TrainConfig:
     best_metric: str = _f("val_loss", choices=("val_loss", "accuracy", "f1"))
 
 
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # the linear layers of a transformer block (model.py)
+
+
 @dataclass
 class FinetuneConfig:
     """What fine-tuning changes and how it treats the labeled data."""
@@ -165,7 +169,7 @@ class FinetuneConfig:
     lora_rank: int = _f(8, ge=1)
     lora_alpha: float = _f(16.0, gt=0.0)
     lora_dropout: float = _f(0.0, ge=0.0, le=0.9)
-    lora_targets: list[str] = _f(factory=lambda: ["c_attn", "c_proj", "c_fc"])
+    lora_targets: list[str] = _f(factory=lambda: list(LORA_TARGETS))
     # Classification: how to treat class imbalance in the training set.
     balance: str = _f("none", choices=("none", "undersample", "weighted"))
     # Instruction: prompt template, and whether prompt tokens are left out of the loss.
@@ -225,11 +229,6 @@ ALIASES = {
 
 
 PARSER = RecipeParser(Recipe, ALIASES)
-FIELD_PATHS = PARSER.paths
-
-
-def suggest(key: str, section: str = "") -> str | None:
-    return PARSER.suggest(key, section)
 
 
 def _cross_checks(recipe: Recipe, problems: list[tuple[str, str]]) -> None:
@@ -243,9 +242,15 @@ def _cross_checks(recipe: Recipe, problems: list[tuple[str, str]]) -> None:
         problems.append(("model.n_embd", f"{m.n_embd} is not divisible by model.n_head={m.n_head}"))
     if m.size == "custom" and None in (m.n_layer, m.n_head, m.n_embd, m.block_size):
         problems.append(("model.size", "custom needs model.n_layer, n_head, n_embd and block_size"))
+    unknown_targets = sorted(set(ft.lora_targets) - set(LORA_TARGETS))
+    if ft.trainable == "lora" and not ft.lora_targets:
+        problems.append(("finetune.lora_targets", f"empty: LoRA needs some of {', '.join(LORA_TARGETS)}"))
+    if unknown_targets:
+        problems.append(("finetune.lora_targets", f"{', '.join(unknown_targets)}: not a linear layer of the "
+                         f"model; use some of {', '.join(LORA_TARGETS)}"))
     if not re.fullmatch(r"all|head|lora|last_blocks:\d+", ft.trainable):
         problems.append(("finetune.trainable", f"{ft.trainable!r} is not all, head, lora or last_blocks:N"))
-    if recipe.run is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", recipe.run):
+    if recipe.run is not None and not RUN_NAME_RE.fullmatch(recipe.run):
         problems.append(("run", f"{recipe.run!r}: use letters, digits, '.', '_' and '-'"))
     for key in ("sha256", "mirror"):
         given = getattr(recipe.data, key)
@@ -286,13 +291,14 @@ def builtin_recipes() -> list[Path]:
 def resolve_recipe_path(name: str | Path) -> Path:
     """A recipe path as given, or the name of a built-in recipe (`quickstart` -> recipes/quickstart.yaml)."""
     path = Path(name)
-    if path.exists() or path.suffix in (".yaml", ".yml") and path.parent != Path("."):
+    if path.is_file() or path.suffix in (".yaml", ".yml") and path.parent != Path("."):
         return path
     builtin = recipes_dir() / f"{path.stem}.yaml"
     if builtin.exists():
-        return builtin
-    if path.exists():
-        return path
+        return builtin  # a folder named like a built-in recipe (./shakespeare/ data) does not hide it
+    if path.is_dir():
+        raise UserError(f"{name}: is a folder, not a recipe file",
+                        hint="give a .yaml file, or the name of a built-in recipe (`llmstages recipes`)")
     known = [p.stem for p in builtin_recipes()]
     hint = difflib.get_close_matches(path.stem, known, n=1)
     raise UserError(f"{name}: no such recipe file or built-in recipe",

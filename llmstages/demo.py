@@ -23,6 +23,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from llmstages.runlog import RunLog
+
 console = Console(stderr=True)
 
 SPAM_SAMPLES = ["Congratulations! You have won a FREE cruise. Call 09061701461 now to claim your prize!",
@@ -30,6 +32,7 @@ SPAM_SAMPLES = ["Congratulations! You have won a FREE cruise. Call 09061701461 n
                 "URGENT: your mobile number has been awarded a 2000 bonus. Text CLAIM to 81010"]
 INSTRUCT_SAMPLES = ["Give three tips for staying healthy.", "What is the opposite of 'ancient'?"]
 BASE_PROMPT = "It was a dark and stormy night, and"
+DEMO_MARKER = ".llmstages-demo"  # the demo only ever empties a folder that holds this file
 
 # Cut-down settings for --smoke: the same commands, tiny sizes.
 SMOKE = {
@@ -69,8 +72,7 @@ class Demo:
 
 
 def run_log(store: Path, run: str) -> list[dict]:
-    path = store / "runs" / run / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return RunLog(store / "runs" / run).records()
 
 
 def train_tokens_per_s(records: list[dict]) -> float | None:
@@ -95,9 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     store = Path(args.store)
     if store.exists():
+        if any(store.iterdir()) and not (store / DEMO_MARKER).exists():
+            console.print(f"[red]demo: {store} exists and is not a store the demo made; nothing was removed[/red]\n"
+                          "  fix: give the demo a folder of its own with --store DIR (it is emptied on every run)")
+            return 2
         console.print(f"demo: starting afresh, removing its store {store}")
         shutil.rmtree(store)
+    store.mkdir(parents=True)
+    (store / DEMO_MARKER).write_text("made by `python -m llmstages.demo`, which empties this folder on every run\n")
     if not os.environ.get("LLMSTAGES_DATA"):
+        if args.smoke:
+            console.print("[red]demo --smoke: needs $LLMSTAGES_DATA (its cut-down recipe names mirror files)[/red]")
+            return 2
         console.print("demo: $LLMSTAGES_DATA is not set: data is downloaded from the recipes' public URLs")
     demo = Demo(store, args.smoke)
     wall = time.perf_counter()
@@ -171,7 +182,7 @@ def print_results(r: dict) -> None:
     table = Table(title="llmstages demo" + (" (smoke: tiny sizes, not meaningful figures)" if r["smoke"] else ""))
     for col in ("stage", "result", "tokens/s", "wall time (s)"):
         table.add_column(col)
-    table.add_row("prepare", "48 Gutenberg books -> token shards", num(r["prepare_tokens_per_s"], "{:,.0f}"),
+    table.add_row("prepare", ("2" if r["smoke"] else "48") + " Gutenberg books -> token shards", num(r["prepare_tokens_per_s"], "{:,.0f}"),
                   num(t.get("prepare"), "{:.0f}"))
     table.add_row("pretrain", f"val bits/byte {num(r['base']['val_bpb'], '{:.3f}')} "
                   f"(loss {num(r['base']['val_loss'], '{:.3f}')}) at step {r['base']['step']}",

@@ -45,6 +45,11 @@ class DistContext:
             dist.destroy_process_group()
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a plain single process (known before any process group exists)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def init_distributed(device_name: str) -> tuple[DistContext, str]:
     """Join the process group when launched by torchrun; returns the context and the device to use."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -66,5 +66,5 @@ def estimate(model: GPT, recipe: Recipe, task: TrainTask, console: Console) -> d
         figures["epochs"] = round(steps * cfg.global_batch_size / task.examples_per_epoch, 2)
     console.print("[bold]resolved recipe[/bold]")
     console.print(dump_yaml(recipe), markup=False, highlight=False)
-    console.print(summary_table(f"dry run: {recipe.run} (nothing trained, nothing written)", figures))
+    console.print(summary_table(f"dry run: {recipe.run} (nothing trained; the data is prepared if it was not)", figures))
     return figures

@@ -334,14 +334,15 @@ def _fingerprint(folder: Path) -> str:
 # ---------------------------------------------------------------------------------------------------
 # export
 # ---------------------------------------------------------------------------------------------------
-def export_hf(ckpt: Checkpoint, out: Path, *, force: bool) -> Path:
+def export_hf(ckpt: Checkpoint, out: Path, *, force: bool, store_root: Path | None = None) -> Path:
     """Write `ckpt` as a folder `transformers` loads (from_pretrained); LoRA is merged first on a copy.
 
-    Refuses a non-empty `out` unless `force`. Files are written into a temporary folder beside `out`,
-    which then replaces it, so a failed export leaves `out` as it was.
+    Refuses a non-empty `out` unless `force`, and any `out` inside the store (`store_root`) or the
+    checkpoint. Files are written into a temporary folder beside `out`, which then replaces it, so a
+    failed export leaves `out` as it was.
     """
     out = Path(out).expanduser()
-    _check_target(out, ckpt, force)
+    _check_target(out, ckpt, force, store_root)
     model = ckpt.model
     if model.config.lora_rank > 0:
         from llmstages.lora import merge_lora
@@ -366,18 +367,23 @@ def export_hf(ckpt: Checkpoint, out: Path, *, force: bool) -> Path:
     return out
 
 
-def _check_target(out: Path, ckpt: Checkpoint, force: bool) -> None:
+def _check_target(out: Path, ckpt: Checkpoint, force: bool, store_root: Path | None) -> None:
+    resolved = out.resolve()
+    # The store and the checkpoint belong to llmstages: an export may neither go inside them nor
+    # (with --force) replace a folder that holds them.
+    owned = [Path(p).resolve() for p in (store_root, ckpt.path) if p is not None]
+    for place in owned:
+        if resolved == place or place in resolved.parents or resolved in place.parents:
+            raise UserError(f"{out}: refusing to export into or over {place}, which llmstages manages; "
+                            "nothing was written",
+                            hint="export into a folder of its own, outside the store")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder", hint="give a new or empty folder with --out")
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise UserError(f"{out}: the folder is not empty; nothing was written",
                             hint="give a new or empty folder, or add --force to replace its contents")
-        resolved = out.resolve()
-        protected = [Path.cwd().resolve(), Path.home().resolve()]
-        if ckpt.path is not None:
-            protected.append(Path(ckpt.path).resolve())
-        for place in protected:
+        for place in (Path.cwd().resolve(), Path.home().resolve()):
             if resolved == place or resolved in place.parents:
                 raise UserError(f"{out}: refusing to replace a folder that holds {place}",
                                 hint="export into a folder of its own")

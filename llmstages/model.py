@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmstages.objectives import head_loss
+
 # Named sizes. tiny runs in CPU seconds (tests); mini is the CPU quickstart shape; the rest are GPT-2's.
 SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=128),
@@ -205,9 +207,10 @@ class GPT(nn.Module):
         Class head: with `last_index` (B,) — the position of each row's last real token, padding is on
         the right — (B, K); without it, (B, T, K) at every position.
         """
+        if targets is not None and self.is_classifier:
+            raise ValueError("a classifier has no next-token loss: call it with last_index, without targets")
         x = self.hidden(idx, cache)  # (B, T, C)
         if targets is not None:
-            from llmstages.objectives import head_loss
             return head_loss(x, self.lm_head.weight, targets)
         if self.is_classifier:
             if last_index is not None:

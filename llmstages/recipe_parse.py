@@ -35,6 +35,13 @@ def _field_paths(cls: type, prefix: str = "") -> dict[str, tuple[type, dataclass
 
 
 
+def _unquote(text: str) -> str:
+    """`"a.txt"` or `'a.txt'` -> `a.txt`: list items in an override may be quoted as in YAML."""
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
 def _type_name(tp: Any) -> str:
     if tp in (int, float, str, bool):
         return tp.__name__
@@ -67,7 +74,7 @@ def convert(value: Any, tp: Any, *, from_text: bool) -> Any:
             text = value.strip()
             if text.startswith("[") and text.endswith("]"):
                 text = text[1:-1]
-            value = [part.strip() for part in text.split(",") if part.strip()]
+            value = [_unquote(part.strip()) for part in text.split(",") if part.strip()]
         elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]  # a single value where a list is expected
         if not isinstance(value, list):
@@ -248,6 +255,9 @@ def read_yaml(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: no such recipe file", hint="`llmstages recipes` lists the built-in ones") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a recipe file",
+                        hint="give a .yaml file, or the name of a built-in recipe (`llmstages recipes`)") from None
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     try:

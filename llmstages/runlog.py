@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 from rich.console import Console
@@ -146,11 +145,3 @@ def summary_table(title: str, rows: dict) -> Table:
     for key, value in rows.items():
         table.add_row(key, fmt(value) if isinstance(value, (int, float)) else str(value))
     return table
-
-
-class Timer:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start

@@ -77,7 +77,7 @@ def peak_device_mb(device: torch.device) -> float | None:
 
 
 # Dense bf16 peak of common accelerators (FLOP/s, without sparsity), for MFU on CUDA.
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
                  "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
 
 
@@ -91,7 +91,7 @@ def peak_flops(device: torch.device, precision: str) -> float:
     """
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_BF16.items():
+        for key, value in sorted(GPU_PEAK_BF16.items(), key=lambda kv: -len(kv[0])):  # "L40S" is not "L4"
             if key in name:
                 return value if precision == "bf16" else value / 2
         return float("nan")

@@ -26,6 +26,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a token when the tokens ranked above it already hold top_p of the mass (the first always stays).
         drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted[..., 0] = False  # with top_p = 0 the comparison above would drop every token
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)

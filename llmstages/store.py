@@ -34,6 +34,7 @@ from llmstages.errors import UserError
 
 MANIFEST = "MANIFEST"
 STEP_RE = re.compile(r"step-(\d{6,})$")
+RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a run is one folder under runs/
 
 
 def default_root() -> Path:
@@ -274,7 +275,7 @@ class Store:
             if (path / "recipe.yaml").exists() or any(STEP_RE.fullmatch(p.name) for p in path.iterdir()):
                 return self._pick(Store(path.parent.parent), path.name, None, ref)
         run, _, which = ref.partition("@")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run):
+        if not RUN_NAME_RE.fullmatch(run):
             raise UserError(f"{ref}: no such checkpoint folder or run",
                             hint="give a run name (`llmstages runs` lists them) or a checkpoint folder")
         return self._pick(self, run, which or None, ref)

@@ -50,10 +50,6 @@ class Tokenizer:
         except Exception as err:  # the Rust library raises plain Exception with a parse message
             raise UserError(f"{path}: not a valid tokenizer.json ({err})") from None
 
-    @classmethod
-    def from_str(cls, text: str) -> "Tokenizer":
-        return cls(HFTokenizer.from_str(text))
-
     @property
     def vocab_size(self) -> int:
         return self.inner.get_vocab_size(with_added_tokens=True)

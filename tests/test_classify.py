@@ -109,7 +109,8 @@ def test_padded_and_unpadded_batches_give_the_same_logits(tokenizer):
     # predict() batches by length; the result does not depend on the company a text keeps
     single = predict(model, tokenizer, ["call me later"], batch_size=1)
     batched = predict(model, tokenizer, ["win a free prize now, txt claim to 0800 today", "call me later"])
-    assert batched[1][0] == single[0][0] and batched[1][1] == pytest.approx(single[0][1], abs=1e-6)
+    assert batched[1]["label"] == single[0]["label"]
+    assert batched[1]["probability"] == pytest.approx(single[0]["probability"], abs=1e-6)
 
 
 def test_long_texts_keep_their_first_block_size_tokens():

@@ -105,8 +105,21 @@ def test_duplicate_keys_are_refused(tmp_path):
 
 
 def test_missing_recipe_suggests_builtin(tmp_path):
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="no such recipe"):
         load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(UserError) as err:
+        load_recipe("quickstrat")
+    assert "did you mean `quickstart`" in str(err.value.hint)
+
+
+def test_a_folder_is_not_a_recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quickstart").mkdir()  # e.g. a data folder named like a built-in recipe
+    assert load_recipe("quickstart").run == "quickstart"  # the built-in one, not the folder
+    (tmp_path / "notes.yaml").mkdir()
+    for name in ("notes.yaml", str(tmp_path / "notes.yaml")):
+        with pytest.raises(UserError, match="is a folder, not a recipe file"):
+            load_recipe(name)
 
 
 def test_recipe_diff():
@@ -120,3 +133,26 @@ def test_every_builtin_recipe_parses(path):
     recipe = load_recipe(path)
     assert recipe.description, f"{path.name} needs a one-line description"
     assert recipe.data.source, f"{path.name} names no data source"
+
+
+def test_list_overrides_accept_yaml_style_quotes():
+    recipe = build_recipe({}, ['data.source=["a b.txt", \'c.txt\', d.txt]'])
+    assert recipe.data.source == ["a b.txt", "c.txt", "d.txt"]
+
+
+def test_lora_targets_must_name_linear_layers_of_the_model():
+    with pytest.raises(RecipeError) as err:
+        build_recipe({"finetune": {"trainable": "lora", "lora_targets": ["c_attn", "c_atn"]}})
+    assert [p for p, _ in err.value.problems] == ["finetune.lora_targets"]
+    assert "c_atn: not a linear layer" in str(err.value)
+    with pytest.raises(RecipeError, match="LoRA needs some of"):
+        build_recipe({"finetune": {"trainable": "lora", "lora_targets": []}})
+
+
+def test_finetune_task_must_match_the_recipe_given_with_it(capsys):
+    from llmstages.cli import main as cli_main
+    spam = str(Path(__file__).resolve().parents[1] / "recipes" / "finetune-spam.yaml")
+    assert cli_main(["finetune", "--task", "bogus", spam, "--dry-run"]) == 2
+    assert "--task bogus: unknown task" in capsys.readouterr().err
+    assert cli_main(["finetune", "--task", "instruct", spam, "--dry-run"]) == 2
+    assert "wants a instruct recipe" in " ".join(capsys.readouterr().err.split())

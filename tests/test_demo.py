@@ -27,3 +27,13 @@ def test_demo_smoke_runs_every_stage(tmp_path):
     assert set(figures["stage_seconds"]) >= {"prepare", "pretrain", "finetune spam", "finetune instruct"}
     assert (tmp_path / "docs" / "quickstart-loss-smoke.png").exists()
     assert "llmstages demo" in result.stderr  # the results table
+
+
+def test_demo_never_empties_a_folder_it_did_not_make(tmp_path):
+    mine = tmp_path / "store"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    result = subprocess.run([sys.executable, "-m", "llmstages.demo", "--store", str(mine), "--docs", ""],
+                            capture_output=True, text=True, env=dict(os.environ, COLUMNS="160"), timeout=120)
+    assert result.returncode == 2 and "not a store the demo made" in result.stderr
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

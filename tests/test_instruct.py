@@ -29,6 +29,8 @@ from llmstages.stages.pretrain import prepared_data
 from llmstages.store import Store
 from llmstages.templates import format_chat, format_prompt
 from llmstages.tokenizer import EOT, Tokenizer, train_bpe
+from llmstages.errors import UserError
+from llmstages.lora import LoRALinear
 
 COLORS = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange"]
 
@@ -217,6 +219,10 @@ def test_lora_run_merge_and_export_give_the_lora_logits(tmp_path, store_dir, bas
     assert merged.path == path and merged.model.config.lora_rank == 0
     assert not any("lora_" in n for n in merged.model.state_dict())
     assert merged.meta["template"] == "alpaca" and merged.meta["parent"]["ref"] == "lora"
+    for bad in ("../outside", "a@b", "/tmp/abs"):
+        with pytest.raises(UserError, match="not a run name; nothing was written"):
+            merge("lora", Store(store_dir), run=bad)
+    assert not (store_dir / "outside").exists() and not Store(store_dir).run_dir("a@b").exists()
     with torch.no_grad():
         torch.testing.assert_close(merged.model.eval()(x), expected, atol=1e-5, rtol=1e-5)
     from llmstages.interop import export_hf
@@ -224,6 +230,14 @@ def test_lora_run_merge_and_export_give_the_lora_logits(tmp_path, store_dir, bas
     exported = load_checkpoint(f"hf:{out}")
     with torch.no_grad():
         torch.testing.assert_close(exported.model.eval()(x), expected, atol=1e-5, rtol=1e-5)
+    # a LoRA run as the base of another LoRA run: its adapters are folded in first, the new ones added
+    again = instruct_recipe(source, run="lora-on-lora", train={"lr": 0.05, "max_steps": 2},
+                            finetune={"trainable": "lora", "lora_rank": 3, "lora_targets": ["c_attn"], "eval_samples": 0})
+    again.init_from = "lora"
+    finetune(again, Store(store_dir), console=quiet())
+    second = load_checkpoint("lora-on-lora", Store(store_dir))
+    assert second.model.config.lora_rank == 3 and second.model.config.lora_targets == ["c_attn"]
+    assert sum(isinstance(m, LoRALinear) for m in second.model.modules()) == second.model.config.n_layer
 
 
 # --- chat ------------------------------------------------------------------------------------------
@@ -274,7 +288,6 @@ def test_chat_template_keeps_the_conversation_until_reset_and_fits_the_context(t
 
 
 def test_chat_refuses_a_model_without_template(tokenizer):
-    from llmstages.errors import UserError
     ckpt = Checkpoint(base_model(tokenizer), tokenizer, {"task": "pretrain"}, None)
     with pytest.raises(UserError, match="not an instruction model"):
         chat(ckpt, Sampling(), read_line=lines(), write=print, console=quiet())

@@ -343,6 +343,22 @@ def test_export_refuses_to_replace_the_checkpoint_itself(tmp_path, small_tokeniz
     assert load_checkpoint(ckpt.path, Store(tmp_path / "store")).path == ckpt.path
 
 
+def test_export_refuses_any_folder_in_or_over_the_store(tmp_path, small_tokenizer):
+    store_root = tmp_path / "store"
+    ckpt = our_checkpoint(store_root, small_tokenizer)
+    other = store_root / "runs" / "other"
+    other.mkdir(parents=True)
+    (other / "keep.txt").write_text("mine")
+    for out in (other, store_root, store_root / "runs" / "new-folder", tmp_path):
+        with pytest.raises(UserError, match="refusing to export into or over"):
+            export_hf(ckpt, out, force=True, store_root=store_root)
+    assert (other / "keep.txt").read_text() == "mine" and not (store_root / "runs" / "new-folder").exists()
+    ckpt.path = None  # an hf: model has no checkpoint folder: the store is still protected
+    with pytest.raises(UserError, match="refusing"):
+        export_hf(ckpt, store_root, force=True, store_root=store_root)
+    assert load_checkpoint("ours", Store(store_root)).path is not None
+
+
 # ---------------------------------------------------------------------------------------------------
 # CLI: generate hf:DIR end to end
 # ---------------------------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 from types import SimpleNamespace
 
+import torch
+
+from llmstages.sampling import sample_next
 from llmstages.stages.generate import Sampling
 
 
@@ -26,3 +29,10 @@ def test_without_stored_settings_the_defaults_apply_and_unknown_keys_are_ignored
     assert Sampling.from_checkpoint(checkpoint_with({"stop": "\n"})) == Sampling()
     assert Sampling(top_k=5, seed=1).as_kwargs() == {"max_new_tokens": 200, "temperature": 0.8, "top_k": 5,
                                                     "top_p": 1.0, "seed": 1}
+
+
+def test_top_p_zero_keeps_the_most_likely_token_instead_of_failing():
+    logits = torch.tensor([[0.0, 3.0, 1.0, -2.0], [5.0, 0.0, 0.0, 0.0]])
+    for seed in range(5):
+        picked = sample_next(logits, temperature=1.0, top_p=0.0, generator=torch.Generator().manual_seed(seed))
+        assert picked.tolist() == [1, 0]

@@ -24,12 +24,11 @@ from rich.table import Table
 
 from llmstages.checkpoint import Checkpoint, load_checkpoint
 from llmstages.classification import (ClassBatches, class_probabilities, class_weights, classification_loss,
-                                      classification_metrics, count_truncated)
+                                      classification_metrics, count_truncated, predict)
 from llmstages.config import Recipe
 from llmstages.data.prepared import LabeledSplit, PreparedDataset
 from llmstages.errors import UserError
 from llmstages.loop import TrainResult, TrainTask
-from llmstages.lora import merge_lora
 from llmstages.model import GPT, GPTConfig
 from llmstages.runlog import RunLog
 from llmstages.store import Store
@@ -47,12 +46,9 @@ def classifier_from(base: GPT, labels: list[str], seed: int) -> GPT:
     Every base weight is copied except the LM head (tied to the token embedding, which is copied).
     The new head `score` gets GPT-2's small init, N(0, 0.02), seeded by `seed`. A base that is already
     a classifier of exactly these classes keeps its head (fine-tuning it further). LoRA adapters of
-    the base are merged first: fine-tuning adds its own.
+    the base must have none (`finetune` merges them first).
     """
-    if base.config.lora_rank > 0:
-        merge_lora(base)
-    config = GPTConfig.from_dict(dict(base.config.to_dict(), num_classes=len(labels), class_names=list(labels),
-                                      lora_rank=0, lora_targets=[]))
+    config = GPTConfig.from_dict(dict(base.config.to_dict(), num_classes=len(labels), class_names=list(labels)))
     torch.manual_seed(seed)
     model = GPT(config)
     keep_head = base.is_classifier and base.config.class_names == list(labels)
@@ -83,6 +79,7 @@ def classification_task(base: Checkpoint, data: PreparedDataset, recipe: Recipe,
                            undersample=balance == "undersample")
     weight = class_weights(counts) if balance == "weighted" else None
     val = data.records("val") if "val" in data.splits else None
+    val = val if val is not None and len(val) else None  # an empty val split (all skipped) is no val split
 
     truncated = {name: count_truncated(np.diff(data.records(name).offsets), block) for name in data.splits}
     _describe(console, labels, counts, truncated, block, weight, batches, has_val=val is not None)
@@ -220,12 +217,4 @@ def classify_texts(ckpt: Checkpoint, texts: list[str], *, batch_size: int = 32) 
     if empty:
         raise UserError(f"text {empty[0]} of {len(texts)} is empty: there is nothing to classify",
                         hint="give non-empty texts (from stdin, blank lines are skipped)")
-    tok = ckpt.tokenizer
-    probs = class_probabilities(ckpt.model, tok.encode_batch(texts), tok.eot_id, batch_size=batch_size)
-    names = ckpt.model.config.class_names
-    out = []
-    for text, row in zip(texts, probs.tolist()):
-        best = int(np.argmax(row))
-        out.append({"text": text, "label": names[best], "probability": row[best],
-                    "probabilities": dict(zip(names, row))})
-    return out
+    return predict(ckpt.model, ckpt.tokenizer, texts, batch_size=batch_size)

@@ -9,7 +9,6 @@ model and its TrainTask, choose what trains (`finetune.trainable`), then run the
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -18,21 +17,36 @@ from rich.console import Console
 
 from llmstages.checkpoint import Checkpoint, load_checkpoint
 from llmstages.config import FinetuneConfig, Recipe, recipes_dir
+from llmstages.distributed import is_main_process
 from llmstages.errors import UserError
-from llmstages.lora import add_lora
+from llmstages.lora import add_lora, merge_lora
 from llmstages.loop import TrainResult, train
 from llmstages.model import GPT, set_dropout
 from llmstages.stages.pretrain import check_tokenizer, parent_info, prepared_data
 from llmstages.store import Store
 
-# --task NAME -> built-in recipe
-TASK_RECIPES = {"spam": "finetune-spam", "instruct": "finetune-instruct", "classify": "finetune-spam"}
+# --task NAME -> (built-in recipe, the recipe `task:` it stands for)
+TASK_RECIPES = {"spam": ("finetune-spam", "classify"), "instruct": ("finetune-instruct", "instruct"),
+                "classify": ("finetune-spam", "classify")}
 
 
 def task_recipe(task: str) -> Path:
+    """The built-in recipe of `--task NAME`."""
+    return recipes_dir() / f"{_task_entry(task)[0]}.yaml"
+
+
+def check_task(task: str, recipe: Recipe, recipe_path: str) -> None:
+    """`--task NAME` given with a recipe: the recipe must be of that kind."""
+    wanted = _task_entry(task)[1]
+    if recipe.task != wanted:
+        raise UserError(f"--task {task} wants a {wanted} recipe, but {recipe_path} has task: {recipe.task}",
+                        hint=f"drop --task, or give a recipe with task: {wanted}")
+
+
+def _task_entry(task: str) -> tuple[str, str]:
     if task not in TASK_RECIPES:
         raise UserError(f"--task {task}: unknown task", hint=f"use one of: {', '.join(sorted(TASK_RECIPES))}")
-    return recipes_dir() / f"{TASK_RECIPES[task]}.yaml"
+    return TASK_RECIPES[task]
 
 
 def load_base(recipe: Recipe, store: Store) -> Checkpoint:
@@ -105,6 +119,8 @@ def finetune(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
         raise UserError(f"the recipe's task is {recipe.task}; finetune runs classify or instruct recipes",
                         hint="use `llmstages pretrain` for pretraining recipes")
     base = load_base(recipe, store)
+    if base.model.config.lora_rank > 0:
+        merge_lora(base.model)  # a LoRA base is folded into plain weights; this run adds its own adapters
     data = prepared_data(recipe, store, console)
     check_tokenizer(base.tokenizer, data, recipe.init_from)
     if data.task != recipe.task:
@@ -113,7 +129,7 @@ def finetune(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
         from llmstages.stages.classify import classification_task as make_task
     else:
         from llmstages.stages.instruct import instruction_task as make_task
-    model, task = make_task(base, data, recipe)
+    model, task = make_task(base, data, recipe, console=console)
     set_dropout(model, recipe.model.dropout)
     set_trainable(model, recipe.finetune)
     console.print(f"trainable: {trainable_summary(model)}", highlight=False)
@@ -123,7 +139,7 @@ def finetune(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
     result = train(model, base.tokenizer, recipe, task, store, stage="finetune",
                    parent=parent_info(recipe.init_from, base), resume=resume, allow_change=allow_change,
                    console=console)
-    if recipe.task == "classify" and os.environ.get("RANK", "0") == "0":
+    if recipe.task == "classify" and is_main_process():
         from llmstages.stages.classify import report_test_split
         report_test_split(result, data, store, console=console)  # the best checkpoint on the held-out test split
     return result

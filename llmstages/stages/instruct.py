@@ -224,12 +224,13 @@ def _val_split(data: PreparedDataset) -> LabeledSplit:
     return data.records("val")
 
 
-def instruction_task(base: Checkpoint, data: PreparedDataset, recipe: Recipe) -> tuple[GPT, TrainTask]:
+def instruction_task(base: Checkpoint, data: PreparedDataset, recipe: Recipe, *,
+                     console: Console | None = None) -> tuple[GPT, TrainTask]:
     """The base model (its LM head) and the task: response-token loss, validation response loss, samples."""
     model = base.model
     if model.is_classifier:
         raise UserError(f"init_from={recipe.init_from} is a classifier; instruction fine-tuning needs a language model")
-    console = Console(stderr=True)
+    console = console or Console(stderr=True)
     ft, cfg = recipe.finetune, recipe.train
     block, pad = model.config.block_size, base.tokenizer.eot_id
 

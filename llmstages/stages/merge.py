@@ -13,7 +13,7 @@ from llmstages.checkpoint import load_checkpoint, save_checkpoint
 from llmstages.errors import UserError
 from llmstages.lora import merge_lora
 from llmstages.stages.pretrain import parent_info
-from llmstages.store import Store, now_iso
+from llmstages.store import RUN_NAME_RE, Store, now_iso
 
 # meta.json entries that describe the source checkpoint itself, not the model
 _OWN = ("run", "step", "fingerprint", "tokenizer_fingerprint", "created", "parent")
@@ -26,6 +26,9 @@ def merge(model_ref: str, store: Store, *, run: str | None = None) -> Path:
         raise UserError(f"{model_ref} has no LoRA adapters: there is nothing to merge",
                         hint="merge a run fine-tuned with finetune.trainable=lora")
     run = run or f"{ckpt.meta.get('run') or 'model'}-merged"
+    if not RUN_NAME_RE.fullmatch(run):
+        raise UserError(f"--run {run}: not a run name; nothing was written",
+                        hint="use letters, digits, '.', '_' and '-' (a run is one folder in the store)")
     if store.checkpoints(run):
         raise UserError(f"run {run!r} already exists in {store.root}", hint="choose another name with --run NAME")
     merge_lora(ckpt.model)

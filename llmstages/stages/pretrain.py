@@ -16,6 +16,7 @@ from llmstages.checkpoint import load_checkpoint
 from llmstages.config import ModelConfig, Recipe
 from llmstages.data.prepared import PreparedDataset, find_prepared
 from llmstages.data.windows import WindowSampler, fixed_windows
+from llmstages.distributed import is_main_process
 from llmstages.errors import UserError
 from llmstages.loop import TrainResult, TrainTask, train
 from llmstages.model import GPT, GPTConfig, build_config, set_dropout
@@ -32,7 +33,7 @@ def prepared_data(recipe: Recipe, store: Store, console: Console, *, wait_s: flo
     found = find_prepared(recipe, store)
     if found is not None:
         return found
-    if os.environ.get("RANK", "0") != "0":
+    if not is_main_process():
         deadline = time.monotonic() + wait_s
         while (found := find_prepared(recipe, store)) is None:
             if time.monotonic() > deadline:
