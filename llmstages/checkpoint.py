@@ -1,13 +1,16 @@
-"""Model checkpoints: what goes into a committed store folder and how it comes back.
+"""Model checkpoints: every file of a committed store folder, and the only code that opens them.
 
     model.safetensors   weights (safetensors: loading executes no code)
     model.json          GPTConfig (vocab, sizes, head type, class names, LoRA)
     tokenizer.json      the exact tokenizer
-    meta.json           stage, step, metrics, parent checkpoint, data + tokenizer fingerprints, template
+    meta.json           stage, step, metrics, parent checkpoint (lineage), data + tokenizer fingerprints
     train_state.pt      optimizer state and torch RNG states (loaded with torch.load(weights_only=True))
-    train_state.json    step, tokens seen, schedule, sampler position, Python/NumPy RNG states
+    train_state.json    step, tokens seen, best, loss window, sampler position, Python/NumPy RNG states
+    MANIFEST            sha256 + size of every file above (store.py writes it last)
 
-The atomic write itself is `Store.commit` (store.py).
+Saving goes through `Store.commit` (atomic: a hidden folder, MANIFEST, one rename). Loading checks
+every sha256 against MANIFEST first, for `generate` as for `--resume` (`load_for_resume`). What the
+train state holds is RunState's business (runstate.py); here it is only written and read.
 """
 
 from __future__ import annotations
@@ -21,10 +24,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from llmstages.config import Recipe, read_yaml, recipe_diff, to_dict
 from llmstages.errors import UserError
 from llmstages.model import GPT, GPTConfig
 from llmstages.store import Store, manifest_fingerprint, step_name, verify
 from llmstages.tokenizer import Tokenizer
+
+WEIGHTS, CONFIG, TOKENIZER, META = "model.safetensors", "model.json", "tokenizer.json", "meta.json"
+STATE_TENSORS, STATE_INFO = "train_state.pt", "train_state.json"
 
 
 @dataclass
@@ -44,16 +51,16 @@ class Checkpoint:
 def write_model_files(folder: Path, model: GPT, tokenizer: Tokenizer, meta: dict) -> None:
     """Weights, config, tokenizer and meta of `model` into `folder` (the caller makes it atomic)."""
     state = {k: v.to("cpu") for k, v in model.state_for_saving().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "model.json").write_text(json.dumps(model.config.to_dict(), indent=2))
-    tokenizer.save(folder / "tokenizer.json")
+    save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
+    (folder / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2))
+    tokenizer.save(folder / TOKENIZER)
     meta = dict(meta, tokenizer_fingerprint=tokenizer.fingerprint)
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+    (folder / META).write_text(json.dumps(meta, indent=2, default=str))
 
 
 def write_train_state(folder: Path, tensors: dict[str, Any], info: dict) -> None:
-    torch.save(tensors, folder / "train_state.pt")
-    (folder / "train_state.json").write_text(json.dumps(info, indent=2))
+    torch.save(tensors, folder / STATE_TENSORS)
+    (folder / STATE_INFO).write_text(json.dumps(info, indent=2))
 
 
 def save_checkpoint(store: Store, run: str, step: int, model: GPT, tokenizer: Tokenizer, meta: dict,
@@ -72,19 +79,20 @@ def load_checkpoint(ref: str | Path, store: Store | None = None, *, device: str 
     ref = str(ref)
     if ref.startswith("hf:"):
         from llmstages.interop import load_hf  # imported here: only hf: references need it
-        return load_hf(ref[3:], device=device)
+        hf = load_hf(ref[3:], device=device)
+        return Checkpoint(hf.model, hf.tokenizer, hf.meta, None)
     store = store or Store()
     path = store.resolve(ref)
     if check_hashes and (problems := verify(path)):
         raise UserError("\n".join(problems), hint="load an earlier checkpoint of the run (run@STEP)")
     try:
-        config = GPTConfig.from_dict(json.loads((path / "model.json").read_text()))
-        meta = json.loads((path / "meta.json").read_text())
+        config = GPTConfig.from_dict(read_model_config(path))
+        meta = read_meta(path)
         model = GPT(config)
-        model.load_saved_state(load_file(str(path / "model.safetensors"), device=str(device)))
+        model.load_saved_state(load_file(str(path / WEIGHTS), device=str(device)))
     except (json.JSONDecodeError, SafetensorError, ValueError, KeyError) as err:
         raise UserError(f"{path}: cannot load the checkpoint ({err})") from None
-    tokenizer = Tokenizer.from_file(path / "tokenizer.json")
+    tokenizer = Tokenizer.from_file(path / TOKENIZER)
     meta["fingerprint"] = manifest_fingerprint(path)
     return Checkpoint(model.to(device), tokenizer, meta, path)
 
@@ -95,16 +103,84 @@ def load_tokenizer(ref: str | Path, store: Store | None = None) -> Tokenizer:
     if ref.startswith("hf:"):
         from llmstages.interop import load_hf_tokenizer
         return load_hf_tokenizer(ref[3:])
-    return Tokenizer.from_file((store or Store()).resolve(ref) / "tokenizer.json")
+    return Tokenizer.from_file((store or Store()).resolve(ref) / TOKENIZER)
 
 
 def load_train_state(path: Path) -> tuple[dict, dict]:
     """(tensors, info) of a checkpoint's train state; refuses a checkpoint that has none."""
-    if not (path / "train_state.pt").exists():
+    if not (path / STATE_TENSORS).exists():
         raise UserError(f"{path}: has no train state to resume from (an exported or final-only checkpoint)")
-    tensors = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
-    info = json.loads((path / "train_state.json").read_text())
+    tensors = torch.load(path / STATE_TENSORS, map_location="cpu", weights_only=True)
+    info = json.loads((path / STATE_INFO).read_text())
     return tensors, info
+
+
+def read_meta(path: Path) -> dict:
+    """A checkpoint's meta.json (stage, step, metrics, parent, fingerprints, template, data settings)."""
+    return json.loads((path / META).read_text())
+
+
+def read_model_config(path: Path) -> dict:
+    """A checkpoint's model.json as plain data."""
+    return json.loads((path / CONFIG).read_text())
+
+
+def parent_info(ref: str, ckpt: Checkpoint) -> dict:
+    """What a child checkpoint records about where it started (shown by `llmstages show` as lineage)."""
+    info = {"ref": ref, "task": ckpt.meta.get("task"), "step": ckpt.meta.get("step")}
+    if ckpt.path is not None:
+        info.update(path=str(ckpt.path.resolve()), fingerprint=manifest_fingerprint(ckpt.path))
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------
+# resume
+# ---------------------------------------------------------------------------------------------------
+# Recipe fields that fix the shapes of the weights or the optimizer state: a checkpoint cannot be
+# resumed with other values, --allow-change or not.
+FIXED_ON_RESUME = ("model.size", "model.n_layer", "model.n_head", "model.n_embd", "model.block_size",
+                   "model.vocab_size", "model.bias", "finetune.trainable", "finetune.lora_rank",
+                   "finetune.lora_targets")
+
+
+def load_for_resume(store: Store, recipe: Recipe, model: GPT, tokenizer: Tokenizer, data_fingerprint: str, *,
+                    allow_change: bool) -> tuple[dict, dict]:
+    """The latest checkpoint of `recipe.run`, checked (recipe, shapes, tokenizer, data, every sha256),
+    its weights loaded into `model`; returns its train state (tensors, info) for RunState."""
+    latest = store.latest(recipe.run)
+    if latest is None:
+        raise UserError(f"run {recipe.run!r} has no checkpoint to resume from",
+                        hint=f"start it without --resume (store: {store.root})")
+    _check_resume(store.run_dir(recipe.run), recipe, allow_change, latest, data_fingerprint, tokenizer)
+    if problems := verify(latest):
+        raise UserError("\n".join(problems), hint="delete that checkpoint folder to resume from the one before it")
+    model.load_saved_state(load_file(str(latest / WEIGHTS)))
+    return load_train_state(latest)
+
+
+def _check_resume(run_dir: Path, recipe: Recipe, allow_change: bool, latest: Path, data_fingerprint: str,
+                  tokenizer: Tokenizer) -> None:
+    """Refuse a resume that would not continue the same run: another recipe (unless allowed), other
+    shapes, another tokenizer (never allowed), or other training data (unless allowed)."""
+    saved = run_dir / "recipe.yaml"
+    diffs = recipe_diff(read_yaml(saved), to_dict(recipe)) if saved.exists() else []
+    lines = "\n".join(f"    {path}: {old!r} -> {new!r}" for path, old, new in diffs)
+    fixed = [path for path, _, _ in diffs if path in FIXED_ON_RESUME]
+    if fixed:
+        raise UserError(f"{run_dir.name} cannot be resumed with another {', '.join(fixed)}:\n{lines}",
+                        hint="these fix the shapes of the saved weights; start a new run with run=NEW_NAME")
+    if diffs and not allow_change:
+        raise UserError(f"the recipe differs from the one {run_dir.name} was started with:\n{lines}",
+                        hint="resume with the same recipe, or pass --allow-change to continue with the new one")
+    meta = read_meta(latest)
+    if meta.get("tokenizer_fingerprint") not in (None, tokenizer.fingerprint):
+        raise UserError(f"{latest.name} of {run_dir.name} was trained with another tokenizer than the one now "
+                        f"prepared (fingerprint {meta['tokenizer_fingerprint'][:12]} vs {tokenizer.fingerprint[:12]})",
+                        hint="the data changed since the run started: start a new run with run=NEW_NAME")
+    if meta.get("data_fingerprint") not in (None, data_fingerprint) and not allow_change:
+        raise UserError(f"the training data differs from the data {run_dir.name} was started with "
+                        f"(dataset {meta['data_fingerprint'][:12]} vs {data_fingerprint[:12]})",
+                        hint="resume on the same files, or pass --allow-change to continue on the new data")
 
 
 def lineage(ckpt_path: Path, store: Store) -> list[dict]:
@@ -113,7 +189,7 @@ def lineage(ckpt_path: Path, store: Store) -> list[dict]:
     while path is not None and path not in seen:
         seen.add(path)
         try:
-            meta = json.loads((path / "meta.json").read_text())
+            meta = read_meta(path)
         except (OSError, json.JSONDecodeError):
             chain.append({"ref": str(path), "missing": True})
             break

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,30 @@ class TrainConfig:
     # Metric that picks the best checkpoint: val_loss (lower is better), or accuracy / f1 (higher).
     best_metric: str = _f("val_loss", choices=("val_loss", "accuracy", "f1"))
 
+    def batch_problem(self, world_size: int = 1) -> str | None:
+        """Why `global_batch_size` cannot be made of whole micro-batches on `world_size` processes (None: it can)."""
+        if self.global_batch_size % (self.micro_batch_size * world_size):
+            processes = f" x {world_size} processes" if world_size > 1 else ""
+            return (f"{self.global_batch_size} is not a multiple of train.micro_batch_size="
+                    f"{self.micro_batch_size}{processes}")
+        return None
+
+    def accumulation(self, world_size: int = 1) -> int:
+        """Micro-batches per optimizer step on each process: global = micro x accumulation x world size."""
+        if problem := self.batch_problem(world_size):
+            raise UserError(f"train.global_batch_size={problem}",
+                            hint="make it a multiple, or change the number of processes")
+        return self.global_batch_size // (self.micro_batch_size * world_size)
+
+    def total_steps(self, examples_per_epoch: int | None) -> int:
+        """Optimizer steps of the run: `max_steps`, or `epochs` passes over `examples_per_epoch` examples."""
+        if self.epochs > 0:
+            if not examples_per_epoch:
+                raise UserError("train.epochs is set but this task has no fixed epoch size",
+                                hint="use train.max_steps instead")
+            return max(1, math.ceil(self.epochs * examples_per_epoch / self.global_batch_size))
+        return self.max_steps
+
 
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # the linear layers of a transformer block (model.py)
 
@@ -233,9 +258,8 @@ PARSER = RecipeParser(Recipe, ALIASES)
 
 def _cross_checks(recipe: Recipe, problems: list[tuple[str, str]]) -> None:
     t, m, ft = recipe.train, recipe.model, recipe.finetune
-    if t.global_batch_size % t.micro_batch_size:
-        problems.append(("train.global_batch_size", f"{t.global_batch_size} is not a multiple of "
-                         f"train.micro_batch_size={t.micro_batch_size}"))
+    if problem := t.batch_problem():
+        problems.append(("train.global_batch_size", problem))
     if t.min_lr > t.lr:
         problems.append(("train.min_lr", f"{t.min_lr} is above train.lr={t.lr}"))
     if m.n_embd is not None and m.n_head is not None and m.n_embd % m.n_head:

@@ -7,11 +7,13 @@ writes checkpoints and logs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 
 @dataclass
@@ -39,6 +41,32 @@ class DistContext:
         t = torch.tensor([1.0 if flag else 0.0], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
+
+    def mean_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In place: the mean of `tensor` over all ranks (a no-op on one process)."""
+        if self.enabled:
+            dist.all_reduce(tensor)
+            tensor.div_(self.world_size)
+        return tensor
+
+    def max_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In place: the largest value of `tensor` over all ranks."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """The model as the training step calls it: DDP-wrapped under torchrun, else as it is."""
+        if not self.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def grad_sync(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager:
+        """DDP averages gradients only on the last micro-step of an accumulation (no_sync before it)."""
+        if self.enabled and not last_micro_step:
+            return model.no_sync()
+        return contextlib.nullcontext()
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():

@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 
 from llmstages.config import Recipe, dump_yaml
-from llmstages.loop import TrainTask, _accumulation, steps_for
+from llmstages.loop import TrainTask
 from llmstages.model import GPT, flops_per_token, num_params
 from llmstages.runlog import summary_table
 from llmstages.runtime import autocast, peak_device_mb, peak_rss_mb, resolve_device, resolve_precision
@@ -22,9 +22,8 @@ def estimate(model: GPT, recipe: Recipe, task: TrainTask, console: Console) -> d
     cfg = recipe.train
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    world = 1
-    accum = _accumulation(recipe, world)
-    steps = steps_for(recipe, task)
+    accum = cfg.accumulation(world_size=1)  # the estimate is for one process
+    steps = cfg.total_steps(task.examples_per_epoch)
     model.to(device).train()
     amp = autocast(device, precision)
 

@@ -1,6 +1,6 @@
 """Hugging Face interop: GPT-2 weights in, `transformers`-loadable folders out.
 
-    hf:DIR_OR_ID  ->  load_hf  ->  Checkpoint (our GPT + tokenizer)  ->  export_hf  ->  DIR
+    hf:DIR_OR_ID  ->  load_hf  ->  HFModel (our GPT, tokenizer, meta)  ->  export_hf  ->  DIR
 
 A Hugging Face GPT-2 folder holds `config.json`, the weights (`model.safetensors`, sharded
 `model-0000x-of-0000y.safetensors` + `model.safetensors.index.json`, or `pytorch_model.bin`, which is
@@ -20,19 +20,18 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import re
-import shutil
-import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from llmstages.checkpoint import Checkpoint
 from llmstages.errors import UserError
 from llmstages.model import GPT, GPTConfig
+from llmstages.store import atomic_dir, hash_file
 from llmstages.tokenizer import EOT, Tokenizer
 
 # HF GPT-2's Conv1D layers: weight (in, out) there, (out, in) here.
@@ -44,6 +43,29 @@ TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"]
 SAFETENSORS_FILES = ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
 BIN_FILES = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]
+
+
+@dataclass
+class HFModel:
+    """What `load_hf` reads: our model, its tokenizer and a meta dict (checkpoint.py wraps it as a Checkpoint)."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    meta: dict
+    path: None = None  # not a folder of the store
+
+    @property
+    def ref(self) -> str:
+        return self.meta["source"]
+
+
+class ModelFiles(Protocol):
+    """What `export_hf` writes: a Checkpoint, an HFModel, or anything else with these."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    meta: dict
+    path: Path | None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -280,8 +302,8 @@ def ours_to_hf(model: GPT) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------
 # import
 # ---------------------------------------------------------------------------------------------------
-def load_hf(dir_or_id: str, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load `hf:DIR_OR_ID` as a Checkpoint (path None): GPT-2 LM, or a sequence classifier with `score`."""
+def load_hf(dir_or_id: str, device: str | torch.device = "cpu") -> HFModel:
+    """Load `hf:DIR_OR_ID` (GPT-2 LM, or a sequence classifier with `score`) as plain model, tokenizer, meta."""
     folder = resolve_hf(dir_or_id)
     where = f"hf:{dir_or_id}" + (f" ({folder})" if str(folder) != dir_or_id else "")
     hf = read_hf_config(folder)
@@ -306,7 +328,7 @@ def load_hf(dir_or_id: str, device: str | torch.device = "cpu") -> Checkpoint:
         "fingerprint": _fingerprint(folder), "tokenizer_fingerprint": tokenizer.fingerprint,
     }
     # eval mode: GPT-2 configs carry dropout 0.1, which training turns on with model.train()
-    return Checkpoint(model.to(device).eval(), tokenizer, meta, None)
+    return HFModel(model.to(device).eval(), tokenizer, meta)
 
 
 def load_hf_tokenizer(dir_or_id: str, *, folder: Path | None = None) -> Tokenizer:
@@ -325,16 +347,14 @@ def _fingerprint(folder: Path) -> str:
     names = ["config.json"] + sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
     for name in names:
         h.update(name.encode())
-        with open(folder / name, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
+        hash_file(folder / name, h)
     return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------
 # export
 # ---------------------------------------------------------------------------------------------------
-def export_hf(ckpt: Checkpoint, out: Path, *, force: bool, store_root: Path | None = None) -> Path:
+def export_hf(ckpt: ModelFiles, out: Path, *, force: bool, store_root: Path | None = None) -> Path:
     """Write `ckpt` as a folder `transformers` loads (from_pretrained); LoRA is merged first on a copy.
 
     Refuses a non-empty `out` unless `force`, and any `out` inside the store (`store_root`) or the
@@ -349,10 +369,7 @@ def export_hf(ckpt: Checkpoint, out: Path, *, force: bool, store_root: Path | No
         model = copy.deepcopy(model)  # the caller's model keeps its adapters
         merge_lora(model)
     tokenizer = ckpt.tokenizer
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out, replace=True, manifest=False) as tmp:  # `out` is replaced only once all is written
         save_file(ours_to_hf(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         dtype = model.transformer.wte.weight.dtype
         _write_json(tmp / "config.json", hf_config(model.config, tokenizer.eot_id, dtype))
@@ -360,14 +377,10 @@ def export_hf(ckpt: Checkpoint, out: Path, *, force: bool, store_root: Path | No
             _write_json(tmp / "generation_config.json", generation_config(ckpt.meta.get("generate") or {},
                                                                            tokenizer.eot_id))
         write_tokenizer_files(tokenizer, tmp, model.config)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
-def _check_target(out: Path, ckpt: Checkpoint, force: bool, store_root: Path | None) -> None:
+def _check_target(out: Path, ckpt: ModelFiles, force: bool, store_root: Path | None) -> None:
     resolved = out.resolve()
     # The store and the checkpoint belong to llmstages: an export may neither go inside them nor
     # (with --force) replace a folder that holds them.
@@ -387,17 +400,6 @@ def _check_target(out: Path, ckpt: Checkpoint, force: bool, store_root: Path | N
             if resolved == place or resolved in place.parents:
                 raise UserError(f"{out}: refusing to replace a folder that holds {place}",
                                 hint="export into a folder of its own")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`; an existing `out` is moved aside first and deleted only afterwards."""
-    old = None
-    if out.exists():
-        old = out.parent / f".trash-{out.name}-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def generation_config(defaults: dict, eot_id: int) -> dict:

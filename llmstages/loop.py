@@ -1,24 +1,26 @@
 """The training loop, shared by every stage. What differs between stages is the `TrainTask`:
 where micro-batches come from, the loss, and the validation metrics.
 
+    train()   joins the process group (torchrun) and runs fit()
+    fit()     one loop in nanoGPT's order: lr -> eval/checkpoint -> micro-steps -> clip -> step -> log
+
+Everything that changes between steps is the RunState (runstate.py); checkpoint.py writes and reads
+it. The parts that stay fixed for the whole run (model, optimizer, task, store...) travel as a `Run`.
+
 One optimizer step = `accum` micro-batches per process, so that
-    global_batch_size = micro_batch_size * accum * world_size.
+    global_batch_size = micro_batch_size * accum * world_size   (TrainConfig.accumulation).
 Micro-batch number g (counted over all processes since step 0) is a pure function of (seed, g):
 resuming needs only the step, and a 2-process run sees exactly the batches of a 1-process run.
 Dropout is re-seeded from (seed, g) before every micro-batch for the same reason.
 
 The hot loop does not wait on the device: the loss is summed on the device and read only at log,
-eval and save steps (`.item()` there). A non-finite loss is caught at the next of those steps,
-before any checkpoint is written after it.
+eval and save steps. A non-finite loss is caught at the next of those steps, before any checkpoint
+is written after it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
-import json
-import random
 import signal
 import sys
 import time
@@ -26,19 +28,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 from rich.console import Console
 
 from llmstages import __version__
-from llmstages.checkpoint import load_train_state, save_checkpoint
-from llmstages.config import Recipe, dump_yaml, read_yaml, recipe_diff, to_dict
+from llmstages.checkpoint import load_for_resume, save_checkpoint
+from llmstages.config import Recipe, dump_yaml, to_dict
 from llmstages.distributed import DistContext, init_distributed
 from llmstages.errors import StopTraining, UserError
 from llmstages.model import GPT, flops_per_token, num_params
-from llmstages.optim import build_optimizer, lr_at
+from llmstages.optim import build_optimizer, lr_at, set_lr
 from llmstages.runlog import RunLog, TrainProgress, summary_table
+from llmstages.runstate import RunState, restore_rng
 from llmstages.runtime import autocast, peak_flops, peak_rss_mb, resolve_device, resolve_precision
 from llmstages.store import Store, now_iso
 from llmstages.tokenizer import Tokenizer
@@ -100,24 +102,266 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def steps_for(recipe: Recipe, task: TrainTask) -> int:
-    cfg = recipe.train
-    if cfg.epochs > 0:
-        if not task.examples_per_epoch:
-            raise UserError("train.epochs is set but this task has no fixed epoch size",
-                            hint="use train.max_steps instead")
-        return max(1, math.ceil(cfg.epochs * task.examples_per_epoch / cfg.global_batch_size))
-    return cfg.max_steps
+@dataclass
+class Run:
+    """What one training run uses at every step and never changes."""
+
+    recipe: Recipe
+    task: TrainTask
+    store: Store
+    tokenizer: Tokenizer
+    dctx: DistContext
+    device: torch.device
+    stage: str
+    parent: dict | None
+    model: nn.Module  # what the step calls: `raw_model`, compiled and/or DDP-wrapped
+    raw_model: GPT  # what is evaluated and saved
+    optimizer: torch.optim.Optimizer
+    amp: object  # autocast context (or a null one)
+    accum: int
+    max_steps: int
+    log: RunLog
+    progress: TrainProgress
+    peak: float  # the FLOP/s MFU is measured against (nan: unknown)
 
 
-def _accumulation(recipe: Recipe, world: int) -> int:
+@dataclass
+class Window:
+    """Throughput since the last log step: tokens over all processes, the start time, the sequence length."""
+
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    seq_len: int = 0
+
+    def reset(self) -> None:
+        self.tokens, self.start = 0, time.perf_counter()
+
+
+@dataclass
+class Due:
+    """What a finished step is a boundary of (nothing is due before the first step)."""
+
+    log: bool = False
+    eval: bool = False
+    save: bool = False
+    stop: bool = False
+
+    @classmethod
+    def after(cls, step: int, recipe: Recipe, max_steps: int, stop: bool) -> "Due":
+        cfg, last = recipe.train, step == max_steps
+        return cls(log=step % cfg.log_every == 0 or last,
+                   eval=bool(cfg.eval_every and step % cfg.eval_every == 0) or last,
+                   save=bool(cfg.save_every and step % cfg.save_every == 0) or last or stop, stop=stop)
+
+    @property
+    def any(self) -> bool:
+        return self.log or self.eval or self.save
+
+
+def train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store: Store, *,
+          stage: str, parent: dict | None = None, resume: bool = False, allow_change: bool = False,
+          console: Console | None = None) -> TrainResult:
+    """Train `model` on `task` as `recipe.train` says, committing checkpoints of run `recipe.run` to `store`."""
+    dctx, device_name = init_distributed(recipe.train.device)
+    try:
+        return fit(model, tokenizer, recipe, task, store, dctx, resolve_device(device_name), stage=stage,
+                   parent=parent, resume=resume, allow_change=allow_change, console=console or Console(stderr=True))
+    finally:
+        dctx.close()
+
+
+def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store: Store, dctx: DistContext,
+        device: torch.device, *, stage: str, parent: dict | None, resume: bool, allow_change: bool,
+        console: Console) -> TrainResult:
+    """The training loop; the steps are numbered 1..max_steps, `state.step` counts the finished ones."""
     cfg = recipe.train
-    per_step = cfg.micro_batch_size * world
-    if cfg.global_batch_size % per_step:
-        raise UserError(f"train.global_batch_size={cfg.global_batch_size} is not a multiple of "
-                        f"train.micro_batch_size={cfg.micro_batch_size} x {world} processes",
-                        hint="make it a multiple, or change the number of processes")
-    return cfg.global_batch_size // per_step
+    accum, max_steps = cfg.accumulation(dctx.world_size), cfg.total_steps(task.examples_per_epoch)
+    precision = resolve_precision(cfg.precision, device)
+    state, saved = start_or_resume(model, tokenizer, recipe, task, store, dctx, resume, allow_change)
+
+    # --- model, optimizer ---------------------------------------------------------------------------
+    model.to(device).train()
+    stepped = dctx.wrap(torch.compile(model) if cfg.compile else model, device)
+    optimizer = build_optimizer(model, cfg, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if saved is not None:
+        optimizer.load_state_dict(saved[0]["optimizer"])
+        restore_rng(*saved)
+    state.to(device)
+    run = Run(recipe, task, store, tokenizer, dctx, device, stage, parent, model=stepped, raw_model=model,
+              optimizer=optimizer, amp=autocast(device, precision), accum=accum, max_steps=max_steps,
+              log=RunLog(store.run_dir(recipe.run)), progress=TrainProgress(console, max_steps, state.step,
+                                                                             enabled=dctx.is_main),
+              peak=peak_flops(device, precision) if dctx.is_main else float("nan"))
+    run.progress.message(f"[bold]{stage}[/bold] run [cyan]{recipe.run}[/cyan]: {num_params(model):,} parameters "
+                         f"({num_params(model, trainable_only=True):,} trainable), {max_steps} steps of "
+                         f"{cfg.global_batch_size} sequences, {precision} on {device}"
+                         + (f" x {dctx.world_size} processes" if dctx.enabled else "")
+                         + (f", resuming at step {state.step}" if resume else ""))
+
+    stop = StopFlag()
+    stop.install()
+    window, due = Window(seq_len=model.config.block_size), Due()
+    last_ckpt = store.latest(recipe.run) if dctx.is_main else None
+    stopped_early = False
+    state.started = time.perf_counter()
+    try:
+        while True:
+            # 1. the learning rate of the next step
+            lr = set_lr(optimizer, lr_at(state.step, cfg, max_steps))
+
+            # 2. evaluate and commit a checkpoint when the step just finished asks for it
+            improved = due.eval and evaluate(run, state, window)
+            patience_out = bool(due.any and cfg.patience and state.evals_since_best >= cfg.patience)
+            if due.save or improved or patience_out:
+                last_ckpt = commit(run, state, improved)
+            if due.stop and state.step < max_steps:  # a signal during the last step: the run has finished anyway
+                run.progress.close()
+                run.progress.message(f"stopped at step {state.step}; checkpoint {last_ckpt}. Resume with:\n  "
+                                     f"{resume_command(stage, recipe)}")
+                raise StopTraining(stop.signum or signal.SIGTERM)
+            if patience_out:
+                run.progress.message(f"early stop: {cfg.best_metric} has not improved for {cfg.patience} evaluations")
+                stopped_early = True
+                break
+            if state.step >= max_steps:
+                break
+
+            # 3. forward and backward over the micro-batches of one step (gradients summed)
+            step_loss = micro_steps(run, state, window)
+
+            # 4. clip, 5. step
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.add_step(step_loss)
+
+            # 6. log (every rank agrees on whether a signal asks to stop)
+            due = Due.after(state.step, recipe, max_steps, stop=dctx.any_true(stop.signum is not None, device))
+            if due.any:
+                check_finite(run, state, last_ckpt)
+            if due.log:
+                log_step(run, state, window, lr, grad_norm)
+    finally:
+        stop.restore()
+        run.progress.close()
+
+    seconds = state.elapsed
+    return TrainResult(recipe.run, state.step, last_ckpt, state.metrics, state.best, seconds, state.tokens_seen,
+                       state.tokens_seen / seconds if seconds > 0 else 0.0, stopped_early)
+
+
+def start_or_resume(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store: Store,
+                    dctx: DistContext, resume: bool, allow_change: bool) -> tuple[RunState, tuple[dict, dict] | None]:
+    """A fresh RunState, or the one of the run's latest checkpoint (its weights loaded into `model`),
+    with the saved train state (tensors, info) that the optimizer and the RNGs are restored from."""
+    run, run_dir = recipe.run, store.run_dir(recipe.run)
+    saved = None
+    if resume:
+        saved = load_for_resume(store, recipe, model, tokenizer, task.data_fingerprint, allow_change=allow_change)
+    elif store.checkpoints(run):
+        raise UserError(f"run {run!r} already has checkpoints in {run_dir}",
+                        hint="continue it with --resume, or start a new run with run=NEW_NAME")
+    state = RunState.from_saved(*saved) if saved is not None else RunState()
+    if dctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        store.clean_partial(run)
+        # Resume: drop what was logged after the checkpoint. A fresh start in a folder without
+        # checkpoints (a run killed before its first one): drop the old run's log entirely.
+        log = RunLog(run_dir)
+        log.truncate_after(state.step)
+        if not resume:
+            log.plot_path.unlink(missing_ok=True)
+        if not resume or allow_change:
+            (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))
+    dctx.barrier()
+    return state, saved
+
+
+def micro_steps(run: Run, state: RunState, window: Window) -> torch.Tensor:
+    """Forward and backward of this process's `accum` micro-batches; returns their mean loss, a () tensor."""
+    dctx, seed = run.dctx, run.recipe.train.seed
+    step_loss = torch.zeros((), device=run.device)
+    for micro in range(run.accum):
+        index = (state.step * run.accum + micro) * dctx.world_size + dctx.rank
+        torch.manual_seed(seed * 1_000_003 + index)  # dropout masks follow the micro-batch, not the rank
+        batch = _to_device(run.task.batch(index), run.device)
+        with dctx.grad_sync(run.model, last_micro_step=micro == run.accum - 1):
+            with run.amp:
+                loss = run.task.loss(run.model, batch)
+            (loss / run.accum).backward()
+        step_loss += loss.detach()
+        n_tokens = batch["n_tokens"] * dctx.world_size  # batch shapes match across ranks
+        window.tokens += n_tokens
+        state.tokens_seen += n_tokens
+        window.seq_len = batch["input_ids"].shape[1]
+    return step_loss / run.accum
+
+
+def check_finite(run: Run, state: RunState, last_ckpt: Path | None) -> None:
+    """Stop on a non-finite loss on any rank (it has reached every rank's weights through the gradients)."""
+    bad = int(run.dctx.max_(state.bad_step))
+    if bad >= 0:
+        where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
+        raise TrainingDiverged(f"the training loss became non-finite (nan/inf) at step {bad}; stopped, {where}",
+                               hint="lower train.lr, raise train.warmup_steps, or check the data; "
+                                    "then resume with --resume --allow-change")
+
+
+def log_step(run: Run, state: RunState, window: Window, lr: float, grad_norm: torch.Tensor | None) -> None:
+    """One log.jsonl line and a progress update: the mean loss since the last log over all ranks, speed, MFU."""
+    run.dctx.mean_(state.loss_sum)
+    seconds = time.perf_counter() - window.start
+    tps = window.tokens / seconds if seconds > 0 else 0.0
+    # tps counts the tokens of every process; peak is one device's
+    flops_per_s = flops_per_token(run.raw_model.config, window.seq_len) * tps
+    mfu = flops_per_s / (run.peak * run.dctx.world_size) if run.peak == run.peak else None
+    record = {"step": state.step, "loss": state.take_loss(), "lr": lr,
+              "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens": state.tokens_seen,
+              "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4) if mfu is not None else None,
+              "time": round(state.elapsed, 2)}
+    if run.dctx.is_main:
+        run.log.write(record)
+    run.progress.update(state.step, {"loss": record["loss"], "lr": lr, "tok/s": round(tps),
+                                     "mfu": f"{mfu:.1%}" if mfu is not None else None})
+    window.reset()
+
+
+def evaluate(run: Run, state: RunState, window: Window) -> bool:
+    """Validation figures (logged, plotted, kept in `state`); True when the best metric improved."""
+    started = time.perf_counter()
+    metrics = _metrics(run.raw_model, run.task, run.amp)
+    if run.task.on_eval is not None and run.dctx.is_main:
+        metrics.update(run.task.on_eval(run.raw_model) or {})
+    improved = state.record_eval(metrics, run.recipe.train.best_metric)
+    if run.dctx.is_main:
+        run.log.write({"step": state.step, **{k: v for k, v in metrics.items() if _loggable(v)}})
+        run.log.plot(title=run.recipe.run)
+        run.progress.message(f"eval @ {state.step}: " + "  ".join(
+            f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    window.start += time.perf_counter() - started  # eval time does not count against tokens/s
+    return improved
+
+
+def commit(run: Run, state: RunState, improved: bool) -> Path | None:
+    """Every rank joins (the saved loss window is the mean over ranks, as a log step takes it); rank 0
+    commits the checkpoint, records the best and prunes. Returns the new checkpoint on rank 0."""
+    recipe, store, dctx = run.recipe, run.store, run.dctx
+    dctx.mean_(state.loss_sum)
+    path = None
+    if dctx.is_main:
+        saved = state.to_saved(run.optimizer.state_dict(), world_size=dctx.world_size, seed=recipe.train.seed,
+                               accum=run.accum)
+        meta = {"task": run.task.kind, "stage": run.stage, "metrics": state.metrics, "parent": run.parent,
+                "data_fingerprint": run.task.data_fingerprint, "tokens_seen": state.tokens_seen, "created": now_iso(),
+                "llmstages_version": __version__, "generate": to_dict(recipe.generate),
+                "data_settings": to_dict(recipe.data), **run.task.meta}
+        path = save_checkpoint(store, recipe.run, state.step, run.raw_model, run.tokenizer, meta, saved)
+        if improved:
+            store.set_best(recipe.run, state.best["step"], state.best["metric"], state.best["value"])
+        store.prune(recipe.run, recipe.train.keep_last)
+    dctx.barrier()
+    return path
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -125,293 +369,12 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _better(metric: str, new: float, old: float | None) -> bool:
-    if old is None:
-        return True
-    return new < old if metric == "val_loss" else new > old
-
-
-def _rng_state() -> tuple[dict, dict]:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["cuda"] = torch.cuda.get_rng_state_all()
-    py = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    info = {"python": [py[0], list(py[1]), py[2]],
-            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
-    return tensors, info
-
-
-def _set_rng_state(tensors: dict, info: dict) -> None:
-    torch.set_rng_state(tensors["torch"])
-    if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(tensors["cuda"])
-    version, state, gauss = info["python"]
-    random.setstate((version, tuple(state), gauss))
-    kind, keys, pos, has_gauss, cached = info["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-# Recipe fields that fix the shapes of the weights or the optimizer state: a checkpoint cannot be
-# resumed with other values, --allow-change or not.
-FIXED_ON_RESUME = ("model.size", "model.n_layer", "model.n_head", "model.n_embd", "model.block_size",
-                   "model.vocab_size", "model.bias", "finetune.trainable", "finetune.lora_rank",
-                   "finetune.lora_targets")
-
-
-def _check_resume(run_dir: Path, recipe: Recipe, allow_change: bool, latest: Path, data_fingerprint: str,
-                  tokenizer: Tokenizer) -> None:
-    """Refuse a resume that would not continue the same run: another recipe (unless allowed), other
-    shapes, another tokenizer (never allowed), or other training data (unless allowed)."""
-    saved = run_dir / "recipe.yaml"
-    diffs = recipe_diff(read_yaml(saved), to_dict(recipe)) if saved.exists() else []
-    lines = "\n".join(f"    {path}: {old!r} -> {new!r}" for path, old, new in diffs)
-    fixed = [path for path, _, _ in diffs if path in FIXED_ON_RESUME]
-    if fixed:
-        raise UserError(f"{run_dir.name} cannot be resumed with another {', '.join(fixed)}:\n{lines}",
-                        hint="these fix the shapes of the saved weights; start a new run with run=NEW_NAME")
-    if diffs and not allow_change:
-        raise UserError(f"the recipe differs from the one {run_dir.name} was started with:\n{lines}",
-                        hint="resume with the same recipe, or pass --allow-change to continue with the new one")
-    meta = json.loads((latest / "meta.json").read_text())
-    if meta.get("tokenizer_fingerprint") not in (None, tokenizer.fingerprint):
-        raise UserError(f"{latest.name} of {run_dir.name} was trained with another tokenizer than the one now "
-                        f"prepared (fingerprint {meta['tokenizer_fingerprint'][:12]} vs {tokenizer.fingerprint[:12]})",
-                        hint="the data changed since the run started: start a new run with run=NEW_NAME")
-    if meta.get("data_fingerprint") not in (None, data_fingerprint) and not allow_change:
-        raise UserError(f"the training data differs from the data {run_dir.name} was started with "
-                        f"(dataset {meta['data_fingerprint'][:12]} vs {data_fingerprint[:12]})",
-                        hint="resume on the same files, or pass --allow-change to continue on the new data")
-
-
-def train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store: Store, *,
-          stage: str, parent: dict | None = None, resume: bool = False, allow_change: bool = False,
-          console: Console | None = None) -> TrainResult:
-    """Train `model` on `task` as `recipe.train` says, committing checkpoints of run `recipe.run` to `store`."""
-    cfg = recipe.train
-    dctx, device_name = init_distributed(cfg.device)
-    try:
-        return _train(model, tokenizer, recipe, task, store, dctx, resolve_device(device_name), stage=stage,
-                      parent=parent, resume=resume, allow_change=allow_change, console=console or Console(stderr=True))
-    finally:
-        dctx.close()
-
-
-def _train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store: Store, dctx: DistContext,
-           device: torch.device, *, stage: str, parent: dict | None, resume: bool, allow_change: bool,
-           console: Console) -> TrainResult:
-    cfg, run = recipe.train, recipe.run
-    run_dir = store.run_dir(run)
-    precision = resolve_precision(cfg.precision, device)
-    accum = _accumulation(recipe, dctx.world_size)
-    max_steps = steps_for(recipe, task)
-    log = RunLog(run_dir)
-
-    # --- start or resume ---------------------------------------------------------------------------
-    start_step, tokens_seen, elapsed_before = 0, 0, 0.0
-    best, evals_since_best, last_metrics = None, 0, {}
-    state_tensors = state_info = None
-    if resume:
-        latest = store.latest(run)
-        if latest is None:
-            raise UserError(f"run {run!r} has no checkpoint to resume from",
-                            hint=f"start it without --resume (store: {store.root})")
-        _check_resume(run_dir, recipe, allow_change, latest, task.data_fingerprint, tokenizer)
-        from safetensors.torch import load_file
-        model.load_saved_state(load_file(str(latest / "model.safetensors")))
-        state_tensors, state_info = load_train_state(latest)
-        start_step, tokens_seen = state_info["step"], state_info["tokens_seen"]
-        elapsed_before = state_info.get("elapsed", 0.0)
-        best, evals_since_best = state_info.get("best"), state_info.get("evals_since_best", 0)
-        last_metrics = state_info.get("metrics", {})
-    elif store.checkpoints(run):
-        raise UserError(f"run {run!r} already has checkpoints in {run_dir}",
-                        hint="continue it with --resume, or start a new run with run=NEW_NAME")
-    if dctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        store.clean_partial(run)
-        # Resume: drop what was logged after the checkpoint. A fresh start in a folder without
-        # checkpoints (a run killed before its first one): drop the old run's log entirely.
-        log.truncate_after(start_step)
-        if not resume:
-            log.plot_path.unlink(missing_ok=True)
-        if not resume or allow_change:
-            (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))
-    dctx.barrier()
-
-    # --- model, optimizer ---------------------------------------------------------------------------
-    model.to(device).train()
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if dctx.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(raw_model, cfg, device)
-    trainable = [p for p in raw_model.parameters() if p.requires_grad]
-    if state_tensors is not None:
-        optimizer.load_state_dict(state_tensors["optimizer"])
-        _set_rng_state(state_tensors, state_info["rng"])
-    amp = autocast(device, precision)
-    peak = peak_flops(device, precision) if dctx.is_main else float("nan")
-
-    # Figures accumulated on the device between log steps (no host sync in the hot loop).
-    loss_sum = state_tensors["loss_sum"].to(device) if state_tensors is not None else torch.zeros((), device=device)
-    loss_count = state_info.get("loss_count", 0) if state_info else 0
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
-
-    stop = StopFlag()
-    stop.install()
-    progress = TrainProgress(console, max_steps, start_step, enabled=dctx.is_main)
-    progress.message(f"[bold]{stage}[/bold] run [cyan]{run}[/cyan]: {num_params(raw_model):,} parameters "
-                     f"({num_params(raw_model, trainable_only=True):,} trainable), {max_steps} steps of "
-                     f"{cfg.global_batch_size} sequences, {precision} on {device}"
-                     + (f" x {dctx.world_size} processes" if dctx.enabled else "")
-                     + (f", resuming at step {start_step}" if resume else ""))
-    window_start, window_tokens = time.perf_counter(), 0
-    run_start = time.perf_counter()
-    seq_len = raw_model.config.block_size
-    last_ckpt = store.latest(run) if dctx.is_main else None
-    step = start_step
-    stopped_early = False
-
-    def commit(at_step: int, metrics: dict) -> Path | None:
-        if dctx.enabled:  # every rank joins: the saved partial loss is the mean over ranks, as a log step takes it
-            import torch.distributed as dist
-            dist.all_reduce(loss_sum)
-            loss_sum.div_(dctx.world_size)
-        if not dctx.is_main:
-            return None
-        tensors, rng_info = _rng_state()
-        tensors.update(optimizer=optimizer.state_dict(), loss_sum=loss_sum.detach().cpu())
-        info = {"step": at_step, "tokens_seen": tokens_seen, "loss_count": loss_count, "best": best,
-                "evals_since_best": evals_since_best, "metrics": metrics, "rng": rng_info,
-                "elapsed": elapsed_before + time.perf_counter() - run_start, "world_size": dctx.world_size,
-                "sampler": {"kind": "indexed", "seed": cfg.seed, "next_micro_batch": at_step * accum * dctx.world_size}}
-        meta = {"task": task.kind, "stage": stage, "metrics": metrics, "parent": parent,
-                "data_fingerprint": task.data_fingerprint, "tokens_seen": tokens_seen, "created": now_iso(),
-                "llmstages_version": __version__, "generate": to_dict(recipe.generate),
-                "data_settings": to_dict(recipe.data), **task.meta}
-        return save_checkpoint(store, run, at_step, raw_model, tokenizer, meta, (tensors, info))
-
-    try:
-        while step < max_steps:
-            lr = lr_at(step, cfg, max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = torch.zeros((), device=device)
-            for micro in range(accum):
-                index = (step * accum + micro) * dctx.world_size + dctx.rank
-                torch.manual_seed(cfg.seed * 1_000_003 + index)  # dropout masks follow the micro-batch, not the rank
-                batch = _to_device(task.batch(index), device)
-                last = micro == accum - 1
-                sync = model.no_sync() if dctx.enabled and not last else contextlib.nullcontext()
-                with sync:
-                    with amp:
-                        loss = task.loss(model, batch)
-                    (loss / accum).backward()
-                step_loss += loss.detach()
-                n_tokens = batch["n_tokens"] * dctx.world_size  # batch shapes match across ranks
-                window_tokens += n_tokens
-                tokens_seen += n_tokens
-                seq_len = batch["input_ids"].shape[1]
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_loss /= accum
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(step_loss), step + 1, bad_step)
-            loss_sum += step_loss
-            loss_count += 1
-            step += 1
-
-            stop_now = dctx.any_true(stop.signum is not None, device)
-            is_log = step % cfg.log_every == 0 or step == max_steps
-            is_eval = (cfg.eval_every and step % cfg.eval_every == 0) or step == max_steps
-            is_save = (cfg.save_every and step % cfg.save_every == 0) or step == max_steps or stop_now
-            if not (is_log or is_eval or is_save):
-                continue
-            if dctx.enabled:  # a nan on any rank has reached every rank's weights through the gradients
-                import torch.distributed as dist
-                dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
-            if int(bad_step) >= 0:
-                where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
-                raise TrainingDiverged(f"the training loss became non-finite (nan/inf) at step {int(bad_step)}; "
-                                       f"stopped, {where}",
-                                       hint="lower train.lr, raise train.warmup_steps, or check the data; "
-                                            "then resume with --resume --allow-change")
-            if is_log:
-                if dctx.enabled:
-                    import torch.distributed as dist
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= dctx.world_size
-                seconds = time.perf_counter() - window_start
-                tps = window_tokens / seconds if seconds > 0 else 0.0
-                # tps counts the tokens of every process; peak is one device's
-                flops_per_s = flops_per_token(raw_model.config, seq_len) * tps
-                mfu = flops_per_s / (peak * dctx.world_size) if peak == peak else None
-                record = {"step": step, "loss": float(loss_sum) / loss_count, "lr": lr,
-                          "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens": tokens_seen,
-                          "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4) if mfu is not None else None,
-                          "time": round(elapsed_before + time.perf_counter() - run_start, 2)}
-                if dctx.is_main:
-                    log.write(record)
-                progress.update(step, {"loss": record["loss"], "lr": lr, "tok/s": round(tps),
-                                       "mfu": f"{mfu:.1%}" if mfu is not None else None})
-                loss_sum.zero_()
-                loss_count, window_tokens, window_start = 0, 0, time.perf_counter()
-            improved = False
-            if is_eval:
-                eval_start = time.perf_counter()
-                last_metrics = _evaluate(raw_model, task, amp)
-                if task.on_eval is not None and dctx.is_main:
-                    last_metrics.update(task.on_eval(raw_model) or {})
-                value = last_metrics.get(cfg.best_metric)
-                if isinstance(value, (int, float)):
-                    improved = _better(cfg.best_metric, value, best["value"] if best else None)
-                    if improved:
-                        best = {"step": step, "metric": cfg.best_metric, "value": value}
-                        evals_since_best = 0
-                    else:
-                        evals_since_best += 1
-                if dctx.is_main:
-                    log.write({"step": step, **{k: v for k, v in last_metrics.items() if _loggable(v)}})
-                    log.plot(title=run)
-                    progress.message(f"eval @ {step}: " + "  ".join(
-                        f"{k} {v:.4g}" for k, v in last_metrics.items() if isinstance(v, float)))
-                window_start += time.perf_counter() - eval_start  # eval time does not count against tokens/s
-            patience_out = cfg.patience and evals_since_best >= cfg.patience
-            if is_save or improved or patience_out:
-                path = commit(step, last_metrics)
-                if dctx.is_main:
-                    last_ckpt = path
-                    if improved:
-                        store.set_best(run, best["step"], best["metric"], best["value"])
-                    store.prune(run, cfg.keep_last)
-                dctx.barrier()
-            if stop_now and step < max_steps:  # a signal during the last step: the run has finished anyway
-                progress.close()
-                progress.message(f"stopped at step {step}; checkpoint {last_ckpt}. Resume with:\n  "
-                                 f"{resume_command(stage, recipe)}")
-                raise StopTraining(stop.signum or signal.SIGTERM)
-            if patience_out:
-                progress.message(f"early stop: {cfg.best_metric} has not improved for {cfg.patience} evaluations")
-                stopped_early = True
-                break
-    finally:
-        stop.restore()
-        progress.close()
-
-    seconds = elapsed_before + time.perf_counter() - run_start
-    return TrainResult(run, step, last_ckpt, last_metrics, best, seconds, tokens_seen,
-                       tokens_seen / seconds if seconds > 0 else 0.0, stopped_early)
-
-
 def _loggable(value) -> bool:
     return isinstance(value, (int, float, str, list, dict)) and not isinstance(value, bool)
 
 
 @torch.no_grad()
-def _evaluate(model: GPT, task: TrainTask, amp) -> dict:
+def _metrics(model: GPT, task: TrainTask, amp) -> dict:
     model.eval()
     try:
         with amp:

@@ -47,3 +47,10 @@ def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
     decay_steps = max(1, max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """Set the learning rate of every parameter group; returns it."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr

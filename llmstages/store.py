@@ -5,8 +5,7 @@
       runs/<run>/recipe.yaml      the resolved recipe that ran
       runs/<run>/log.jsonl        one line per logged step / eval
       runs/<run>/best.json        which checkpoint is best, by which metric
-      runs/<run>/step-000500/     a committed checkpoint: model.safetensors, model.json, tokenizer.json,
-                                  meta.json, train_state.pt/.json, MANIFEST (written last)
+      runs/<run>/step-000500/     a committed checkpoint (its files: checkpoint.py), MANIFEST written last
 
 A checkpoint is written into a hidden temporary folder inside the run folder, every file is fsynced,
 `MANIFEST` (sha256 and size of every other file) is written last, and the folder is renamed into
@@ -41,12 +40,17 @@ def default_root() -> Path:
     return Path(os.environ.get("LLMSTAGES_STORE", "store"))
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def hash_file(path: Path, digest: "hashlib._Hash | None" = None, chunk: int = 1 << 20) -> "hashlib._Hash":
+    """Feed the bytes of `path` into `digest` (a new sha256 when None) and return it."""
+    digest = digest if digest is not None else hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+            digest.update(block)
+    return digest
+
+
+def sha256_file(path: Path) -> str:
+    return hash_file(path).hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -138,31 +142,38 @@ def manifest_fingerprint(folder: Path) -> str:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
+def atomic_dir(final: Path, *, replace: bool = False, manifest: bool = True) -> Iterator[Path]:
     """Yield a hidden temporary folder beside `final`; on success write MANIFEST and rename it into place.
 
     On any exception (or a kill) the temporary folder is left out of sight and `final` is untouched.
     With `replace`, an existing `final` is moved aside and deleted only after the new one is in place.
+    `manifest=False` is for folders other tools read (an export), which get no MANIFEST.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     tmp.mkdir()
     try:
         yield tmp
-        write_manifest(tmp)
-        old = None
-        if final.exists():
-            if not replace:
-                raise FileExistsError(f"{final} already exists")
-            old = final.parent / f".trash-{final.name}-{uuid.uuid4().hex[:6]}"
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync_dir(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if manifest:
+            write_manifest(tmp)
+        if final.exists() and not replace:
+            raise FileExistsError(f"{final} already exists")
+        _replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`; an existing `final` is moved out of sight first and deleted only afterwards."""
+    old = None
+    if final.exists():
+        old = final.parent / f".trash-{final.name}-{uuid.uuid4().hex[:6]}"
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_dir(path: Path) -> None:
@@ -181,7 +192,6 @@ class RunInfo:
     name: str
     path: Path
     steps: list[int]
-    task: str
     best: dict | None
     last_log: dict | None
 
@@ -309,12 +319,7 @@ class Store:
         infos = []
         for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             steps = [int(STEP_RE.fullmatch(p.name).group(1)) for p in self.checkpoints(folder.name)]
-            task = "?"
-            latest = self.latest(folder.name)
-            if latest is not None:
-                with contextlib.suppress(OSError, json.JSONDecodeError):
-                    task = json.loads((latest / "meta.json").read_text()).get("task", "?")
-            infos.append(RunInfo(folder.name, folder, steps, task, self.read_best(folder.name),
+            infos.append(RunInfo(folder.name, folder, steps, self.read_best(folder.name),
                                  last_log_line(folder / "log.jsonl")))
         return infos
 

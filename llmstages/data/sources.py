@@ -35,7 +35,7 @@ from pathlib import Path
 from rich.console import Console
 
 from llmstages.errors import UserError
-from llmstages.store import Store, sha256_file
+from llmstages.store import Store, hash_file, sha256_file
 
 DATA_ENV = "LLMSTAGES_DATA"
 # File extensions a folder source picks up when data.format is auto.
@@ -226,7 +226,7 @@ def download(url: str, dest: Path, *, sha256: str = "", console: Console | None 
             response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - http(s) only, checked above
         except urllib.error.HTTPError as err:
             if err.code == 416 and offset:  # nothing left to fetch: the partial file may be complete
-                return _finish(part, dest, url, sha256, _hash_file(part))
+                return _finish(part, dest, url, sha256, hash_file(part))
             raise UserError(f"{url}: download failed: HTTP {err.code} {err.reason}", hint=offline_hint) from None
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
@@ -236,7 +236,7 @@ def download(url: str, dest: Path, *, sha256: str = "", console: Console | None 
                 offset = 0  # the server ignored the Range request: start over
             length = response.headers.get("Content-Length")
             total = offset + int(length) if length and length.isdigit() else None
-            digest = _hash_file(part) if offset else hashlib.sha256()
+            digest = hash_file(part) if offset else hashlib.sha256()
             got = offset
             with _progress(console, url, total, offset) as advance, open(part, "ab" if offset else "wb") as out:
                 try:
@@ -256,14 +256,6 @@ def _interrupted(url: str, got: int, total: int | None, why: object) -> UserErro
     of = f" of {total:,}" if total else ""
     return UserError(f"{url}: download interrupted after {got:,}{of} bytes ({why}); the partial file is kept",
                      hint="run the command again to resume the download")
-
-
-def _hash_file(path: Path) -> "hashlib._Hash":
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest
 
 
 def _finish(part: Path, dest: Path, url: str, sha256: str, digest: "hashlib._Hash") -> str:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 from rich.console import Console
 from rich.table import Table
 
-from llmstages.checkpoint import lineage
+from llmstages.checkpoint import lineage, read_meta, read_model_config
 from llmstages.config import builtin_recipes, read_yaml
 from llmstages.store import Store
 
@@ -39,14 +40,22 @@ def print_runs(console: Console, store: Store) -> None:
         if info.last_log:
             log = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in info.last_log.items() if k in LOG_FIGURES)
-        table.add_row(info.name, info.task, str(len(info.steps)), str(info.steps[-1]) if info.steps else "-", best, log)
+        table.add_row(info.name, _task(store, info.name), str(len(info.steps)), str(info.steps[-1]) if info.steps else "-", best, log)
     console.print(table)
+
+
+def _task(store: Store, run: str) -> str:
+    """The task of a run's latest checkpoint ("?" when it has none or its meta cannot be read)."""
+    latest = store.latest(run)
+    with contextlib.suppress(OSError, json.JSONDecodeError):
+        return read_meta(latest).get("task", "?") if latest is not None else "?"
+    return "?"
 
 
 def print_checkpoint(console: Console, store: Store, model: str, *, as_json: bool = False) -> None:
     """Model config, the metrics stored with the checkpoint, and its lineage (newest first)."""
     path = store.resolve(model)
-    config = json.loads((path / "model.json").read_text())
+    config = read_model_config(path)
     chain = lineage(path, store)
     if as_json:
         console.print_json(json.dumps({"path": str(path), "config": config, "lineage": chain}, default=str))

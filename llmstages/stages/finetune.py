@@ -15,14 +15,14 @@ from pathlib import Path
 import torch.nn as nn
 from rich.console import Console
 
-from llmstages.checkpoint import Checkpoint, load_checkpoint
+from llmstages.checkpoint import Checkpoint, load_checkpoint, parent_info
 from llmstages.config import FinetuneConfig, Recipe, recipes_dir
 from llmstages.distributed import is_main_process
 from llmstages.errors import UserError
 from llmstages.lora import add_lora, merge_lora
 from llmstages.loop import TrainResult, train
 from llmstages.model import GPT, set_dropout
-from llmstages.stages.pretrain import check_tokenizer, parent_info, prepared_data
+from llmstages.stages.pretrain import check_tokenizer, prepared_data
 from llmstages.store import Store
 
 # --task NAME -> (built-in recipe, the recipe `task:` it stands for)

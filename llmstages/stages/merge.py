@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmstages.checkpoint import load_checkpoint, save_checkpoint
+from llmstages.checkpoint import load_checkpoint, parent_info, save_checkpoint
 from llmstages.errors import UserError
 from llmstages.lora import merge_lora
-from llmstages.stages.pretrain import parent_info
 from llmstages.store import RUN_NAME_RE, Store, now_iso
 
 # meta.json entries that describe the source checkpoint itself, not the model

@@ -12,7 +12,7 @@ import time
 import torch
 from rich.console import Console
 
-from llmstages.checkpoint import load_checkpoint
+from llmstages.checkpoint import load_checkpoint, parent_info
 from llmstages.config import ModelConfig, Recipe
 from llmstages.data.prepared import PreparedDataset, find_prepared
 from llmstages.data.windows import WindowSampler, fixed_windows
@@ -21,7 +21,7 @@ from llmstages.errors import UserError
 from llmstages.loop import TrainResult, TrainTask, train
 from llmstages.model import GPT, GPTConfig, build_config, set_dropout
 from llmstages.objectives import lm_loss, lm_metrics
-from llmstages.store import Store, manifest_fingerprint
+from llmstages.store import Store
 from llmstages.tokenizer import Tokenizer, token_byte_lengths
 
 
@@ -52,14 +52,6 @@ def model_config(cfg: ModelConfig, vocab_size: int) -> GPTConfig:
     return build_config(cfg.size if cfg.size != "custom" else "", vocab_size=cfg.vocab_size or vocab_size,
                         n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                         dropout=cfg.dropout, bias=cfg.bias)
-
-
-def parent_info(ref: str, ckpt) -> dict:
-    """What a child checkpoint records about where it started (shown by `llmstages show` as lineage)."""
-    info = {"ref": ref, "task": ckpt.meta.get("task"), "step": ckpt.meta.get("step")}
-    if ckpt.path is not None:
-        info.update(path=str(ckpt.path.resolve()), fingerprint=manifest_fingerprint(ckpt.path))
-    return info
 
 
 def check_tokenizer(tokenizer: Tokenizer, data: PreparedDataset, model_ref: str) -> None:

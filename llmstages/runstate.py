@@ -1,0 +1,115 @@
+"""Everything a training run carries from one optimizer step to the next, and its saved form.
+
+    step, tokens_seen               where the run is
+    elapsed                         training seconds so far, over every process that ran it
+    best, evals_since_best          the best evaluation so far, and the evaluations since (patience)
+    metrics                         the figures of the last evaluation
+    loss_sum, loss_count            the loss window: step losses summed on the device since the last log
+    bad_step                        the first step whose loss was not finite (-1: none), on the device
+    RNG states                      taken when saved, set again on resume (torch, CUDA, Python, NumPy)
+
+`to_saved` / `from_saved` are the one place that turns a RunState into a checkpoint's train state
+and back: tensors for `train_state.pt`, plain data for `train_state.json`. checkpoint.py owns the
+files themselves.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_before: float = 0.0  # seconds trained before this process started (a resumed run)
+    best: dict | None = None  # {"step", "metric", "value"}
+    evals_since_best: int = 0
+    metrics: dict = field(default_factory=dict)
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # () on the training device
+    loss_count: int = 0
+    bad_step: torch.Tensor = field(default_factory=lambda: torch.full((), -1, dtype=torch.long))  # ()
+    started: float = field(default_factory=time.perf_counter)  # this process's start (not saved)
+
+    @property
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def to(self, device: torch.device) -> "RunState":
+        """The device-side figures moved to `device` (the hot loop never syncs with the host)."""
+        self.loss_sum, self.bad_step = self.loss_sum.to(device), self.bad_step.to(device)
+        return self
+
+    def add_step(self, step_loss: torch.Tensor) -> None:
+        """Count one optimizer step with its mean loss (a () tensor on the device; no host sync)."""
+        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(step_loss), self.step + 1, self.bad_step)
+        self.loss_sum += step_loss
+        self.loss_count += 1
+        self.step += 1
+
+    def take_loss(self) -> float:
+        """The mean loss of the window since the last log (syncs with the device), and a new window."""
+        loss = float(self.loss_sum) / self.loss_count
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        return loss
+
+    def record_eval(self, metrics: dict, metric: str) -> bool:
+        """Keep an evaluation's figures; True when `metric` is better than the best so far."""
+        self.metrics = metrics
+        value = metrics.get(metric)
+        if not isinstance(value, (int, float)):
+            return False
+        old = self.best["value"] if self.best else None
+        improved = old is None or (value < old if metric == "val_loss" else value > old)
+        if improved:
+            self.best = {"step": self.step, "metric": metric, "value": value}
+            self.evals_since_best = 0
+        else:
+            self.evals_since_best += 1
+        return improved
+
+    # --- the saved form ------------------------------------------------------------------------------
+    def to_saved(self, optimizer_state: dict, *, world_size: int, seed: int, accum: int) -> tuple[dict, dict]:
+        """(tensors, info) for a checkpoint: this state, the optimizer's, and the RNG states right now."""
+        tensors, rng = _rng_state()
+        tensors.update(optimizer=optimizer_state, loss_sum=self.loss_sum.detach().cpu())
+        info = {"step": self.step, "tokens_seen": self.tokens_seen, "loss_count": self.loss_count, "best": self.best,
+                "evals_since_best": self.evals_since_best, "metrics": self.metrics, "rng": rng,
+                "elapsed": self.elapsed, "world_size": world_size,
+                "sampler": {"kind": "indexed", "seed": seed, "next_micro_batch": self.step * accum * world_size}}
+        return tensors, info
+
+    @classmethod
+    def from_saved(cls, tensors: dict, info: dict) -> "RunState":
+        """The state a checkpoint saved (the RNG states are set by `restore_rng`, once the model is built)."""
+        return cls(step=info["step"], tokens_seen=info["tokens_seen"], elapsed_before=info.get("elapsed", 0.0),
+                   best=info.get("best"), evals_since_best=info.get("evals_since_best", 0),
+                   metrics=info.get("metrics", {}), loss_sum=tensors["loss_sum"], loss_count=info.get("loss_count", 0))
+
+
+def restore_rng(tensors: dict, info: dict) -> None:
+    """Set every RNG to the states a checkpoint saved, so dropout and sampling continue exactly."""
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(tensors["cuda"])
+    version, state, gauss = info["rng"]["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = info["rng"]["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _rng_state() -> tuple[dict, dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state_all()
+    py = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    info = {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    return tensors, info
