@@ -11,29 +11,15 @@ Shapes: B texts in a batch, T the longest of them in tokens, K classes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmstages.data.batches import EpochSampler, pad_batch
 from llmstages.data.prepared import LabeledSplit
 from llmstages.tokenizer import Tokenizer
-
-
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, block_size: int) -> dict:
-    """Token lists -> {"input_ids": (B, T), "last_index": (B,), "n_tokens": real tokens}.
-
-    Each text is cut to its first `block_size` tokens and right-padded with `pad_id` to the longest.
-    Every text needs at least one token (prepare and `classify` refuse empty texts).
-    """
-    lengths = [min(len(s), block_size) for s in sequences]
-    if min(lengths) == 0:
-        raise ValueError("an empty text has no last token to classify")
-    ids = np.full((len(sequences), max(lengths)), pad_id, dtype=np.int64)
-    for row, (seq, n) in enumerate(zip(sequences, lengths)):
-        ids[row, :n] = np.asarray(seq[:n], dtype=np.int64)
-    return {"input_ids": torch.from_numpy(ids), "last_index": torch.tensor(lengths, dtype=torch.long) - 1,
-            "n_tokens": int(sum(lengths))}
 
 
 def count_truncated(lengths: np.ndarray, block_size: int) -> int:
@@ -53,44 +39,20 @@ def class_weights(counts: Sequence[int]) -> torch.Tensor:
 class ClassBatches:
     """`batches(index)` -> padded micro-batch number `index` of the training stream, with `targets`.
 
-    The stream is one epoch after another; each epoch is a permutation of the training records seeded
-    by (seed, epoch), so any micro-batch is a pure function of (seed, index): resume is exact and
-    DDP ranks (which take interleaved indices) see the batches of a single process.
-    With `undersample`, each epoch is a fresh balanced subset: every class present cut down to the
-    size of the smallest one, drawn by (seed, epoch).
+    The order is data/batches.py's EpochSampler over the training records; with `undersample`, each
+    epoch is a fresh balanced subset: every class present cut down to the size of the smallest one.
     """
 
     def __init__(self, split: LabeledSplit, batch_size: int, block_size: int, pad_id: int, seed: int,
                  *, undersample: bool = False):
-        self.split, self.batch_size, self.block_size, self.pad_id = split, batch_size, block_size, pad_id
-        self.seed, self.undersample = seed, undersample
-        labels = split.labels
-        self.by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
-        smallest = min(len(members) for members in self.by_class)
-        self.epoch_size = smallest * len(self.by_class) if undersample else len(split)
-        self._orders: dict[int, np.ndarray] = {}  # the last two epochs drawn (a batch spans at most two)
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """Record indices of epoch `epoch`, in training order (length `epoch_size`)."""
-        if epoch not in self._orders:
-            if len(self._orders) >= 2:
-                self._orders.pop(next(iter(self._orders)))
-            self._orders[epoch] = self._draw(epoch)
-        return self._orders[epoch]
-
-    def _draw(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch])
-        if not self.undersample:
-            return rng.permutation(len(self.split))
-        smallest = self.epoch_size // len(self.by_class)
-        picked = np.concatenate([rng.choice(members, size=smallest, replace=False) for members in self.by_class])
-        return rng.permutation(picked)
+        self.split, self.block_size, self.pad_id, self.undersample = split, block_size, pad_id, undersample
+        by_class = [np.flatnonzero(split.labels == c) for c in np.unique(split.labels)]
+        self.sampler = EpochSampler(len(split), batch_size, seed, groups=by_class if undersample else None)
+        self.epoch_size = self.sampler.epoch_size
 
     def records(self, index: int) -> np.ndarray:
         """The record indices of micro-batch `index`."""
-        positions = index * self.batch_size + np.arange(self.batch_size)
-        epochs, within = np.divmod(positions, self.epoch_size)
-        return np.array([self.epoch_order(int(e))[w] for e, w in zip(epochs, within)], dtype=np.int64)
+        return self.sampler.indices(index)
 
     def __call__(self, index: int) -> dict:
         rows = self.records(index)

@@ -29,6 +29,15 @@ class RecipeError(UserError):
         super().__init__("\n".join(lines))
 
 
+def listed(lines: list[str], total: int | None = None, limit: int = 20) -> str:
+    """Up to `limit` of `lines`, each on its own indented line, then "... and N more" for the rest of
+    `total` (default: len(lines)); for messages that name every bad record without drowning the reader."""
+    total = len(lines) if total is None else total
+    shown = "\n".join(f"  {line}" for line in lines[:limit])
+    more = total - min(len(lines), limit)
+    return shown + (f"\n  ... and {more} more" if more > 0 else "")
+
+
 class StopTraining(Exception):
     """Raised inside the training loop when a signal asked it to stop after committing a checkpoint."""
 

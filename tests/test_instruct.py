@@ -25,7 +25,7 @@ from llmstages.stages.finetune import finetune
 from llmstages.stages.generate import generate_text
 from llmstages.stages.instruct import (EpochBatches, Example, collate, fit_records, fit_to_context,
                                        instruction_task, report_fitting)
-from llmstages.stages.pretrain import prepared_data
+from llmstages.stages.prepare import get_or_prepare
 from llmstages.store import Store
 from llmstages.templates import format_chat, format_prompt
 from llmstages.tokenizer import EOT, Tokenizer, train_bpe
@@ -87,7 +87,7 @@ def task_for(store_dir: Path, source: Path, **sections):
     store = Store(store_dir)
     recipe = instruct_recipe(source, **sections)
     ckpt = load_checkpoint("base", store)
-    data = prepared_data(recipe, store, quiet())
+    data = get_or_prepare(recipe, store, quiet())
     return ckpt, data, *instruction_task(ckpt, data, recipe)
 
 

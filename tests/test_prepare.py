@@ -13,7 +13,8 @@ from rich.console import Console
 
 from llmstages.config import build_recipe
 from llmstages.data.encode import _SAFE_CUT, cut_text, encode_many
-from llmstages.data.prepared import PreparedDataset, ShardWriter, find_prepared, token_dtype
+from llmstages.data.plan import find_prepared
+from llmstages.data.prepared import PreparedDataset, ShardWriter, token_dtype
 from llmstages.errors import UserError
 from llmstages.stages.prepare import prepare
 from llmstages.store import MANIFEST, Store

@@ -7,10 +7,12 @@
     encode.py    exact parallel tokenization in bounded batches; training the tokenizer on a sample
     plan.py      which files, which tokenizer, and the fingerprint that names the prepared dataset
     prepared.py  the on-disk format: writers, and `PreparedDataset` to read it
+    windows.py   pretraining batches: token windows drawn from the shards by index
+    batches.py   fine-tuning batches: the epoch sampler, and the collate functions that pad records
 
-The stage that runs them in order is llmstages/stages/prepare.py.
+The stage that runs them in order is llmstages/stages/prepare.py (`prepare`, `get_or_prepare`).
 """
 
-from llmstages.data.prepared import LabeledSplit, PreparedDataset, find_prepared
+from llmstages.data.prepared import LabeledSplit, PreparedDataset
 
-__all__ = ["LabeledSplit", "PreparedDataset", "find_prepared"]
+__all__ = ["LabeledSplit", "PreparedDataset"]

@@ -12,12 +12,16 @@ lone surrogate from a JSON "\\ud800" escape) makes the record bad; the reason na
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from llmstages import templates
 from llmstages.config import DataConfig
-from llmstages.data.readers import BadRecord, Record
+from llmstages.data.readers import BadRecord, Record, detect_format, read_records
+from llmstages.data.sources import local_paths
+from llmstages.errors import UserError, listed
 
 
 @dataclass
@@ -160,3 +164,36 @@ def convert(task: str, record: Record, cfg: DataConfig, template: str) -> Any:
     if task == "classify":
         return to_labeled(record, cfg)
     return to_instruction(record, cfg, template)
+
+
+# ---------------------------------------------------------------------------------------------------
+# files -> examples (prepare reads its planned files, evaluate the files it is given)
+# ---------------------------------------------------------------------------------------------------
+def file_examples(path: Path, display: str, fmt: str, task: str, cfg: DataConfig,
+                  template: str = "alpaca") -> Iterator[Any]:
+    """Every record of one file as the task's example, or as the BadRecord that says why it is not one."""
+    for record in read_records(path, display, fmt, cfg):
+        yield record if isinstance(record, BadRecord) else convert(task, record, cfg, template)
+
+
+def read_examples(paths: list[str], task: str, cfg: DataConfig, *, template: str = "alpaca",
+                  limit: int | None = None) -> list:
+    """Examples of `task` from local files/folders/globs; every bad record is reported (exit 2)."""
+    examples, bad = [], []
+    for spec in paths:
+        for path in local_paths(spec, cfg.format):
+            for item in file_examples(path, str(path), detect_format(path, cfg.format), task, cfg, template):
+                (bad if isinstance(item, BadRecord) else examples).append(item)
+    if bad:
+        raise UserError(f"{len(bad)} bad record{'s' if len(bad) > 1 else ''} in the evaluation data:\n"
+                        + listed([str(b) for b in bad]), hint="fix them, or evaluate on other files")
+    if not examples:
+        raise UserError(f"no examples found in {', '.join(paths)}")
+    return examples[:limit] if limit else examples
+
+
+def data_settings(meta: dict) -> DataConfig:
+    """The data settings a checkpoint (its meta.json) was trained with; defaults for models from elsewhere."""
+    saved = dict(meta.get("data_settings") or {})
+    known = set(DataConfig.__dataclass_fields__)
+    return DataConfig(**{k: v for k, v in saved.items() if k in known})

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
 from llmstages.config import Recipe, builtin_recipes, to_dict
-from llmstages.data.prepared import FORMAT_VERSION
+from llmstages.data.prepared import FORMAT_VERSION, PreparedDataset
 from llmstages.data.readers import detect_format
 from llmstages.data.sources import SourceFile, data_root, resolve_sources
 from llmstages.errors import UserError
-from llmstages.store import Store
+from llmstages.store import RUN_NAME_RE, Store, is_committed
 from llmstages.tokenizer import Tokenizer
 
 # Bump when prepare's output changes for the same input and settings (old datasets are then not reused).
@@ -80,9 +79,18 @@ def make_plan(recipe: Recipe, store: Store, *, console: Console | None = None) -
     choice = choose_tokenizer(recipe, store)
     fingerprint = compute_fingerprint(recipe, files, choice)
     name = data.name or recipe.run or "dataset"
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+    if not RUN_NAME_RE.fullmatch(name):
         raise UserError(f"data.name: {name!r} cannot name a folder in the store", hint="use letters, digits, '.', '_' and '-'")
     return Plan(recipe, name, files, formats, choice, fingerprint, store.data_dir(f"{name}-{fingerprint[:12]}"))
+
+
+def find_prepared(recipe: Recipe, store: Store) -> PreparedDataset | None:
+    """The prepared dataset matching `recipe`'s data and settings right now, or None when there is none.
+
+    Resolves the sources (mirror / cache; a URL not yet downloaded is downloaded) to hash them.
+    """
+    plan = make_plan(recipe, store)
+    return PreparedDataset.open(plan.folder) if is_committed(plan.folder) else None
 
 
 def fingerprint_settings(recipe: Recipe, choice: TokenizerChoice) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from llmstages.errors import UserError
-from llmstages.store import MANIFEST, Store, is_committed
+from llmstages.store import MANIFEST, is_committed
 from llmstages.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -205,15 +205,3 @@ class PreparedDataset:
 
     def __repr__(self) -> str:
         return f"PreparedDataset({str(self.path)!r}, task={self.task!r})"
-
-
-def find_prepared(recipe, store: Store) -> PreparedDataset | None:
-    """The prepared dataset matching `recipe`'s data and settings right now, or None when there is none.
-
-    Resolves the sources (mirror / cache; a URL not yet downloaded is downloaded) to hash them.
-    """
-    from llmstages.data.plan import make_plan
-
-    plan = make_plan(recipe, store)
-    return PreparedDataset.open(plan.folder) if is_committed(plan.folder) else None
-

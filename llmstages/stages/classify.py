@@ -26,15 +26,15 @@ from llmstages.checkpoint import Checkpoint, load_checkpoint
 from llmstages.classification import (ClassBatches, class_probabilities, class_weights, classification_loss,
                                       classification_metrics, count_truncated, predict)
 from llmstages.config import Recipe
+from llmstages.data.examples import data_settings, read_examples
 from llmstages.data.prepared import LabeledSplit, PreparedDataset
-from llmstages.errors import UserError
+from llmstages.errors import UserError, listed
 from llmstages.loop import TrainResult, TrainTask
 from llmstages.model import GPT, GPTConfig
 from llmstages.runlog import RunLog
 from llmstages.store import Store
 
 EVAL_BATCH = 64
-MAX_REPORTED = 20
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -184,18 +184,14 @@ def evaluate_classifier(ckpt: Checkpoint, paths: list[str], *, limit: int | None
                         console: Console | None = None, batch_size: int = EVAL_BATCH) -> dict:
     """Accuracy, macro F1, per-class precision / recall / F1 / support, confusion, loss and the count of
     examples of a classifier on labeled files, read with the settings it was trained with."""
-    from llmstages.stages.evaluate import data_settings, read_examples
-
     require_classifier(ckpt, "evaluate")
     labels = list(ckpt.model.config.class_names)
-    examples = read_examples(paths, "classify", data_settings(ckpt), limit=limit)
+    examples = read_examples(paths, "classify", data_settings(ckpt.meta), limit=limit)
     unknown = [e for e in examples if e.label not in labels]
     if unknown:
-        shown = "\n".join(f"  {e.where}: label {e.label!r} is not one of the model's classes"
-                          for e in unknown[:MAX_REPORTED])
-        more = f"\n  ... and {len(unknown) - MAX_REPORTED} more" if len(unknown) > MAX_REPORTED else ""
+        shown = listed([f"{e.where}: label {e.label!r} is not one of the model's classes" for e in unknown])
         raise UserError(f"{len(unknown)} record{'s' if len(unknown) > 1 else ''} with a label the model does not "
-                        f"know ({', '.join(labels)}):\n{shown}{more}",
+                        f"know ({', '.join(labels)}):\n{shown}",
                         hint="evaluate on data with the model's classes (data.label_field of the training recipe)")
     tok = ckpt.tokenizer
     sequences = tok.encode_batch([e.text for e in examples])

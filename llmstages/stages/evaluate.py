@@ -14,43 +14,12 @@ import torch
 from rich.console import Console
 
 from llmstages.checkpoint import Checkpoint, load_checkpoint
-from llmstages.config import DataConfig
-from llmstages.data.examples import convert
-from llmstages.data.readers import BadRecord, detect_format, read_records
-from llmstages.data.sources import local_paths
+from llmstages.data.examples import data_settings, read_examples
 from llmstages.data.windows import fixed_windows
 from llmstages.errors import UserError
 from llmstages.objectives import lm_metrics
 from llmstages.store import Store
 from llmstages.tokenizer import token_byte_lengths
-
-MAX_REPORTED = 20
-
-
-def data_settings(ckpt: Checkpoint) -> DataConfig:
-    """The data settings a checkpoint was trained with (defaults for models from elsewhere)."""
-    saved = dict(ckpt.meta.get("data_settings") or {})
-    known = set(DataConfig.__dataclass_fields__)
-    return DataConfig(**{k: v for k, v in saved.items() if k in known})
-
-
-def read_examples(paths: list[str], task: str, cfg: DataConfig, *, template: str = "alpaca",
-                  limit: int | None = None) -> list:
-    """Examples of `task` from local files/folders/globs; every bad record is reported (exit 2)."""
-    examples, bad = [], []
-    for spec in paths:
-        for path in local_paths(spec, cfg.format):
-            for record in read_records(path, str(path), detect_format(path, cfg.format), cfg):
-                item = record if isinstance(record, BadRecord) else convert(task, record, cfg, template)
-                (bad if isinstance(item, BadRecord) else examples).append(item)
-    if bad:
-        shown = "\n".join(f"  {b}" for b in bad[:MAX_REPORTED])
-        more = f"\n  ... and {len(bad) - MAX_REPORTED} more" if len(bad) > MAX_REPORTED else ""
-        raise UserError(f"{len(bad)} bad record{'s' if len(bad) > 1 else ''} in the evaluation data:\n{shown}{more}",
-                        hint="fix them, or evaluate on other files")
-    if not examples:
-        raise UserError(f"no examples found in {', '.join(paths)}")
-    return examples[:limit] if limit else examples
 
 
 def evaluate_text(ckpt: Checkpoint, paths: list[str], *, limit: int | None = None, batch_size: int = 8) -> dict:
@@ -59,7 +28,7 @@ def evaluate_text(ckpt: Checkpoint, paths: list[str], *, limit: int | None = Non
     Documents are tokenized, joined with <|endoftext|> and cut into non-overlapping windows of the
     model's context; every token after the first of each window is predicted once.
     """
-    cfg = data_settings(ckpt)
+    cfg = data_settings(ckpt.meta)
     documents = read_examples(paths, "pretrain", cfg, limit=limit)
     tok = ckpt.tokenizer
     ids: list[int] = []

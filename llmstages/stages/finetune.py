@@ -22,7 +22,8 @@ from llmstages.errors import UserError
 from llmstages.lora import add_lora, merge_lora
 from llmstages.loop import TrainResult, train
 from llmstages.model import GPT, set_dropout
-from llmstages.stages.pretrain import check_tokenizer, prepared_data
+from llmstages.stages.prepare import get_or_prepare
+from llmstages.stages.pretrain import check_tokenizer
 from llmstages.store import Store
 
 # --task NAME -> (built-in recipe, the recipe `task:` it stands for)
@@ -121,7 +122,7 @@ def finetune(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
     base = load_base(recipe, store)
     if base.model.config.lora_rank > 0:
         merge_lora(base.model)  # a LoRA base is folded into plain weights; this run adds its own adapters
-    data = prepared_data(recipe, store, console)
+    data = get_or_prepare(recipe, store, console)
     check_tokenizer(base.tokenizer, data, recipe.init_from)
     if data.task != recipe.task:
         raise UserError(f"dataset {data.path.name} was prepared for {data.task}, not {recipe.task}")

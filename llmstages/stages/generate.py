@@ -10,26 +10,29 @@ from dataclasses import dataclass
 import torch
 
 from llmstages.checkpoint import Checkpoint
+from llmstages.config import GenerateConfig
 from llmstages.sampling import generate_tokens
 from llmstages.tokenizer import StreamDecoder
 
 
 @dataclass
-class Sampling:
-    """How to pick tokens; `from_checkpoint` fills what the user left unset from the recipe's `generate`."""
+class Sampling(GenerateConfig):
+    """How to pick tokens: the recipe's `generate` settings (config.py holds their defaults, the only
+    place they are set) plus a seed; `from_checkpoint` fills what the user left unset from the checkpoint."""
 
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
     seed: int | None = None
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, *, max_new_tokens: int | None = None, temperature: float | None = None,
-                        top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> "Sampling":
+    def from_checkpoint(cls, ckpt: Checkpoint, **given: int | float | None) -> "Sampling":
         """Options given on the command line (not None) win over the checkpoint's stored defaults."""
+        return cls.over(ckpt.meta.get("generate"), **given)
+
+    @classmethod
+    def over(cls, stored: dict | None, *, max_new_tokens: int | None = None, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> "Sampling":
+        """Settings given (not None) over `stored` ones (a checkpoint's `generate`) over the defaults."""
         given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-        stored = {k: v for k, v in (ckpt.meta.get("generate") or {}).items() if k in given}
+        stored = {k: v for k, v in (stored or {}).items() if k in given}
         return cls(**{**stored, **{k: v for k, v in given.items() if v is not None}}, seed=seed)
 
     def as_kwargs(self) -> dict:
@@ -55,13 +58,17 @@ class Generation:
                 "stopped_at_eot": self.stopped_at_eot}
 
 
-def generate_text(ckpt: Checkpoint, prompt_text: str, *, model_input: str | None = None, max_new_tokens: int = 200,
-                  temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                  use_cache: bool = True, on_text: Callable[[str], None] | None = None) -> Generation:
+def generate_text(ckpt: Checkpoint, prompt_text: str, *, model_input: str | None = None,
+                  max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
+                  top_p: float | None = None, seed: int | None = None, use_cache: bool = True,
+                  on_text: Callable[[str], None] | None = None) -> Generation:
     """Generate a completion of `model_input` (default: the prompt itself, e.g. after a template).
 
-    `on_text` receives decoded pieces as soon as they form whole characters (streaming).
+    Sampling settings left None take Sampling's defaults. `on_text` receives decoded pieces as soon as
+    they form whole characters (streaming).
     """
+    sampling = Sampling.over(None, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             seed=seed)
     if ckpt.model.is_classifier:
         from llmstages.errors import UserError
         raise UserError(f"{ckpt.ref} is a classifier; it predicts labels, not text",
@@ -73,8 +80,7 @@ def generate_text(ckpt: Checkpoint, prompt_text: str, *, model_input: str | None
     stopped = False
     start = time.perf_counter()
     with torch.inference_mode():
-        for token in generate_tokens(ckpt.model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                                     top_k=top_k, top_p=top_p, seed=seed, stop_id=tok.eot_id, use_cache=use_cache):
+        for token in generate_tokens(ckpt.model, ids, **sampling.as_kwargs(), stop_id=tok.eot_id, use_cache=use_cache):
             produced.append(token)
             if token == tok.eot_id:
                 stopped = True

@@ -31,11 +31,12 @@ from rich.markup import escape
 
 from llmstages.checkpoint import Checkpoint
 from llmstages.config import Recipe
+from llmstages.data.batches import EpochSampler, Example, collate
 from llmstages.data.prepared import LabeledSplit, PreparedDataset
 from llmstages.errors import UserError
 from llmstages.loop import TrainTask
 from llmstages.model import GPT
-from llmstages.objectives import IGNORE, lm_loss, lm_metrics
+from llmstages.objectives import lm_loss, lm_metrics
 from llmstages.sampling import generate_tokens
 from llmstages.tokenizer import Tokenizer
 
@@ -46,19 +47,6 @@ MAX_LISTED = 5          # dropped examples named in the warning
 # ---------------------------------------------------------------------------------------------------
 # one example: truncation to the context, targets
 # ---------------------------------------------------------------------------------------------------
-@dataclass
-class Example:
-    """One row: `ids` = (kept) prompt tokens + response tokens (+ eot unless cut), int64."""
-
-    ids: np.ndarray
-    n_prompt: int
-    record: int = -1        # index of the record in its split (for messages)
-
-    def response_targets(self, mask_prompt: bool = True) -> int:
-        """Targets that count in the loss: ids[1:] minus the masked prompt positions."""
-        return len(self.ids) - max(self.n_prompt, 1) if mask_prompt else len(self.ids) - 1
-
-
 def fit_to_context(tokens: np.ndarray, prompt_len: int, block_size: int) -> tuple[np.ndarray, int]:
     """Cut prompt + response + eot to at most block_size + 1 tokens; returns (ids, kept prompt length).
 
@@ -76,25 +64,6 @@ def fit_to_context(tokens: np.ndarray, prompt_len: int, block_size: int) -> tupl
     keep_answer = budget - keep_prompt
     return np.concatenate([tokens[prompt_len - keep_prompt:prompt_len],
                            tokens[prompt_len:prompt_len + keep_answer]]), keep_prompt
-
-
-def collate(examples: Sequence[Example], *, mask_prompt: bool, pad_id: int) -> dict:
-    """Rows -> {"input_ids": (B, T), "targets": (B, T), "n_tokens": real input tokens}, T = longest row - 1.
-
-    Padding is on the right (causal attention: real positions never see it) and its targets are IGNORE.
-    """
-    width = max(len(e.ids) for e in examples) - 1
-    inputs = np.full((len(examples), width), pad_id, dtype=np.int64)
-    targets = np.full((len(examples), width), IGNORE, dtype=np.int64)
-    for row, example in enumerate(examples):
-        n = len(example.ids) - 1
-        inputs[row, :n] = example.ids[:-1]
-        targets[row, :n] = example.ids[1:]
-        if mask_prompt:
-            # targets[j] predicts ids[j + 1]: it is a prompt token while j + 1 < n_prompt.
-            targets[row, :max(example.n_prompt - 1, 0)] = IGNORE
-    return {"input_ids": torch.from_numpy(inputs), "targets": torch.from_numpy(targets),
-            "n_tokens": int(sum(len(e.ids) - 1 for e in examples))}
 
 
 @dataclass
@@ -148,27 +117,14 @@ def report_fitting(console: Console, name: str, fitted: FittedSplit, block_size:
 # batches
 # ---------------------------------------------------------------------------------------------------
 class EpochBatches:
-    """`batches(index)` -> micro-batch `index`: examples index*B .. index*B + B - 1 of an endless stream
-    that visits every example once per epoch, in an order seeded by (seed, epoch)."""
+    """`batches(index)` -> micro-batch `index`: the rows data/batches.py's EpochSampler picks, collated."""
 
     def __init__(self, examples: list[Example], batch_size: int, seed: int, *, mask_prompt: bool, pad_id: int):
-        if not examples:
-            raise UserError("no training examples left to fine-tune on")
-        self.examples, self.batch_size, self.seed = examples, batch_size, seed
-        self.mask_prompt, self.pad_id = mask_prompt, pad_id
-        self._orders: dict[int, np.ndarray] = {}
-
-    def order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            if len(self._orders) > 4:
-                self._orders.clear()
-            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-        return self._orders[epoch]
+        self.sampler = EpochSampler(len(examples), batch_size, seed)
+        self.examples, self.mask_prompt, self.pad_id = examples, mask_prompt, pad_id
 
     def __call__(self, index: int) -> dict:
-        n = len(self.examples)
-        positions = range(index * self.batch_size, (index + 1) * self.batch_size)
-        picked = [self.examples[self.order(p // n)[p % n]] for p in positions]
+        picked = [self.examples[i] for i in self.sampler.indices(index)]
         return collate(picked, mask_prompt=self.mask_prompt, pad_id=self.pad_id)
 
 
@@ -273,8 +229,8 @@ def evaluate_instructions(ckpt: Checkpoint, paths: list[str], *, limit: int | No
     before/after comparison. Generations stop at end-of-text or after 1.5x the reference's tokens + 16.
     """
     from llmstages.data.encode import encode_many
+    from llmstages.data.examples import data_settings, read_examples
     from llmstages.rouge import rouge_l
-    from llmstages.stages.evaluate import data_settings, read_examples
     from llmstages.templates import TEMPLATES
 
     console = console or Console(stderr=True)
@@ -284,7 +240,7 @@ def evaluate_instructions(ckpt: Checkpoint, paths: list[str], *, limit: int | No
                         hint="pass --template alpaca (or chat) to score it on instruction data with that template")
     model, tok = ckpt.model, ckpt.tokenizer
     block = model.config.block_size
-    examples = read_examples(paths, "instruct", data_settings(ckpt), template=template, limit=limit)
+    examples = read_examples(paths, "instruct", data_settings(ckpt.meta), template=template, limit=limit)
     prompts = encode_many(tok, [e.prompt for e in examples])
     responses = encode_many(tok, [e.response for e in examples])
     records = [np.concatenate([p, r, [tok.eot_id]]).astype(np.int64) for p, r in zip(prompts, responses)]

@@ -17,6 +17,7 @@ The on-disk layout is described in llmstages/data/prepared.py. `pretrain` and `f
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,9 +33,10 @@ from llmstages.data import examples as ex
 from llmstages.data.encode import encode_many, encode_pieces, train_tokenizer, with_end_of_text
 from llmstages.data.plan import Plan, make_plan
 from llmstages.data.prepared import FORMAT_VERSION, PreparedDataset, ShardWriter, token_dtype, write_labeled_split
-from llmstages.data.readers import BadRecord, read_records
+from llmstages.data.readers import BadRecord
 from llmstages.data.split import needs_pseudo_documents, pseudo_documents, split_indices
-from llmstages.errors import UserError
+from llmstages.distributed import is_main_process
+from llmstages.errors import UserError, listed
 from llmstages.store import Store, atomic_dir, is_committed, now_iso
 from llmstages.tokenizer import Tokenizer
 
@@ -57,19 +59,38 @@ class BadRecords:
         return {"count": self.count, "examples": self.examples}
 
     def error(self) -> UserError:
-        shown = "\n".join(f"  {line}" for line in self.examples)
-        more = f"\n  ... and {self.count - len(self.examples)} more" if self.count > len(self.examples) else ""
         return UserError(f"{self.count} bad record{'s' if self.count != 1 else ''} in the data "
-                         f"(nothing was written):\n{shown}{more}",
+                         f"(nothing was written):\n{listed(self.examples, self.count, SHOW_BAD)}",
                          hint="fix them, or set data.skip_bad=true to prepare the good records "
                               "and list the bad ones in manifest.json")
 
 
-def prepare(recipe: Recipe, store: Store, *, console: Console | None = None, force: bool = False) -> PreparedDataset:
-    """Prepare `recipe`'s data (or reuse the prepared dataset with the same fingerprint) and return it."""
+def get_or_prepare(recipe: Recipe, store: Store, console: Console | None = None, *,
+                   wait_s: float = 3600) -> PreparedDataset:
+    """The recipe's prepared dataset, prepared first when the store does not have it (the sources are
+    resolved and hashed once). Under torchrun only rank 0 prepares; the others wait for its commit."""
+    console = console or Console(stderr=True)
+    plan = make_plan(recipe, store, console=console)
+    if is_committed(plan.folder):
+        return PreparedDataset.open(plan.folder)
+    if not is_main_process():
+        deadline = time.monotonic() + wait_s
+        while not is_committed(plan.folder):
+            if time.monotonic() > deadline:
+                raise UserError(f"rank {os.environ['RANK']}: gave up waiting for rank 0 to prepare {recipe.data.name}")
+            time.sleep(1.0)
+        return PreparedDataset.open(plan.folder)
+    console.print(f"preparing dataset [cyan]{recipe.data.name}[/cyan] (first use)")
+    return prepare(recipe, store, console=console, plan=plan)
+
+
+def prepare(recipe: Recipe, store: Store, *, console: Console | None = None, force: bool = False,
+            plan: Plan | None = None) -> PreparedDataset:
+    """Prepare `recipe`'s data (or reuse the prepared dataset with the same fingerprint) and return it.
+    `plan`: the recipe's plan when the caller has made it already (the sources are hashed once)."""
     console = console or Console(stderr=True)
     started = time.perf_counter()
-    plan = make_plan(recipe, store, console=console)
+    plan = plan or make_plan(recipe, store, console=console)
     if not force and is_committed(plan.folder):
         console.print(f"up to date: {plan.folder} (same input and settings; --force prepares it again)",
                       highlight=False)
@@ -78,7 +99,7 @@ def prepare(recipe: Recipe, store: Store, *, console: Console | None = None, for
 
     bad = BadRecords()
     with _progress(console) as progress:
-        found = read_examples(plan, bad, progress)
+        found = read_plan_examples(plan, bad, progress)
     labels = check_labels(found, recipe, bad) if task == "classify" else None
     if bad.count and not data.skip_bad:
         raise bad.error()
@@ -129,7 +150,7 @@ def prepare(recipe: Recipe, store: Store, *, console: Console | None = None, for
 # ---------------------------------------------------------------------------------------------------
 # read + check
 # ---------------------------------------------------------------------------------------------------
-def read_examples(plan: Plan, bad: BadRecords, progress: Progress) -> dict[str, list]:
+def read_plan_examples(plan: Plan, bad: BadRecords, progress: Progress) -> dict[str, list]:
     """Every role's examples (train from data.source, val / test from their own sources when given)."""
     recipe = plan.recipe
     total = sum(f.bytes for files in plan.files.values() for f in files)
@@ -140,11 +161,8 @@ def read_examples(plan: Plan, bad: BadRecords, progress: Progress) -> dict[str, 
     for role, files in plan.files.items():
         found[role] = items = []
         for f in files:
-            for record in read_records(f.path, f.display, plan.formats[f.path], recipe.data):
-                if isinstance(record, BadRecord):
-                    bad.add(record)
-                    continue
-                item = ex.convert(recipe.task, record, recipe.data, recipe.finetune.template)
+            for item in ex.file_examples(f.path, f.display, plan.formats[f.path], recipe.task, recipe.data,
+                                         recipe.finetune.template):
                 if isinstance(item, BadRecord):
                     bad.add(item)
                 else:

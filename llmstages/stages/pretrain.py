@@ -6,43 +6,21 @@ that tokenizer and data match, describe the task to the shared loop, train.
 
 from __future__ import annotations
 
-import os
-import time
 
 import torch
 from rich.console import Console
 
 from llmstages.checkpoint import load_checkpoint, parent_info
 from llmstages.config import ModelConfig, Recipe
-from llmstages.data.prepared import PreparedDataset, find_prepared
+from llmstages.data.prepared import PreparedDataset
 from llmstages.data.windows import WindowSampler, fixed_windows
-from llmstages.distributed import is_main_process
 from llmstages.errors import UserError
 from llmstages.loop import TrainResult, TrainTask, train
 from llmstages.model import GPT, GPTConfig, build_config, set_dropout
 from llmstages.objectives import lm_loss, lm_metrics
+from llmstages.stages.prepare import get_or_prepare
 from llmstages.store import Store
 from llmstages.tokenizer import Tokenizer, token_byte_lengths
-
-
-def prepared_data(recipe: Recipe, store: Store, console: Console, *, wait_s: float = 3600) -> PreparedDataset:
-    """The recipe's prepared dataset, preparing it first when the store does not have it.
-
-    Under torchrun only rank 0 prepares; the other ranks wait for its dataset to be committed.
-    """
-    found = find_prepared(recipe, store)
-    if found is not None:
-        return found
-    if not is_main_process():
-        deadline = time.monotonic() + wait_s
-        while (found := find_prepared(recipe, store)) is None:
-            if time.monotonic() > deadline:
-                raise UserError(f"rank {os.environ['RANK']}: gave up waiting for rank 0 to prepare {recipe.data.name}")
-            time.sleep(1.0)
-        return found
-    from llmstages.stages.prepare import prepare
-    console.print(f"preparing dataset [cyan]{recipe.data.name}[/cyan] (first use)")
-    return prepare(recipe, store, console=console)
 
 
 def model_config(cfg: ModelConfig, vocab_size: int) -> GPTConfig:
@@ -97,7 +75,7 @@ def pretrain(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
     if recipe.task != "pretrain":
         raise UserError(f"the recipe's task is {recipe.task}; pretrain runs task: pretrain recipes",
                         hint=f"use `llmstages finetune --task ... RECIPE` for {recipe.task}")
-    data = prepared_data(recipe, store, console)
+    data = get_or_prepare(recipe, store, console)
     model, tokenizer, parent = build_model(recipe, store, data)
     task = pretrain_task(model, tokenizer, data, recipe)
     if dry_run:
