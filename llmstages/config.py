@@ -15,7 +15,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -111,9 +111,17 @@ class ModelConfig:
     bias: bool = True
 
 
+# Optimizer settings a run with a starting point (init_from) takes from that checkpoint when its
+# recipe leaves them unset (nanochat's "None = inherit"); without a recorded value the default stays.
+INHERITED = ("lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip")
+
+
 @dataclass
 class TrainConfig:
     """The optimisation loop shared by every stage."""
+
+    # The train.* keys the recipe or an override sets (filled by build_recipe; not a recipe key).
+    given: ClassVar[frozenset[str]] = frozenset()
 
     # Optimizer steps; see also `epochs`.
     max_steps: int = _f(1000, ge=1)
@@ -155,6 +163,17 @@ class TrainConfig:
     patience: int = _f(0, ge=0)
     # Metric that picks the best checkpoint: val_loss (lower is better), or accuracy / f1 (higher).
     best_metric: str = _f("val_loss", choices=("val_loss", "accuracy", "f1"))
+
+    def inherit(self, parent: dict | None) -> dict:
+        """Take the INHERITED settings this recipe leaves unset from `parent` (the train settings a
+        checkpoint's meta.json records); returns what was taken. A parent without them changes nothing."""
+        taken = {key: parent[key] for key in INHERITED if key not in self.given and key in (parent or {})}
+        for key, value in taken.items():
+            setattr(self, key, value)
+        if self.min_lr > self.lr:
+            raise UserError(f"train.min_lr={self.min_lr} is above train.lr={self.lr} (one of them taken from "
+                            "the init_from checkpoint)", hint="set both train.lr and train.min_lr in the recipe")
+        return taken
 
     def batch_problem(self, world_size: int = 1) -> str | None:
         """Why `global_batch_size` cannot be made of whole micro-batches on `world_size` processes (None: it can)."""
@@ -290,6 +309,9 @@ def build_recipe(raw: dict, overrides: list[str] = (), *, source: str = "<recipe
         _cross_checks(recipe, problems)
     if problems:
         raise RecipeError(source, problems)
+    train = raw.get("train")
+    recipe.train.given = frozenset((train if isinstance(train, dict) else {}).keys()) | frozenset(
+        text.split("=", 1)[0].strip().removeprefix("train.") for text in overrides if text.strip().startswith("train."))
     if recipe.run is None and stem:
         recipe.run = stem
     if recipe.data.name is None:

@@ -354,8 +354,8 @@ def commit(run: Run, state: RunState, improved: bool) -> Path | None:
                                accum=run.accum)
         meta = {"task": run.task.kind, "stage": run.stage, "metrics": state.metrics, "parent": run.parent,
                 "data_fingerprint": run.task.data_fingerprint, "tokens_seen": state.tokens_seen, "created": now_iso(),
-                "llmstages_version": __version__, "generate": to_dict(recipe.generate),
-                "data_settings": to_dict(recipe.data), **run.task.meta}
+                "llmstages_version": __version__, "train": to_dict(recipe.train),
+                "generate": to_dict(recipe.generate), "data_settings": to_dict(recipe.data), **run.task.meta}
         path = save_checkpoint(store, recipe.run, state.step, run.raw_model, run.tokenizer, meta, saved)
         if improved:
             store.set_best(recipe.run, state.best["step"], state.best["metric"], state.best["value"])

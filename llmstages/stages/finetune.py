@@ -23,7 +23,7 @@ from llmstages.lora import add_lora, merge_lora
 from llmstages.loop import TrainResult, train
 from llmstages.model import GPT, set_dropout
 from llmstages.stages.prepare import get_or_prepare
-from llmstages.stages.pretrain import check_tokenizer
+from llmstages.stages.pretrain import check_tokenizer, say_inherited
 from llmstages.store import Store
 
 # --task NAME -> (built-in recipe, the recipe `task:` it stands for)
@@ -120,6 +120,7 @@ def finetune(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
         raise UserError(f"the recipe's task is {recipe.task}; finetune runs classify or instruct recipes",
                         hint="use `llmstages pretrain` for pretraining recipes")
     base = load_base(recipe, store)
+    say_inherited(console, recipe, base)
     if base.model.config.lora_rank > 0:
         merge_lora(base.model)  # a LoRA base is folded into plain weights; this run adds its own adapters
     data = get_or_prepare(recipe, store, console)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from rich.console import Console
 
-from llmstages.checkpoint import load_checkpoint, parent_info
+from llmstages.checkpoint import Checkpoint, load_checkpoint, parent_info
 from llmstages.config import ModelConfig, Recipe
 from llmstages.data.prepared import PreparedDataset
 from llmstages.data.windows import WindowSampler, fixed_windows
@@ -32,6 +32,15 @@ def model_config(cfg: ModelConfig, vocab_size: int) -> GPTConfig:
                         dropout=cfg.dropout, bias=cfg.bias)
 
 
+def say_inherited(console: Console, recipe: Recipe, parent: Checkpoint) -> dict:
+    """Fill the train settings the recipe leaves unset from the parent checkpoint, and say which (also in --dry-run)."""
+    taken = recipe.train.inherit(parent.meta.get("train"))
+    if taken:
+        console.print(f"train settings from init_from={recipe.init_from}: "
+                      + ", ".join(f"{k}={v}" for k, v in taken.items()), highlight=False)
+    return taken
+
+
 def check_tokenizer(tokenizer: Tokenizer, data: PreparedDataset, model_ref: str) -> None:
     """Refuse to train a model on data tokenized by a different tokenizer, before step 1."""
     expected = data.manifest["tokenizer_fingerprint"]
@@ -41,10 +50,13 @@ def check_tokenizer(tokenizer: Tokenizer, data: PreparedDataset, model_ref: str)
                         hint="prepare the data with the model's tokenizer (data.tokenizer=auto with init_from)")
 
 
-def build_model(recipe: Recipe, store: Store, data: PreparedDataset) -> tuple[GPT, Tokenizer, dict | None]:
-    """A new model shaped by `recipe.model`, or the `init_from` checkpoint (whose shape wins)."""
+def build_model(recipe: Recipe, store: Store, data: PreparedDataset,
+                console: Console | None = None) -> tuple[GPT, Tokenizer, dict | None]:
+    """A new model shaped by `recipe.model`, or the `init_from` checkpoint (whose shape and unset train
+    settings win)."""
     if recipe.init_from:
         ckpt = load_checkpoint(recipe.init_from, store)
+        say_inherited(console or Console(stderr=True), recipe, ckpt)
         if ckpt.model.is_classifier:
             raise UserError(f"init_from={recipe.init_from} is a classifier; pretraining needs a language model")
         check_tokenizer(ckpt.tokenizer, data, recipe.init_from)
@@ -76,7 +88,7 @@ def pretrain(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
         raise UserError(f"the recipe's task is {recipe.task}; pretrain runs task: pretrain recipes",
                         hint=f"use `llmstages finetune --task ... RECIPE` for {recipe.task}")
     data = get_or_prepare(recipe, store, console)
-    model, tokenizer, parent = build_model(recipe, store, data)
+    model, tokenizer, parent = build_model(recipe, store, data, console)
     task = pretrain_task(model, tokenizer, data, recipe)
     if dry_run:
         from llmstages.dryrun import estimate
