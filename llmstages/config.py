@@ -127,7 +127,7 @@ class TrainConfig:
     max_steps: int = _f(1000, ge=1)
     # If > 0, the number of passes over the training set; sets max_steps from the data size.
     epochs: float = _f(0.0, ge=0.0)
-    # Peak learning rate, after warmup.
+    # Peak learning rate, after warmup. With init_from, the INHERITED settings left unset come from that checkpoint.
     lr: float = _f(6e-4, gt=0.0, le=1.0)
     # Learning rate at the end of the cosine decay.
     min_lr: float = _f(6e-5, ge=0.0)
