@@ -139,16 +139,11 @@ def pretrain(
       torchrun --nproc_per_node 4 -m llmstages pretrain gpt2-124m
     """
     from llmstages.config import load_recipe
-    from llmstages.loop import print_summary
     from llmstages.runtime import set_threads
     from llmstages.stages.pretrain import pretrain as run_pretrain
 
     set_threads()
-    loaded = load_recipe(recipe, overrides or [])
-    result = run_pretrain(loaded, _store(), resume=resume, allow_change=allow_change, dry_run=dry_run,
-                          console=err_console)
-    if not dry_run and _is_main_process():
-        print_summary(err_console, result, f"pretrain {loaded.run}")
+    _train(run_pretrain, "pretrain", load_recipe(recipe, overrides or []), resume, allow_change, dry_run)
 
 
 @app.command()
@@ -171,7 +166,6 @@ def finetune(
       llmstages finetune my-labels.yaml --dry-run
     """
     from llmstages.config import load_recipe
-    from llmstages.loop import print_summary
     from llmstages.runtime import set_threads
     from llmstages.stages.finetune import check_task, task_recipe
     from llmstages.stages.finetune import finetune as run_finetune
@@ -187,10 +181,17 @@ def finetune(
     loaded = load_recipe(recipe_path, args)
     if task is not None:
         check_task(task, loaded, recipe_path)
-    result = run_finetune(loaded, _store(), resume=resume, allow_change=allow_change, dry_run=dry_run,
-                          console=err_console)
+    _train(run_finetune, "finetune", loaded, resume, allow_change, dry_run)
+
+
+def _train(stage_fn, stage: str, recipe, resume: bool, allow_change: bool, dry_run: bool) -> None:
+    """Run a training stage (or its --dry-run) and print the summary on the main process."""
+    from llmstages.loop import print_summary
+
+    result = stage_fn(recipe, _store(), resume=resume, allow_change=allow_change, dry_run=dry_run,
+                      console=err_console)
     if not dry_run and _is_main_process():
-        print_summary(err_console, result, f"finetune {loaded.run}")
+        print_summary(err_console, result, f"{stage} {recipe.run}")
 
 
 @app.command()
