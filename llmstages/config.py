@@ -142,10 +142,21 @@ class TrainConfig:
     epochs: float = _f(0.0, ge=0.0)
     # Peak learning rate, after warmup.
     lr: float = _f(6e-4, gt=0.0, le=1.0)
-    # Learning rate at the end of the cosine decay.
+    # Learning rate at the end of the schedule (the floor; the Muon lr ends at muon_lr * min_lr / lr).
     min_lr: float = _f(6e-5, ge=0.0)
     # Linear warmup steps.
     warmup_steps: int = _f(100, ge=0)
+    # cosine: warmup, then cosine decay to min_lr | wsd: warmup, constant lr, then a linear decay to
+    # min_lr over the final decay_frac of the steps (warmup-stable-decay).
+    schedule: str = _f("cosine", choices=("cosine", "wsd"))
+    decay_frac: float = _f(0.2, gt=0.0, le=1.0)
+    # adamw: AdamW for everything | muon: Muon for the 2-D weight matrices of the blocks, AdamW (lr,
+    # weight_decay, betas below) for embeddings, heads, norms, biases and LoRA adapters.
+    optimizer: str = _f("adamw", choices=("adamw", "muon"))
+    # Muon's peak learning rate, momentum (Nesterov) and decoupled weight decay.
+    muon_lr: float = _f(0.02, gt=0.0, le=1.0)
+    muon_momentum: float = _f(0.95, ge=0.0, le=1.0)
+    muon_weight_decay: float = _f(0.0, ge=0.0)
     # AdamW settings; weight decay is not applied to biases, norms and embeddings.
     weight_decay: float = _f(0.1, ge=0.0)
     beta1: float = _f(0.9, ge=0.0, le=1.0)

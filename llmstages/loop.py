@@ -37,7 +37,7 @@ from llmstages.config import Recipe, dump_yaml, read_yaml, recipe_diff, to_dict
 from llmstages.distributed import DistContext, init_distributed
 from llmstages.errors import StopTraining, UserError
 from llmstages.model import GPT, flops_per_token, num_params
-from llmstages.optim import build_optimizer, lr_at
+from llmstages.optim import build_optimizer, set_lr
 from llmstages.runlog import RunLog, TrainProgress, summary_table
 from llmstages.runtime import autocast, peak_flops, peak_rss_mb, resolve_device, resolve_precision
 from llmstages.store import Store, now_iso
@@ -296,9 +296,7 @@ def _train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, st
 
     try:
         while step < max_steps:
-            lr = lr_at(step, cfg, max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = set_lr(optimizer, step, cfg, max_steps)  # each param group scaled from its own base lr
             step_loss = torch.zeros((), device=device)
             for micro in range(accum):
                 index = (step * accum + micro) * dctx.world_size + dctx.rank
