@@ -27,10 +27,18 @@ if TYPE_CHECKING:  # annotations only: model.py imports this module, not the oth
     from llmstages.model import GPTConfig
 
 
+class RMSNorm(nn.RMSNorm):
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim. The gain is cast to the input's dtype, so
+    under bf16 autocast (which leaves rms_norm alone) the fused kernel runs instead of a slow fallback."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
     """The block's normalisation over the last `dim` features."""
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=config.norm_eps)
+        return RMSNorm(dim, eps=config.norm_eps)
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
@@ -85,8 +93,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         if config.qk_norm:  # one gain of D per layer, shared by the heads (as Qwen3's q_norm / k_norm)
-            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
-            self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.norm_eps)
         else:
             self.q_norm = self.k_norm = None
 

@@ -156,7 +156,8 @@ def _set_rng_state(tensors: dict, info: dict) -> None:
 # resumed with other values, --allow-change or not.
 FIXED_ON_RESUME = ("model.size", "model.n_layer", "model.n_head", "model.n_embd", "model.block_size",
                    "model.vocab_size", "model.bias", "finetune.trainable", "finetune.lora_rank",
-                   "finetune.lora_targets")
+                   "finetune.lora_targets", "model.arch", "model.pos_emb", "model.norm", "model.mlp",
+                   "model.mlp_hidden", "model.n_kv_head", "model.qk_norm", "model.tie_embeddings")
 
 
 def _check_resume(run_dir: Path, recipe: Recipe, allow_change: bool, latest: Path, data_fingerprint: str,

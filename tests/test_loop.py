@@ -104,6 +104,8 @@ def test_resume_refuses_other_shapes_and_other_data(tmp_path):
     assert run(tmp_path, 10).returncode == 0
     reshaped = run(tmp_path, 10, "--resume", "--allow-change", "model.n_layer=3")
     assert reshaped.returncode == 2 and "cannot be resumed with another model.n_layer" in reshaped.stderr
+    other_blocks = run(tmp_path, 10, "--resume", "--allow-change", "model.norm=rmsnorm")  # same shapes
+    assert other_blocks.returncode == 2 and "cannot be resumed with another model.norm" in other_blocks.stderr
     other_data = run(tmp_path, 10, "--resume", "--data", "another-corpus")
     assert other_data.returncode == 2 and "the training data differs" in other_data.stderr
     assert "--allow-change" in other_data.stderr
