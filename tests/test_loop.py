@@ -234,7 +234,7 @@ def test_torchrun_two_processes_with_muon_match_one_process(tmp_path, muon_refer
     assert [r["step"] for r in ddp] == [r["step"] for r in muon_reference]
     for one, two in zip(muon_reference, ddp):
         key = "loss" if "loss" in one else "val_loss"
-        assert two[key] == pytest.approx(one[key], rel=1e-3)  # same batches; only summation order differs
+        assert two[key] == pytest.approx(one[key], rel=1e-4)  # same batches; only summation order differs
 
 
 def test_wsd_schedule_warms_up_holds_then_decays_linearly_to_min_lr():
