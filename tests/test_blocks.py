@@ -264,3 +264,15 @@ def test_the_number_of_tensor_ops_does_not_grow_with_tokens_or_heads(kw):
     four_heads = ops_per_forward(dict(kw, n_kv_head=groups), 32)
     eight_heads = ops_per_forward(dict(kw, n_head=8, n_embd=64, n_kv_head=2 * groups), 32)  # D = 8 in both
     assert four_heads == eight_heads
+
+
+def test_hf_export_refuses_a_model_that_is_not_gpt2(tmp_path):
+    from llmstages.checkpoint import Checkpoint
+    from llmstages.errors import UserError
+    from llmstages.interop import export_hf
+
+    tok = train_bpe(["the king shall speak of love and war " * 20], 280)
+    model = GPT(build_config("tiny", vocab_size=tok.vocab_size, arch="modern"))
+    with pytest.raises(UserError, match="GPT-2 models"):
+        export_hf(Checkpoint(model, tok, {}, None), tmp_path / "out", force=False)
+    assert not (tmp_path / "out").exists()
