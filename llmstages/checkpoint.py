@@ -140,7 +140,8 @@ def parent_info(ref: str, ckpt: Checkpoint) -> dict:
 # resumed with other values, --allow-change or not.
 FIXED_ON_RESUME = ("model.size", "model.n_layer", "model.n_head", "model.n_embd", "model.block_size",
                    "model.vocab_size", "model.bias", "finetune.trainable", "finetune.lora_rank",
-                   "finetune.lora_targets")
+                   "finetune.lora_targets", "model.arch", "model.pos_emb", "model.norm", "model.mlp",
+                   "model.mlp_hidden", "model.n_kv_head", "model.qk_norm", "model.tie_embeddings")
 
 
 def load_for_resume(store: Store, recipe: Recipe, model: GPT, tokenizer: Tokenizer, data_fingerprint: str, *,

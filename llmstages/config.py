@@ -107,8 +107,30 @@ class ModelConfig:
     vocab_size: int | None = _f(None, ge=2)
     # Dropout on attention, residual and embeddings (0 for pretraining small data is rarely best).
     dropout: float = _f(0.0, ge=0.0, le=0.9)
-    # Biases in linear layers and LayerNorms (GPT-2 has them).
-    bias: bool = True
+    # Named block choices: gpt2 (GPT-2 exactly) | modern (rotary positions, RMSNorm, ReLU² MLP,
+    # QK-norm, no biases, untied head, logit soft-cap 15: nanochat's combination). The fields below
+    # left empty take the preset's value; a value given here wins.
+    arch: str = _f("gpt2", choices=("gpt2", "modern"))
+    # Biases in linear layers and LayerNorms (gpt2: on; modern: off).
+    bias: bool | None = None
+    # Position encoding: learned (GPT-2's table) | rope (rotary; no position weights).
+    pos_emb: str | None = _f(None, choices=("learned", "rope"))
+    # Rotary base frequency.
+    rope_theta: float = _f(10000.0, gt=0.0)
+    # Block norm: layernorm | rmsnorm.
+    norm: str | None = _f(None, choices=("layernorm", "rmsnorm"))
+    # MLP: gelu | relu2 (ReLU squared) | swiglu.
+    mlp: str | None = _f(None, choices=("gelu", "relu2", "swiglu"))
+    # MLP hidden width; 0 = 4 * n_embd (gelu, relu2) or 8/3 * n_embd rounded up to 64 (swiglu).
+    mlp_hidden: int = _f(0, ge=0)
+    # Key/value heads for grouped-query attention; 0 = n_head (plain multi-head attention).
+    n_kv_head: int = _f(0, ge=0)
+    # RMSNorm on each head's queries and keys.
+    qk_norm: bool | None = None
+    # Share the output head's weights with the token embedding.
+    tie_embeddings: bool | None = None
+    # Soft-cap the logits at this magnitude, cap * tanh(logits / cap) (0 = off).
+    logit_softcap: float | None = _f(None, ge=0.0)
 
 
 # Optimizer settings a run with a starting point (init_from) takes from that checkpoint when its
@@ -129,10 +151,21 @@ class TrainConfig:
     epochs: float = _f(0.0, ge=0.0)
     # Peak learning rate, after warmup. With init_from, the INHERITED settings left unset come from that checkpoint.
     lr: float = _f(6e-4, gt=0.0, le=1.0)
-    # Learning rate at the end of the cosine decay.
+    # Learning rate at the end of the schedule (the floor; the Muon lr ends at muon_lr * min_lr / lr).
     min_lr: float = _f(6e-5, ge=0.0)
     # Linear warmup steps.
     warmup_steps: int = _f(100, ge=0)
+    # cosine: warmup, then cosine decay to min_lr | wsd: warmup, constant lr, then a linear decay to
+    # min_lr over the final decay_frac of the steps (warmup-stable-decay).
+    schedule: str = _f("cosine", choices=("cosine", "wsd"))
+    decay_frac: float = _f(0.2, gt=0.0, le=1.0)
+    # adamw: AdamW for everything | muon: Muon for the 2-D weight matrices of the blocks, AdamW (lr,
+    # weight_decay, betas below) for embeddings, heads, norms, biases and LoRA adapters.
+    optimizer: str = _f("adamw", choices=("adamw", "muon"))
+    # Muon's peak learning rate, momentum (Nesterov) and decoupled weight decay.
+    muon_lr: float = _f(0.02, gt=0.0, le=1.0)
+    muon_momentum: float = _f(0.95, ge=0.0, le=1.0)
+    muon_weight_decay: float = _f(0.0, ge=0.0)
     # AdamW settings; weight decay is not applied to biases, norms and embeddings.
     weight_decay: float = _f(0.1, ge=0.0)
     beta1: float = _f(0.9, ge=0.0, le=1.0)
@@ -283,6 +316,8 @@ def _cross_checks(recipe: Recipe, problems: list[tuple[str, str]]) -> None:
         problems.append(("train.min_lr", f"{t.min_lr} is above train.lr={t.lr}"))
     if m.n_embd is not None and m.n_head is not None and m.n_embd % m.n_head:
         problems.append(("model.n_embd", f"{m.n_embd} is not divisible by model.n_head={m.n_head}"))
+    if m.n_kv_head and m.n_head is not None and m.n_head % m.n_kv_head:
+        problems.append(("model.n_kv_head", f"{m.n_kv_head} does not divide model.n_head={m.n_head}"))
     if m.size == "custom" and None in (m.n_layer, m.n_head, m.n_embd, m.block_size):
         problems.append(("model.size", "custom needs model.n_layer, n_head, n_embd and block_size"))
     unknown_targets = sorted(set(ft.lora_targets) - set(LORA_TARGETS))

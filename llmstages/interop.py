@@ -364,6 +364,10 @@ def export_hf(ckpt: ModelFiles, out: Path, *, force: bool, store_root: Path | No
     out = Path(out).expanduser()
     _check_target(out, ckpt, force, store_root)
     model = ckpt.model
+    if not model.config.is_gpt2():
+        raise UserError(f"{ckpt.ref}: export --format hf writes GPT-2 models; this one has "
+                        f"arch={model.config.arch} blocks (rotary / RMSNorm / other MLP or head choices)",
+                        hint="export a checkpoint trained with model.arch=gpt2")
     if model.config.lora_rank > 0:
         from llmstages.lora import merge_lora
         model = copy.deepcopy(model)  # the caller's model keeps its adapters

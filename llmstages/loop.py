@@ -38,7 +38,7 @@ from llmstages.config import Recipe, dump_yaml, to_dict
 from llmstages.distributed import DistContext, init_distributed
 from llmstages.errors import StopTraining, UserError
 from llmstages.model import GPT, flops_per_token, num_params
-from llmstages.optim import build_optimizer, lr_at, set_lr
+from llmstages.optim import build_optimizer, set_lr
 from llmstages.runlog import RunLog, TrainProgress, summary_table
 from llmstages.runstate import RunState, restore_rng
 from llmstages.runtime import autocast, peak_flops, peak_rss_mb, resolve_device, resolve_precision
@@ -208,7 +208,7 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
     try:
         while True:
             # 1. the learning rate of the next step
-            lr = set_lr(optimizer, lr_at(state.step, cfg, max_steps))
+            lr = set_lr(optimizer, state.step, cfg, max_steps)  # each param group scaled from its own base lr
 
             # 2. evaluate and commit a checkpoint when the step just finished asks for it
             improved = due.eval and evaluate(run, state, window)

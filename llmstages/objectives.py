@@ -25,7 +25,8 @@ def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Output head + cross-entropy without the full logits: loss = CE(hidden @ weight.T, targets).
+    """Output head + cross-entropy without the full logits: loss = CE(hidden @ weight.T, targets), the
+    logits soft-capped first when softcap > 0 (cap * tanh(logits / cap)).
 
     hidden (N, C), weight (V, C), targets (N,) -> mean loss over targets != IGNORE.
     The N x V logits (4096 x 8192 fp32 = 128 MiB for the quickstart's micro-batch) are made `chunk`
@@ -36,7 +37,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                softcap: float = 0.0) -> torch.Tensor:
         valid = targets != IGNORE
         count = valid.sum().clamp(min=1)
         grad_hidden = torch.empty_like(hidden)
@@ -45,12 +47,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.size(0), chunk):
             h, t, ok = hidden[start:start + chunk], targets[start:start + chunk], valid[start:start + chunk]
             logits = h @ weight.t()  # (n, V)
+            if softcap > 0:  # logits = cap * tanh(z / cap); d logits / dz = 1 - tanh^2
+                squashed = torch.tanh(logits.div_(softcap))
+                logits = squashed * softcap
             lse = torch.logsumexp(logits, dim=-1)  # (n,)
             picked = t.clamp(min=0)
             total += ((lse - logits.gather(1, picked[:, None]).squeeze(1)) * ok).sum()
             probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
             probs[torch.arange(len(t), device=t.device), picked] -= 1.0  # d(CE)/d(logits) = softmax - onehot
             probs.mul_(ok[:, None])
+            if softcap > 0:
+                probs.mul_(1.0 - squashed.square_())
             torch.mm(probs, weight, out=grad_hidden[start:start + chunk])  # (n, C)
             if grad_weight is not None:
                 grad_weight.addmm_(probs.t(), h)  # (V, C)
@@ -62,15 +69,21 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         grad_hidden, grad_weight, count = ctx.saved_tensors
         scale = grad_out / count
-        return grad_hidden * scale, grad_weight * scale if ctx.has_weight_grad else None, None, None
+        return grad_hidden * scale, grad_weight * scale if ctx.has_weight_grad else None, None, None, None
 
 
-def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """Mean next-token cross-entropy of hidden states (B, T, C) under the head `weight` (V, C)."""
+def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 512,
+              softcap: float = 0.0) -> torch.Tensor:
+    """Mean next-token cross-entropy of hidden states (B, T, C) under the head `weight` (V, C).
+
+    softcap > 0: the logits are soft-capped first, cap * tanh(logits / cap).
+    """
     hidden, targets = hidden.flatten(0, 1), targets.flatten()
     if hidden.device.type == "cpu" and hidden.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
-        return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk)
+        return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, softcap)
     logits = hidden @ weight.t()
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits.float() / softcap)
     return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
 
 

@@ -370,3 +370,36 @@ def test_spam_end_to_end_on_the_real_sms_file(cli, data_file, tmp_path, store_di
     assert figures["examples"] == 300 and sum(map(sum, figures["confusion"])) == 300
     assert set(figures["per_class"]) == {"ham", "spam"}
     assert set(figures["per_class"]["spam"]) == {"precision", "recall", "f1", "support"}
+
+
+# --- a modern base (rotary, RMSNorm, SwiGLU, GQA, QK-norm, untied head) ------------------------------------
+@pytest.fixture
+def modern_base(store_dir, tokenizer) -> str:
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32, arch="modern",
+                       pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1, qk_norm=True, bias=False,
+                       tie_embeddings=False, logit_softcap=15.0)
+    save_checkpoint(Store(store_dir), "base", 1, GPT(config), tokenizer, {"task": "pretrain"})
+    return "base"
+
+
+@pytest.mark.parametrize("mode,optimizer", [("lora", "muon"), ("all", "muon")])  # lora: adapters are AdamW's
+def test_finetune_from_a_modern_base_learns(mode, optimizer, tmp_path, store_dir, modern_base):
+    source = write_tsv(tmp_path / "sms.tsv", labeled_rows(160))
+    recipe = spam_recipe(source, f"finetune.trainable={mode}", "finetune.lora_targets=[c_attn,c_fc,c_proj]",
+                         f"train.optimizer={optimizer}", max_steps=16, eval_every=16, save_every=16, lr=1e-2)
+    store = Store(store_dir)
+    finetune(recipe, store, console=quiet())
+    losses = [r["loss"] for r in log_lines(store_dir) if "lr" in r]
+    # from a random base: all weights learn fast; LoRA adapters on random features more slowly
+    assert np.mean(losses[-4:]) < (0.8 if mode == "lora" else 0.5) * np.mean(losses[:4]), losses
+    after = load_checkpoint("clf", store).model
+    assert after.config.pos_emb == "rope" and after.config.mlp == "swiglu" and after.config.n_kv_head == 1
+    before = load_file(str(store.latest("base") / "model.safetensors"))
+    trained = load_file(str(store.latest("clf") / "model.safetensors"))
+    assert "lm_head.weight" not in trained and not torch.equal(trained["score.weight"], torch.zeros(2, 32))
+    for name, value in trained.items():
+        if name in before:
+            assert torch.equal(value, before[name]) == (mode == "lora"), name  # lora: the base is frozen
+    if mode == "lora":
+        assert {k.rsplit(".", 2)[-2] for k in trained if k.endswith("lora_B")} == {"c_attn", "c_fc", "c_proj"}

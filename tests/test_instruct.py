@@ -20,6 +20,7 @@ from llmstages.config import build_recipe
 from llmstages.model import GPT, GPTConfig
 from llmstages.objectives import IGNORE
 from llmstages.rouge import lcs_length, rouge_l, rouge_tokens
+from llmstages.sampling import generate_tokens
 from llmstages.stages.chat import Conversation, Sampling, chat, read_message
 from llmstages.stages.finetune import finetune
 from llmstages.stages.generate import generate_text
@@ -371,3 +372,22 @@ def test_end_to_end_on_the_real_instruction_data(cli, capsys, monkeypatch, data_
     expected = [generate_text(ckpt, m, model_input=format_prompt("alpaca", m), max_new_tokens=5,
                               temperature=0.0).completion for m in ("Name a color.", "Say \nhello.")]
     assert out == f"{expected[0]}\n{expected[1]}\n" and "(conversation cleared)" in err
+
+
+def test_lora_instruction_tuning_of_a_modern_base_with_muon_learns(tmp_path, store_dir, tokenizer):
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32, arch="modern",
+                       pos_emb="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, bias=False, tie_embeddings=False,
+                       logit_softcap=15.0)
+    save_checkpoint(Store(store_dir), "base", 1, GPT(config), tokenizer, {"task": "pretrain"})
+    source = write_jsonl(tmp_path / "inst.jsonl", rows())
+    recipe = instruct_recipe(source, run="lora", train={"lr": 0.05, "max_steps": 12, "optimizer": "muon"},
+                             finetune={"trainable": "lora", "lora_rank": 4, "eval_samples": 0})
+    finetune(recipe, Store(store_dir), console=quiet())
+    log = [json.loads(line) for line in (Store(store_dir).run_dir("lora") / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "lr" in r]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses  # adapters on a random base: slowly
+    lora = load_checkpoint("lora", Store(store_dir))
+    assert lora.model.config.pos_emb == "rope" and lora.model.config.lora_rank == 4
+    out = list(generate_tokens(lora.model, [1, 2, 3], max_new_tokens=5))  # the KV cache path runs
+    assert len(out) == 5

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from llmstages.config import build_recipe
 from llmstages.model import GPT, GPTConfig
@@ -41,8 +42,8 @@ def reference(tmp_path_factory):
     return log(store)
 
 
-def start_and_signal(store, sig, after_line):
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(store), "30"], stdout=subprocess.PIPE,
+def start_and_signal(store, sig, after_line, *args):
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(store), "30", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=ENV)
     for line in proc.stdout:
         if line.startswith(after_line):
@@ -103,6 +104,8 @@ def test_resume_refuses_other_shapes_and_other_data(tmp_path):
     assert run(tmp_path, 10).returncode == 0
     reshaped = run(tmp_path, 10, "--resume", "--allow-change", "model.n_layer=3")
     assert reshaped.returncode == 2 and "cannot be resumed with another model.n_layer" in reshaped.stderr
+    other_blocks = run(tmp_path, 10, "--resume", "--allow-change", "model.norm=rmsnorm")  # same shapes
+    assert other_blocks.returncode == 2 and "cannot be resumed with another model.norm" in other_blocks.stderr
     other_data = run(tmp_path, 10, "--resume", "--data", "another-corpus")
     assert other_data.returncode == 2 and "the training data differs" in other_data.stderr
     assert "--allow-change" in other_data.stderr
@@ -184,3 +187,108 @@ def test_torchrun_stop_and_resume_matches_one_process(tmp_path, reference):
     for one, two in zip(reference, ddp):
         key = "loss" if "loss" in one else "val_loss"
         assert two[key] == pytest.approx(one[key], rel=1e-4), (one, two)
+
+
+# --- Muon + AdamW, modern blocks, warmup-stable-decay ------------------------------------------------------
+MUON = ("model.arch=modern", "model.n_kv_head=1", "train.optimizer=muon", "train.schedule=wsd",
+        "train.decay_frac=0.3", "train.muon_lr=0.02")
+
+
+@pytest.fixture(scope="module")
+def muon_reference(tmp_path_factory):
+    """An uninterrupted 30-step run of a modern model with Muon."""
+    store = tmp_path_factory.mktemp("muon-ref")
+    result = run(store, 30, *MUON)
+    assert result.returncode == 0, result.stderr
+    return log(store)
+
+
+def test_muon_trains(muon_reference, reference):
+    losses = [r["loss"] for r in muon_reference if "loss" in r]
+    assert losses[-1] < losses[0] - 1.0
+    assert [r["lr"] for r in muon_reference if "lr" in r][-1] == pytest.approx(3e-4)  # ends at min_lr
+
+
+def test_muon_resume_after_a_kill_is_exact(tmp_path, muon_reference):
+    returncode, out = start_and_signal(tmp_path, signal.SIGKILL, "step 15", *MUON)
+    assert returncode == -9, out
+    state = torch.load(tmp_path / "runs/syn/step-000010/train_state.pt", weights_only=True)
+    assert set(state["optimizer"]) == {"adamw", "muon"}  # both optimizers' states are in the checkpoint
+    resumed = run(tmp_path, 30, "--resume", *MUON)
+    assert resumed.returncode == 0, resumed.stderr
+    assert figures(log(tmp_path)) == figures(muon_reference)  # every logged figure, bit for bit
+
+
+def test_resume_with_another_optimizer_is_a_clear_error(tmp_path):
+    assert run(tmp_path, 10).returncode == 0
+    switched = run(tmp_path, 20, "--resume", "--allow-change", "train.optimizer=muon")
+    assert switched.returncode == 2 and "train.optimizer the run started with" in switched.stderr
+
+
+def test_torchrun_two_processes_with_muon_match_one_process(tmp_path, muon_reference):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master-port", str(29500 + (os.getpid() + 13) % 1000), str(SCRIPT), str(tmp_path),
+                             "30", *MUON], capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = log(tmp_path)
+    assert [r["step"] for r in ddp] == [r["step"] for r in muon_reference]
+    for one, two in zip(muon_reference, ddp):
+        key = "loss" if "loss" in one else "val_loss"
+        assert two[key] == pytest.approx(one[key], rel=1e-4)  # same batches; only summation order differs
+
+
+def test_wsd_schedule_warms_up_holds_then_decays_linearly_to_min_lr():
+    cfg = build_recipe({"train": {"lr": 1.0, "min_lr": 0.1, "warmup_steps": 10, "schedule": "wsd",
+                                  "decay_frac": 0.25}}).train
+    values = [lr_at(s, cfg, 100) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == 1.0
+    assert values[10:75] == [1.0] * 65  # stable until the last quarter
+    assert values[75] == pytest.approx(1.0 - 0.9 / 25) and values[99] == pytest.approx(0.1)
+    decay = values[75:]
+    assert all(x > y for x, y in zip(decay, decay[1:]))
+    assert [b - a for a, b in zip(decay, decay[1:])] == pytest.approx([-0.9 / 25] * 24)  # a straight line
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    from llmstages.optim import build_optimizer, set_lr
+
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8, pos_emb="rope",
+                          norm="rmsnorm", mlp="swiglu", n_kv_head=1, qk_norm=True, tie_embeddings=False))
+    cfg = build_recipe({"train": {"optimizer": "muon", "lr": 1e-3, "muon_lr": 0.05}}).train
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in opt.named["muon"].param_groups for p in g["params"]}
+    assert in_muon == {"transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
+                       "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"}
+    in_adamw = {names[id(p)] for g in opt.named["adamw"].param_groups for p in g["params"]}
+    assert in_adamw == set(names.values()) - in_muon  # embeddings, head, norms (QK-norm included)
+    set_lr(opt, 0, cfg, 100)  # warmup step 1 of 100: each group at 1/100 of its own base lr
+    assert [g["lr"] for g in opt.named["muon"].param_groups] == pytest.approx([0.05 / 100])
+    assert [g["lr"] for g in opt.named["adamw"].param_groups] == pytest.approx([1e-3 / 100] * 2)
+
+    # LoRA fine-tuning of a classifier: the frozen base is in neither; adapters and class head go to AdamW.
+    from llmstages.lora import add_lora
+
+    clf = GPT(GPTConfig.from_dict(dict(model.config.to_dict(), num_classes=2)))
+    add_lora(clf, 2, 4.0, 0.0, ["c_attn", "c_fc"])
+    for name, p in clf.named_parameters():  # as finetune.trainable=lora does
+        p.requires_grad_("lora_" in name or name == "score.weight")
+    opt = build_optimizer(clf, cfg, torch.device("cpu"))
+    names = {id(p): n for n, p in clf.named_parameters()}
+    assert "muon" not in opt.named
+    assert {names[id(p)] for g in opt.param_groups for p in g["params"]} == {
+        "score.weight", *(f"transformer.h.0.{m}.lora_{ab}" for m in ("attn.c_attn", "mlp.c_fc") for ab in "AB")}
+
+
+def test_an_adamw_checkpoint_from_before_muon_still_loads():
+    from llmstages.optim import build_optimizer
+
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    cfg = build_recipe({}).train
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    model(torch.zeros(1, 4, dtype=torch.long), targets=torch.zeros(1, 4, dtype=torch.long)).backward()
+    opt.step()
+    old_format = opt.named["adamw"].state_dict()  # what train_state.pt held before
+    again = build_optimizer(model, cfg, torch.device("cpu"))
+    again.load_state_dict(old_format)
+    assert again.state_dict()["adamw"]["state"].keys() == old_format["state"].keys()

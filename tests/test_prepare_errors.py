@@ -242,3 +242,15 @@ def test_cli_unknown_override_and_help(cli, tmp_path):
     assert result.returncode == 2 and "did you mean `data.vocab_size`" in result.stderr
     help_text = cli("prepare", "--help").stdout
     assert "Examples:" in help_text and "llmstages prepare quickstart" in help_text and "--force" in help_text
+
+
+def test_quickstart_modern_shares_the_quickstart_dataset_and_builds_modern_blocks(data_file, store_dir, monkeypatch):
+    from llmstages.stages.pretrain import model_config
+
+    monkeypatch.setenv("LLMSTAGES_DATA", str(data_file("SOURCES.md").parent))
+    old, new = load_recipe("quickstart"), load_recipe("quickstart-modern")
+    assert make_plan(new, Store(store_dir)).folder == make_plan(old, Store(store_dir)).folder  # prepared once
+    gpt2, modern = model_config(old.model, 8192), model_config(new.model, 8192)
+    assert gpt2.is_gpt2() and gpt2.bias and gpt2.arch == "gpt2"
+    assert (modern.arch, modern.pos_emb, modern.norm, modern.bias) == ("modern", "rope", "rmsnorm", False)
+    assert (new.train.optimizer, new.train.schedule) == ("muon", "wsd")

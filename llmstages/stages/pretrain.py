@@ -28,8 +28,11 @@ def model_config(cfg: ModelConfig, vocab_size: int) -> GPTConfig:
         raise UserError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size} tokens",
                         hint="remove model.vocab_size (it defaults to the tokenizer's) or raise it")
     return build_config(cfg.size if cfg.size != "custom" else "", vocab_size=cfg.vocab_size or vocab_size,
-                        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                        dropout=cfg.dropout, bias=cfg.bias)
+                        arch=cfg.arch, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                        block_size=cfg.block_size, dropout=cfg.dropout, bias=cfg.bias, pos_emb=cfg.pos_emb,
+                        rope_theta=cfg.rope_theta, norm=cfg.norm, mlp=cfg.mlp, mlp_hidden=cfg.mlp_hidden,
+                        n_kv_head=cfg.n_kv_head, qk_norm=cfg.qk_norm, tie_embeddings=cfg.tie_embeddings,
+                        logit_softcap=cfg.logit_softcap)
 
 
 def say_inherited(console: Console, recipe: Recipe, parent: Checkpoint) -> dict:

@@ -15,9 +15,10 @@ from llmstages.cli import main as cli_main  # noqa: F401  (the same process setu
 from llmstages.config import build_recipe
 from llmstages.errors import StopTraining, UserError
 from llmstages.loop import TrainTask, train
-from llmstages.model import GPT, build_config
+from llmstages.model import GPT
 from llmstages.objectives import lm_loss, lm_metrics
 from llmstages.data.windows import WindowSampler, fixed_windows
+from llmstages.stages.pretrain import model_config
 from llmstages.store import Store
 from llmstages.tokenizer import train_bpe
 
@@ -37,11 +38,11 @@ def main() -> int:
     tok = train_bpe([corpus(5000, 0)], int(rest[rest.index("--vocab") + 1]) if "--vocab" in rest else 300)
     train_ids = np.array(tok.encode(corpus(20000, 1)), dtype=np.uint16)
     val_ids = np.array(tok.encode(corpus(3000, 2)), dtype=np.uint16)
-    recipe = build_recipe({"run": "syn", "train": {
+    recipe = build_recipe({"run": "syn", "model": {"block_size": 64, "dropout": 0.1}, "train": {
         "max_steps": int(steps), "micro_batch_size": 4, "global_batch_size": 8, "eval_every": 10,
         "save_every": 10, "log_every": 5, "warmup_steps": 3, "lr": 3e-3, "min_lr": 3e-4}}, overrides)
     torch.manual_seed(0)
-    model = GPT(build_config("tiny", vocab_size=tok.vocab_size, block_size=64, dropout=0.1))
+    model = GPT(model_config(recipe.model, tok.vocab_size))  # tiny, 64 tokens, unless overridden
     sampler = WindowSampler([train_ids], 64, 4, recipe.train.seed)
     val = fixed_windows([val_ids], 64, 4, 2)
 
