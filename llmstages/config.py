@@ -89,6 +89,12 @@ class DataConfig:
     split_seed: int = 1234
     # Write the good records and list the bad ones in the manifest instead of failing.
     skip_bad: bool = False
+    # hf:ORG/NAME sources (pretraining): read them with the `datasets` streaming mode, row by row,
+    # instead of downloading and exporting the whole split first. Use with max_tokens on big corpora.
+    streaming: bool = False
+    # Pretraining: stop after this many tokens in all (every split together; 0 = the whole corpus).
+    # The document that crosses the budget is cut there.
+    max_tokens: int = _f(0, ge=0)
 
 
 @dataclass
