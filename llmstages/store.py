@@ -149,20 +149,28 @@ def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        write_manifest(tmp)
-        old = None
-        if final.exists():
-            if not replace:
-                raise FileExistsError(f"{final} already exists")
-            old = final.parent / f".trash-{final.name}-{uuid.uuid4().hex[:6]}"
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync_dir(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        commit_dir(tmp, final, replace=replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def commit_dir(tmp: Path, final: Path, *, replace: bool = False) -> None:
+    """Write `tmp`'s MANIFEST and rename it to `final` (a hidden folder beside it) in one step.
+
+    With `replace`, an existing `final` is moved aside and deleted only after the new one is in place.
+    """
+    write_manifest(tmp)
+    old = None
+    if final.exists():
+        if not replace:
+            raise FileExistsError(f"{final} already exists")
+        old = final.parent / f".trash-{final.name}-{uuid.uuid4().hex[:6]}"
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_dir(path: Path) -> None:

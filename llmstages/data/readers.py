@@ -24,7 +24,7 @@ import json
 import re
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,33 @@ class BadRecord:
 
     def __str__(self) -> str:
         return f"{self.where}: {self.reason}"
+
+
+SHOW_BAD = 20
+
+
+@dataclass
+class BadRecords:
+    """Every bad record counted; the first SHOW_BAD kept as `file:line: reason`."""
+
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, bad: BadRecord) -> None:
+        self.count += 1
+        if len(self.examples) < SHOW_BAD:
+            self.examples.append(str(bad))
+
+    def to_json(self) -> dict:
+        return {"count": self.count, "examples": self.examples}
+
+    def error(self) -> UserError:
+        shown = "\n".join(f"  {line}" for line in self.examples)
+        more = f"\n  ... and {self.count - len(self.examples)} more" if self.count > len(self.examples) else ""
+        return UserError(f"{self.count} bad record{'s' if self.count != 1 else ''} in the data "
+                         f"(nothing was written):\n{shown}{more}",
+                         hint="fix them, or set data.skip_bad=true to prepare the good records "
+                              "and list the bad ones in manifest.json")
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:
@@ -358,3 +385,25 @@ def read_parquet(path: Path, display: str) -> Iterator[Record | BadRecord]:
             yield Record(f"{display}:{row}", fields)
     if row == 0:
         yield BadRecord(f"{display}:1", "no rows")
+
+
+# ---------------------------------------------------------------------------------------------------
+# hf: datasets in streaming mode
+# ---------------------------------------------------------------------------------------------------
+def read_hf_stream(spec: str, skip: int = 0) -> Iterator[Record | BadRecord]:
+    """Rows of `hf:ORG/NAME[:split]` read with `datasets` in streaming mode (nothing downloaded ahead),
+    numbered from 1 like Parquet rows; `skip` rows are passed over first (a resumed prepare)."""
+    import datasets  # heavy; only hf: sources need it
+
+    from llmstages.data.sources import parse_hf
+
+    name, split = parse_hf(spec)
+    try:
+        stream = datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as err:  # datasets raises many types (hub, network, missing split, bad files)
+        raise UserError(f"{spec}: cannot stream the dataset ({type(err).__name__}: {err})",
+                        hint="check the name and split; offline, use a local copy of the files as data.source") from None
+    if skip:
+        stream = stream.skip(skip)
+    for row, fields in enumerate(stream, skip + 1):
+        yield Record(f"{spec}:{row}", fields)

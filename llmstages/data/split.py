@@ -157,27 +157,39 @@ class DocumentSplit:
 
 @dataclass
 class SplitScan:
-    """Counts each split's documents during a reading pass; keeps the two train documents with the
-    smallest draws, the ones moved to val / test if those came out empty."""
+    """Counts each split's documents during a reading pass, and keeps the documents that can fill an
+    empty split: the two train documents with the smallest draws (for val / test) and the held-out
+    document with the largest draw (for train)."""
 
     split: DocumentSplit
     counts: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0, "test": 0})
     spare: list[tuple[float, Key]] = field(default_factory=list)
+    held: tuple[float, Key] | None = None
 
     def add(self, key: Key) -> str:
         name = self.split(key)
         self.counts[name] += 1
+        u = draw(self.split.seed, key)
         if name == "train":
-            self.spare = sorted([*self.spare, (draw(self.split.seed, key), key)])[:2]
+            self.spare = sorted([*self.spare, (u, key)])[:2]
+        elif self.held is None or u > self.held[0]:
+            self.held = (u, key)
         return name
 
     def moves(self) -> dict[Key, str]:
-        """Train documents to move so that every split asked for has one; raises when there are too few."""
+        """Documents to move so that train and every split asked for have one; raises when there are too few."""
+        counts, moves = dict(self.counts), {}
+        if counts["train"] == 0 and self.held is not None:
+            moves[self.held[1]] = "train"
+            counts[self.split(self.held[1])] -= 1
+            counts["train"] += 1
         wanted = [name for name, frac in (("val", self.split.val_fraction), ("test", self.split.test_fraction))
-                  if frac > 0 and self.counts[name] == 0]
-        total = sum(self.counts.values())
-        if len(wanted) >= self.counts["train"]:
+                  if frac > 0 and counts[name] == 0]
+        spare = [key for _, key in self.spare if key not in moves]
+        if len(wanted) >= counts["train"]:
+            total = sum(counts.values())
             raise UserError(f"too few documents to split: {total} document(s), val_fraction="
                             f"{self.split.val_fraction}, test_fraction={self.split.test_fraction}",
                             hint="add data, or set data.val_fraction=0 / data.test_fraction=0")
-        return {key: name for name, (_, key) in zip(wanted, self.spare)}
+        moves.update(zip(spare, wanted))
+        return moves

@@ -17,9 +17,9 @@ The on-disk layout is described in llmstages/data/prepared.py. `pretrain` and `f
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,38 +32,12 @@ from llmstages.data import examples as ex
 from llmstages.data.encode import encode_many, encode_pieces, train_tokenizer, with_end_of_text
 from llmstages.data.plan import Plan, make_plan
 from llmstages.data.prepared import FORMAT_VERSION, PreparedDataset, ShardWriter, token_dtype, write_labeled_split
-from llmstages.data.readers import BadRecord, read_records
+from llmstages.data.readers import BadRecord, BadRecords, read_records
 from llmstages.data.split import needs_pseudo_documents, pseudo_documents, split_indices
 from llmstages.errors import UserError
+from llmstages.stages.prepare_text import prepare_pretrain
 from llmstages.store import Store, atomic_dir, is_committed, now_iso
 from llmstages.tokenizer import Tokenizer
-
-SHOW_BAD = 20
-
-
-@dataclass
-class BadRecords:
-    """Every bad record counted; the first SHOW_BAD kept as `file:line: reason`."""
-
-    count: int = 0
-    examples: list[str] = field(default_factory=list)
-
-    def add(self, bad: BadRecord) -> None:
-        self.count += 1
-        if len(self.examples) < SHOW_BAD:
-            self.examples.append(str(bad))
-
-    def to_json(self) -> dict:
-        return {"count": self.count, "examples": self.examples}
-
-    def error(self) -> UserError:
-        shown = "\n".join(f"  {line}" for line in self.examples)
-        more = f"\n  ... and {self.count - len(self.examples)} more" if self.count > len(self.examples) else ""
-        return UserError(f"{self.count} bad record{'s' if self.count != 1 else ''} in the data "
-                         f"(nothing was written):\n{shown}{more}",
-                         hint="fix them, or set data.skip_bad=true to prepare the good records "
-                              "and list the bad ones in manifest.json")
-
 
 def prepare(recipe: Recipe, store: Store, *, console: Console | None = None, force: bool = False) -> PreparedDataset:
     """Prepare `recipe`'s data (or reuse the prepared dataset with the same fingerprint) and return it."""
@@ -74,6 +48,10 @@ def prepare(recipe: Recipe, store: Store, *, console: Console | None = None, for
         console.print(f"up to date: {plan.folder} (same input and settings; --force prepares it again)",
                       highlight=False)
         return PreparedDataset.open(plan.folder)
+    if recipe.task == "pretrain":  # streamed, bounded memory, resumable: stages/prepare_text.py
+        dataset = prepare_pretrain(plan, store, console=console, force=force)
+        console.print(summary_table(dataset))
+        return dataset
     data, task = recipe.data, recipe.task
 
     bad = BadRecords()
@@ -341,6 +319,8 @@ def summary_table(dataset: PreparedDataset) -> Table:
     table.add_row("time", f"{stats['seconds']:.1f} s (tokenizer {m['tokenizer']['seconds']:.1f} s, "
                           f"tokenizing + writing {stats['encode_seconds']:.1f} s)")
     table.add_row("tokens/s", f"{stats['tokens_per_s']:,.0f}")
+    if (peak := peak_memory_mb()) is not None:
+        table.add_row("peak memory", f"{peak:,.0f} MB (resident, this process)")
     if m["bad_records"]["count"]:
         table.add_row("bad records", f"{m['bad_records']['count']:,} skipped (listed in manifest.json)")
     if m.get("pseudo_documents"):
@@ -348,3 +328,13 @@ def summary_table(dataset: PreparedDataset) -> Table:
         table.add_row("note", f"{p['documents']} document(s) cut into {p['pieces']} pseudo-documents for the split")
     table.add_row("path", str(dataset.path))
     return table
+
+
+def peak_memory_mb() -> float | None:
+    """Peak resident memory of this process so far, in MB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
