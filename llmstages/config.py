@@ -92,6 +92,9 @@ class DataConfig:
     # hf:ORG/NAME sources (pretraining): read them with the `datasets` streaming mode, row by row,
     # instead of downloading and exporting the whole split first. Use with max_tokens on big corpora.
     streaming: bool = False
+    # Characters of text tokenized at once, in one parallel batch: prepare's memory grows with it
+    # (about 100 bytes per token in flight), not with the corpus. Does not change the output.
+    batch_chars: int = _f(1 << 22, ge=1024)
     # Pretraining: stop after this many tokens in all (every split together; 0 = the whole corpus).
     # The document that crosses the budget is cut there.
     max_tokens: int = _f(0, ge=0)

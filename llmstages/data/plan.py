@@ -30,7 +30,7 @@ from llmstages.tokenizer import Tokenizer
 # Bump when prepare's output changes for the same input and settings (old datasets are then not reused).
 PREPARE_VERSION = 1
 # data.* settings that do not change the prepared bytes (input identity is the files' content hashes).
-NOT_IN_FINGERPRINT = ("name", "source", "sha256", "mirror", "val_source", "test_source", "tokenizer")
+NOT_IN_FINGERPRINT = ("name", "source", "sha256", "mirror", "val_source", "test_source", "tokenizer", "batch_chars")
 TRAINING_ONLY = ("vocab_size", "tokenizer_sample_bytes")
 PRETRAIN_ONLY = ("streaming", "max_tokens")
 # How pretraining documents are split (split.DocumentSplit); a change makes new datasets.

@@ -24,12 +24,10 @@ and the largest single document, never the corpus.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,44 +35,19 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from llmstages.config import to_dict
-from llmstages.data import examples as ex
 from llmstages.data.encode import TokenizerSample, encode_pieces
-from llmstages.data.examples import Document
 from llmstages.data.plan import Plan
-from llmstages.data.prepared import FORMAT_VERSION, PreparedDataset, ShardWriter, token_dtype
-from llmstages.data.readers import BadRecord, BadRecords, read_hf_stream, read_records
-from llmstages.data.split import (DocumentSplit, Key, SplitScan, cut_document, needs_pseudo_documents,
-                                  pseudo_document_chars)
+from llmstages.data.prepared import FORMAT_VERSION, PreparedDataset, token_dtype
+from llmstages.data.readers import BadRecord, BadRecords
+from llmstages.data.split import DocumentSplit, Key, SplitScan, needs_pseudo_documents, pseudo_document_chars
+from llmstages.data.stream import ROLES, Position, ShardSet, Unit, read_units, write_json
 from llmstages.errors import UserError
 from llmstages.store import Store, commit_dir, is_committed, now_iso
 from llmstages.tokenizer import Tokenizer
 
 # A streamed source is scanned for the tokenizer sample only, as far as this many times the sample size.
 STREAM_SCAN = 2
-ROLES = ("train", "val", "test")
 WORK_FILES = ("progress.json", "scan.json")
-
-
-@dataclass
-class Unit:
-    """One document (or pseudo-document) as it is read, with its place in the input."""
-
-    doc: Document
-    key: Key                # (source sha256, record number in the file, pseudo-document piece)
-    file: int               # index of the file in its role's list
-
-
-@dataclass
-class Position:
-    """Where the write pass goes on from: the unit at (role, file, record, piece), of which the first
-    `pieces` encoder pieces are written (all of it when `done`)."""
-
-    role: str = "train"
-    file: int = 0
-    record: int = 0
-    piece: int = 0
-    pieces: int = 0
-    done: bool = False
 
 
 def prepare_pretrain(plan: Plan, store: Store, *, console: Console, force: bool) -> PreparedDataset:
@@ -128,54 +101,6 @@ def _same_work(work: Path, fingerprint: str) -> bool:
         return False
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """Replace `path` in one step (a kill leaves the old or the new file, never half of one)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------------
-# reading
-# ---------------------------------------------------------------------------------------------------
-def read_units(plan: Plan, role: str, *, cut_chars: int, start: Position | None = None,
-               stream_chars: int = -1, on_bad=None) -> Iterator[Unit]:
-    """The documents of `role`'s files in order, as Units, from `start` on (inclusive).
-
-    `cut_chars` > 0 cuts every document into pseudo-documents of about that size. Streamed sources are
-    read up to `stream_chars` characters (-1: all of them, 0: not at all). `on_bad(record, streamed)`
-    sees every bad record.
-    """
-    data, files = plan.recipe.data, plan.files.get(role, [])
-    first = start.file if start else 0
-    for index in range(first, len(files)):
-        f = files[index]
-        skip = start.record if start and index == first else 0
-        if f.streamed:
-            if stream_chars == 0:
-                continue
-            records, number, seen = read_hf_stream(f.hf, skip), skip, 0
-        else:
-            records, number, seen = read_records(f.path, f.display, plan.formats[f.path], data), 0, 0
-        for record in records:
-            number += 1
-            if number <= skip:
-                continue
-            item = record if isinstance(record, BadRecord) else ex.convert("pretrain", record, data, "")
-            if isinstance(item, BadRecord):
-                if on_bad is not None:
-                    on_bad(item, f.streamed)
-                continue
-            pieces = cut_document(item, cut_chars) if cut_chars else [item]
-            for j, piece in enumerate(pieces):
-                if start and index == first and number - 1 == start.record and j < start.piece:
-                    continue
-                yield Unit(piece, (f.sha256, number - 1, j), index)
-            seen += len(item.text)
-            if f.streamed and 0 < stream_chars <= seen:
-                break
-
-
 # ---------------------------------------------------------------------------------------------------
 # scan + tokenizer
 # ---------------------------------------------------------------------------------------------------
@@ -201,7 +126,7 @@ def _scan_and_tokenizer(plan: Plan, work: Path, console: Console) -> tuple[dict,
     tok_info["seconds"] = round(time.perf_counter() - t0, 3)
     tokenizer.save(work / "tokenizer.json")
     scan.update(fingerprint=plan.fingerprint, tokenizer_info=tok_info)
-    _write_json(work / "scan.json", scan)
+    write_json(work / "scan.json", scan)
     return scan, tokenizer, tok_info
 
 
@@ -271,62 +196,6 @@ def _scan_pass(plan: Plan, carve: dict[str, float], cut_chars: int, train_sample
 # ---------------------------------------------------------------------------------------------------
 # write
 # ---------------------------------------------------------------------------------------------------
-class ShardSet:
-    """Every split's ShardWriter and counts, saved to progress.json after each finished shard."""
-
-    def __init__(self, work: Path, dtype: str, shard_tokens: int, max_tokens: int, bad: BadRecords):
-        self.work, self.max_tokens, self.bad = work, max_tokens, bad
-        self.writers = {name: ShardWriter(work, name, dtype, shard_tokens) for name in ROLES}
-        self.counts = {name: {"documents": 0, "bytes": 0} for name in ROLES}
-        self.tokens = 0
-        self.saved_shards = 0
-        self.position = Position()
-
-    def resume(self) -> None:
-        """Back to the state of the last progress.json (none yet: start from the beginning)."""
-        path = self.work / "progress.json"
-        state = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
-        for name, writer in self.writers.items():
-            writer.resume(state["writers"][name] if state else {"shards": [], "shard_tokens": []})
-        if state:
-            self.counts, self.tokens = state["counts"], state["tokens"]
-            self.position = Position(**state["position"])
-            self.bad.count, self.bad.examples = state["bad"]["count"], state["bad"]["examples"]
-        self.saved_shards = self.n_shards()
-
-    def n_shards(self) -> int:
-        return sum(len(w.shards) for w in self.writers.values())
-
-    def write(self, parts: dict[str, list[np.ndarray]]) -> None:
-        """Append each split's token arrays (one write per split and batch)."""
-        for name, arrays in parts.items():
-            if arrays:
-                tokens = np.concatenate(arrays)
-                self.writers[name].write(tokens)
-                self.tokens += len(tokens)
-
-    def save_if_shard_done(self, position: Position) -> None:
-        """Record progress when a shard was finished since the last record (the files flushed first)."""
-        if self.n_shards() == self.saved_shards:
-            return
-        for writer in self.writers.values():
-            writer.flush()
-        _write_json(self.work / "progress.json", {
-            "position": vars(position), "counts": self.counts, "tokens": self.tokens, "bad": self.bad.to_json(),
-            "writers": {name: w.state() for name, w in self.writers.items()}})
-        self.saved_shards = self.n_shards()
-
-    def close(self) -> dict:
-        """Each split's manifest entry (splits with no documents left out)."""
-        info = {}
-        for name, writer in self.writers.items():
-            writer.close()
-            if writer.tokens:
-                info[name] = {"shards": writer.shards, "shard_tokens": writer.shard_tokens, "tokens": writer.tokens,
-                              **self.counts[name]}
-        return info
-
-
 def write_shards(plan: Plan, work: Path, tokenizer: Tokenizer, scan: dict, console: Console
                  ) -> tuple[dict, BadRecords, bool]:
     """Second pass (see the module docstring): (splits' manifest entries, bad records, stopped at max_tokens)."""
@@ -372,7 +241,7 @@ def write_shards(plan: Plan, work: Path, tokenizer: Tokenizer, scan: dict, conso
                     yield unit.doc.text
 
             skip = 0 if at.done else at.pieces
-            for batch in encode_pieces(tokenizer, feed(), skip=skip):
+            for batch in encode_pieces(tokenizer, feed(), skip=skip, batch_chars=data.batch_chars):
                 parts: dict[str, list[np.ndarray]] = {name: [] for name in ROLES}
                 room = budget - shards.tokens if budget else None  # tokens left under data.max_tokens
                 for ids, owner, last in zip(batch.ids, batch.owners, batch.last):
