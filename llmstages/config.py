@@ -54,6 +54,10 @@ class DataConfig:
     format: str = _f("auto", choices=("auto", "txt", "jsonl", "json", "csv", "tsv", "parquet"))
     # .txt: a line that separates documents inside one file (e.g. <|endoftext|>); "" = one document per file.
     delimiter: str = ""
+    # .txt: a document longer than this many characters ends at the next line break and the rest
+    # makes more documents (each followed by end-of-text), so reading a multi-GB file without
+    # delimiters holds at most about this much of it. Far above any book (War and Peace: 3.2M).
+    max_document_chars: int = _f(1 << 27, ge=1024)
     # .txt: keep only the text between Project Gutenberg's "*** START OF" and "*** END OF" markers.
     strip_gutenberg: bool = True
     # csv/tsv without a header row: names for its columns, in order (e.g. [label, text]).

@@ -97,6 +97,24 @@ def test_real_books_give_the_ids_of_the_whole_books(data_file, store_dir, gpt2_t
     assert flat(ds, "train").tolist() == expected
 
 
+def test_a_huge_txt_without_delimiters_is_read_in_bounded_documents(tmp_path):
+    from llmstages.config import DataConfig
+    from llmstages.data.readers import Record, read_txt
+
+    lines = [sentence(random.Random(i), 12) for i in range(3000)]
+    path = tmp_path / "big.txt"
+    path.write_text("\n".join(lines) + "\n" + "x" * 5000 + "\n")  # and one line longer than the limit
+    records = list(read_txt(path, "big.txt", DataConfig(max_document_chars=2048)))
+    assert all(isinstance(r, Record) for r in records) and len(records) > 40
+    texts = [r.fields["text"] for r in records]
+    # each about the limit; a line is read in pieces of at most READ_BYTES, so one long line may add that
+    assert all(len(t) < 2048 + 200 for t in texts[:-1]) and texts[-1].endswith("x" * 5000)
+    assert "".join(texts).replace("\n", "") == "".join(lines) + "x" * 5000  # nothing lost, in order
+    assert records[1].where == f"big.txt:{texts[0].count(chr(10)) + 2}"  # each names the line it starts on
+    whole = list(read_txt(path, "big.txt", DataConfig()))
+    assert len(whole) == 1 and whole[0].fields["text"] == "\n".join(lines) + "\n" + "x" * 5000
+
+
 # --- the split ---------------------------------------------------------------------------------------
 def test_split_is_deterministic_document_level_and_seeded(tmp_path, store_dir):
     texts = documents(1, 80)

@@ -32,7 +32,7 @@ PREPARE_VERSION = 1
 # data.* settings that do not change the prepared bytes (input identity is the files' content hashes).
 NOT_IN_FINGERPRINT = ("name", "source", "sha256", "mirror", "val_source", "test_source", "tokenizer", "batch_chars")
 TRAINING_ONLY = ("vocab_size", "tokenizer_sample_bytes")
-PRETRAIN_ONLY = ("streaming", "max_tokens")
+PRETRAIN_ONLY = ("streaming", "max_tokens", "max_document_chars")
 # How pretraining documents are split (split.DocumentSplit); a change makes new datasets.
 PRETRAIN_SPLIT = "hash-v1"
 

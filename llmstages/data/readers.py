@@ -8,7 +8,8 @@ hold for a task is checked later (examples.py); readers only parse.
             dropped, CRLF becomes LF, Project Gutenberg's header and footer (outside the
             `*** START OF` / `*** END OF` marker lines) are cut off, and blank lines at either end of
             a document are dropped. Fields: {text_field: text}. Read line by line (a first quick pass
-            finds the Gutenberg markers), so memory holds one document, never the whole file.
+            finds the Gutenberg markers), so memory holds one document, never the whole file; a
+            document longer than data.max_document_chars is cut at a line break into several.
   .jsonl    one JSON object per line (blank lines skipped).
   .json     an array of objects (or a single object); records are numbered by the line they start on.
   .csv/.tsv a header row, or data.columns for files without one. Quoting is off for .tsv by default:
@@ -180,8 +181,9 @@ def read_txt(path: Path, display: str, cfg: DataConfig) -> Iterator[Record | Bad
     file_blank = body_blank = True
     found = 0
     doc: list[str] = []
-    doc_line = first  # the line the current document starts on
+    doc_line, doc_chars = first, 0  # the line the current document starts on, its size so far
     line, at_start = 1, True
+    longest = cfg.max_document_chars
     for raw, text in _line_pieces(path):
         complete = raw.endswith(b"\n")
         if complete and text.endswith("\r\n"):
@@ -193,9 +195,17 @@ def read_txt(path: Path, display: str, cfg: DataConfig) -> Iterator[Record | Bad
                 if (item := _txt_document(doc, doc_line, display, cfg)) is not None:
                     found += 1
                     yield item
-                doc, doc_line = [], line + 1
+                doc, doc_line, doc_chars = [], line + 1, 0
             else:
                 doc.append(text)
+                doc_chars += len(text)
+                # A document past data.max_document_chars ends at this line break (or here, past twice that):
+                # memory holds at most about that much of one document, whatever the file's size.
+                if doc_chars >= longest and (complete or doc_chars >= 2 * longest):
+                    if (item := _txt_document(doc, doc_line, display, cfg)) is not None:
+                        found += 1
+                        yield item
+                    doc, doc_line, doc_chars = [], line + complete, 0
         at_start = complete
         line += complete
     if (item := _txt_document(doc, doc_line, display, cfg)) is not None:
