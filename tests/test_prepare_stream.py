@@ -204,7 +204,7 @@ def test_a_prepare_killed_after_its_first_shard_resumes_to_the_same_bytes(tmp_pa
 
     out = StringIO()
     resumed = prepare(r, Store(killed), console=Console(file=out, width=200))
-    assert "resuming" in out.getvalue()
+    assert "resuming" in out.getvalue() and "peak memory" in out.getvalue()  # the summary says it
     whole = prepare(r, Store(tmp_path / "whole"), console=quiet())
     assert resumed.path.name == whole.path.name and not work.exists()
     names = sorted(p.name for p in whole.path.iterdir())

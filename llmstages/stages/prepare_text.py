@@ -266,7 +266,7 @@ def write_shards(plan: Plan, work: Path, tokenizer: Tokenizer, scan: dict, conso
                 shards.save_if_shard_done(position)
                 rate = (shards.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
                 progress.update(bar, completed=shards.tokens if budget else done_bytes,
-                                done=_sizes(shards.tokens, budget) if budget else _sizes(done_bytes, total, "B"),
+                                done=_sizes(shards.tokens, budget) if budget else _sizes(done_bytes, total, "bytes"),
                                 count=f"{shards.tokens:,} tokens, {rate:,.0f} tokens/s")
             start = Position(role=ROLES[min(ROLES.index(role) + 1, len(ROLES) - 1)])
     return _finish(shards, scan, False)
