@@ -108,7 +108,6 @@ def _scan_and_tokenizer(plan: Plan, work: Path, console: Console) -> tuple[dict,
     """The first pass's findings and the tokenizer: from the working folder when a killed run left them."""
     if (work / "scan.json").exists() and (work / "tokenizer.json").exists():
         scan = json.loads((work / "scan.json").read_text(encoding="utf-8"))
-        console.print(f"resuming {plan.folder.name} from its working folder {work}", highlight=False)
         return scan, Tokenizer.from_file(work / "tokenizer.json"), scan["tokenizer_info"]
     data = plan.recipe.data
     train_sample = plan.tokenizer.tokenizer is None
@@ -204,6 +203,9 @@ def write_shards(plan: Plan, work: Path, tokenizer: Tokenizer, scan: dict, conso
     bad = BadRecords(**scan["bad"])
     shards = ShardSet(work, token_dtype(tokenizer.vocab_size), data.shard_tokens, data.max_tokens, bad)
     shards.resume()
+    if shards.tokens:
+        console.print(f"resuming {plan.folder.name}: {shards.n_shards()} shard(s), {shards.tokens:,} tokens already "
+                      f"written in {work}", highlight=False)
     split = DocumentSplit(scan["carve"]["val"], scan["carve"]["test"], data.split_seed,
                           moved={tuple(m[:3]): m[3] for m in scan["moved"]})
     cut = scan["pseudo"]["chars"] if scan["pseudo"] else 0
