@@ -270,3 +270,45 @@ def test_many_shards_are_sampled_through_memory_maps(tmp_path, store_dir):
         assert any(needle in t for t in texts)
     val = fixed_windows(ds.shards("val"), block_size=64, batch_size=8, n_batches=3)
     assert len(val) == 3 and all(b["input_ids"].shape == (8, 64) for b in val)
+
+
+def test_a_dataset_prepared_before_streaming_still_opens(tmp_path, store_dir):
+    """The shard format did not change (format_version 1): a dataset made by the old prepare, whose
+    manifest lacks the new keys, opens and reads; only its fingerprint no longer matches a recipe."""
+    from llmstages.data.prepared import FORMAT_VERSION
+    from llmstages.store import write_manifest
+
+    source = write_jsonl(tmp_path / "d.jsonl", documents(6, 40))
+    ds = prepare(recipe(source=[str(source)], val_fraction=0.1), Store(store_dir), console=quiet())
+    manifest = ds.manifest
+    for key in ("stopped_at_max_tokens",):
+        manifest.pop(key)
+    manifest["split"] = {"seed": 1234, "carved": {"val": 0.1}}
+    manifest["settings"] = {k: v for k, v in manifest["settings"].items()
+                            if k not in ("streaming", "max_tokens", "max_document_chars", "batch_chars")}
+    (ds.path / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(ds.path)
+    old = PreparedDataset.open(ds.path)
+    assert FORMAT_VERSION == 1 and old.manifest["format_version"] == 1
+    assert flat(old, "train").tolist() == flat(ds, "train").tolist()
+
+
+def test_tokenizer_sample_is_bounded_seeded_and_in_reading_order():
+    from llmstages.data.encode import TRAIN_PIECE_CHARS, TokenizerSample
+
+    texts = documents(7, 400)
+
+    def draw(seed):
+        sample = TokenizerSample(5_000, seed)
+        for i, text in enumerate(texts):
+            sample.add(text, i)
+        return sample
+
+    a, b, c = draw(1), draw(1), draw(2)
+    assert a.pieces() == b.pieces() != c.pieces()
+    assert 5_000 <= a.size < 5_000 + TRAIN_PIECE_CHARS and a.seen == sum(map(len, texts)) > 15 * a.size
+    assert len(a.heap) < 60  # it never held the corpus: only the pieces it keeps
+    where = [texts.index(p) for p in a.pieces()]
+    assert where == sorted(where)  # in the order they were read
+    a.drop([where[0]])
+    assert texts[where[0]] not in a.pieces()
