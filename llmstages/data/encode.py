@@ -112,17 +112,6 @@ def _encode(tokenizer: Tokenizer, pieces: list[str], owners: list[int], last: li
     return EncodedBatch([np.array(e.ids, dtype=np.uint32) for e in encodings], owners, last, size)
 
 
-def with_end_of_text(batch: EncodedBatch, eot_id: int) -> np.ndarray:
-    """The batch's ids as one flat array, with eot_id after the last piece of every text."""
-    eot = np.array([eot_id], dtype=np.uint32)
-    parts = []
-    for ids, ends in zip(batch.ids, batch.last):
-        parts.append(ids)
-        if ends:
-            parts.append(eot)
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
-
-
 def encode_many(tokenizer: Tokenizer, texts: Sequence[str], *, cut: bool | None = None,
                 batch_chars: int = BATCH_CHARS) -> list[np.ndarray]:
     """Token ids (uint32 arrays) of each text. No end-of-text added."""

@@ -91,13 +91,6 @@ def pseudo_document_chars(total_chars: int, fractions: Sequence[float]) -> int:
     return max(1, total_chars // pieces_wanted)
 
 
-def pseudo_documents(docs: list[Document], fractions: Sequence[float]) -> list[Document]:
-    """Cut documents at line breaks into pieces of about equal size, enough for every split to get
-    PIECES_PER_SPLIT pieces. The pieces concatenate back to each document's exact text."""
-    size = pseudo_document_chars(sum(len(d.text) for d in docs), fractions)
-    return [piece for doc in docs for piece in cut_document(doc, size)]
-
-
 def cut_document(doc: Document, size: int) -> list[Document]:
     """`doc` cut at line breaks into pieces of about `size` characters, each naming its first line."""
     path, _, line = doc.where.rpartition(":")

@@ -49,6 +49,8 @@ class Position:
 
 
 # ---------------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------------
 def read_units(plan: Plan, role: str, *, cut_chars: int, start: Position | None = None,
                stream_chars: int = -1,
                on_bad: Callable[[BadRecord, bool], None] | None = None) -> Iterator[Unit]:

@@ -270,7 +270,6 @@ def write_shards(plan: Plan, work: Path, tokenizer: Tokenizer, scan: dict, conso
                 progress.update(bar, completed=shards.tokens if budget else done_bytes,
                                 done=_sizes(shards.tokens, budget) if budget else _sizes(done_bytes, total, "bytes"),
                                 count=f"{shards.tokens:,} tokens, {rate:,.0f} tokens/s")
-            start = Position(role=ROLES[min(ROLES.index(role) + 1, len(ROLES) - 1)])
     return _finish(shards, scan, False)
 
 
