@@ -312,3 +312,13 @@ def test_tokenizer_sample_is_bounded_seeded_and_in_reading_order():
     assert where == sorted(where)  # in the order they were read
     a.drop([where[0]])
     assert texts[where[0]] not in a.pieces()
+
+
+def test_a_stream_that_cannot_be_opened_is_a_clear_error_and_leaves_nothing(tmp_path, store_dir, monkeypatch):
+    from llmstages.errors import UserError
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    r = recipe(source=["hf:nobody/nothing-here"], streaming=True, tokenizer_sample_bytes=1000)
+    with pytest.raises(UserError, match="hf:nobody/nothing-here: cannot stream the dataset"):
+        prepare(r, Store(store_dir), console=quiet())
+    assert not any((store_dir / "data").iterdir())

@@ -67,6 +67,10 @@ def prepare_pretrain(plan: Plan, store: Store, *, console: Console, force: bool)
         except UserError:  # the input is wrong: nothing worth resuming (a kill or a crash keeps the folder)
             shutil.rmtree(work, ignore_errors=True)
             raise
+        except KeyboardInterrupt:
+            console.print(f"prepare stopped; the same command goes on from the last finished shard ({work})",
+                          highlight=False)
+            raise
         encode_seconds = time.perf_counter() - t0
         for name in WORK_FILES:
             (work / name).unlink(missing_ok=True)
