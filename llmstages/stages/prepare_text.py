@@ -175,7 +175,7 @@ def _scan_pass(plan: Plan, carve: dict[str, float], cut_chars: int, train_sample
     split = SplitScan(DocumentSplit(carve["val"], carve["test"], data.split_seed, moved=dict(moved or {})))
     sample = TokenizerSample(data.tokenizer_sample_bytes, data.split_seed) if train_sample else None
     documents = dict.fromkeys(ROLES, 0)
-    chars = nbytes = 0
+    chars = nbytes = shown = 0
     stream_chars = STREAM_SCAN * data.tokenizer_sample_bytes if train_sample else 0
     if train_sample and data.tokenizer_sample_bytes == 0 and any(f.streamed for f in plan.files["train"]):
         raise UserError("data.tokenizer_sample_bytes=0 (train on everything) cannot be used with a streamed source",
@@ -186,7 +186,9 @@ def _scan_pass(plan: Plan, carve: dict[str, float], cut_chars: int, train_sample
                                on_bad=lambda record, streamed: None if streamed else bad.add(record)):
             documents[role] += 1
             nbytes += unit.doc.nbytes
-            progress.update(bar, advance=unit.doc.nbytes, count=f"{sum(documents.values()):,} documents")
+            if nbytes - shown >= 1 << 20:  # the bar moves every MB, not every (short) document
+                progress.update(bar, completed=nbytes, count=f"{sum(documents.values()):,} documents")
+                shown = nbytes
             if role != "train":
                 continue
             chars += len(unit.doc.text)
