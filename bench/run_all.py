@@ -20,6 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHES = {
     "prepare": ["bench_prepare.py"],
+    "prepare_scale": ["bench_prepare_scale.py"],
     "train": ["bench_train.py"],
     "generate": ["bench_generate.py"],
     "classify": ["bench_classify.py"],

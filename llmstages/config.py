@@ -55,6 +55,10 @@ class DataConfig:
     format: str = _f("auto", choices=("auto", "txt", "jsonl", "json", "csv", "tsv", "parquet"))
     # .txt: a line that separates documents inside one file (e.g. <|endoftext|>); "" = one document per file.
     delimiter: str = ""
+    # .txt: a document longer than this many characters ends at the next line break and the rest
+    # makes more documents (each followed by end-of-text), so reading a multi-GB file without
+    # delimiters holds at most about this much of it. Far above any book (War and Peace: 3.2M).
+    max_document_chars: int = _f(1 << 27, ge=1024)
     # .txt: keep only the text between Project Gutenberg's "*** START OF" and "*** END OF" markers.
     strip_gutenberg: bool = True
     # csv/tsv without a header row: names for its columns, in order (e.g. [label, text]).
@@ -90,6 +94,15 @@ class DataConfig:
     split_seed: int = 1234
     # Write the good records and list the bad ones in the manifest instead of failing.
     skip_bad: bool = False
+    # hf:ORG/NAME sources (pretraining): read them with the `datasets` streaming mode, row by row,
+    # instead of downloading and exporting the whole split first. Use with max_tokens on big corpora.
+    streaming: bool = False
+    # Characters of text tokenized at once, in one parallel batch: prepare's memory grows with it
+    # (about 100 bytes per token in flight), not with the corpus. Does not change the output.
+    batch_chars: int = _f(1 << 22, ge=1024)
+    # Pretraining: stop after this many tokens in all (every split together; 0 = the whole corpus).
+    # The document that crosses the budget is cut there.
+    max_tokens: int = _f(0, ge=0)
 
 
 @dataclass

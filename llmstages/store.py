@@ -154,20 +154,23 @@ def atomic_dir(final: Path, *, replace: bool = False, manifest: bool = True) -> 
     tmp.mkdir()
     try:
         yield tmp
-        if manifest:
-            write_manifest(tmp)
-        if final.exists() and not replace:
-            raise FileExistsError(f"{final} already exists")
-        _replace_dir(tmp, final)
+        commit_dir(tmp, final, replace=replace, manifest=manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; an existing `final` is moved out of sight first and deleted only afterwards."""
+def commit_dir(tmp: Path, final: Path, *, replace: bool = False, manifest: bool = True) -> None:
+    """Write `tmp`'s MANIFEST (unless `manifest=False`) and rename it to `final` in one step.
+
+    With `replace`, an existing `final` is moved aside and deleted only after the new one is in place.
+    """
+    if manifest:
+        write_manifest(tmp)
     old = None
     if final.exists():
+        if not replace:
+            raise FileExistsError(f"{final} already exists")
         old = final.parent / f".trash-{final.name}-{uuid.uuid4().hex[:6]}"
         os.rename(final, old)
     os.rename(tmp, final)

@@ -80,7 +80,8 @@ def test_pretrain_shards_decode_back_to_the_documents_exactly(tmp_path, store_di
     assert m["sources"][0]["bytes"] == source.stat().st_size and len(m["sources"][0]["sha256"]) == 64
     assert m["bad_records"] == {"count": 0, "examples": []} and m["pseudo_documents"] is None
     assert set(m["stats"]) >= {"documents", "tokens", "bytes_per_token", "seconds", "tokens_per_s"}
-    assert m["splits"]["val"]["documents"] == 4 and m["splits"]["train"]["documents"] == 36
+    # The split is by a seeded hash per document: about 10% in val, never none (see test_prepare_stream.py).
+    assert 1 <= m["splits"]["val"]["documents"] <= 10 and m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == 40
 
     decoded = {}
     for split in ("train", "val"):

@@ -18,9 +18,10 @@ the same text, and only the ids next to the cut may differ from encoding it whol
 
 from __future__ import annotations
 
+import heapq
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,9 +80,11 @@ class EncodedBatch:
 
 
 def encode_pieces(tokenizer: Tokenizer, texts: Iterable[str], *, cut: bool | None = None,
-                  batch_chars: int = BATCH_CHARS) -> Iterator[EncodedBatch]:
+                  batch_chars: int = BATCH_CHARS, skip: int = 0) -> Iterator[EncodedBatch]:
     """Encode `texts` in batches of about `batch_chars` characters (long texts cut into pieces), each
-    batch one parallel `encode_batch` call: memory stays bounded whatever the size of one text."""
+    batch one parallel `encode_batch` call: memory stays bounded whatever the size of one text.
+
+    `skip` leaves out the first pieces of the first text (a resumed prepare has written them already)."""
     if cut is None:
         cut = can_cut(tokenizer)
     pieces: list[str] = []
@@ -91,6 +94,8 @@ def encode_pieces(tokenizer: Tokenizer, texts: Iterable[str], *, cut: bool | Non
     for index, text in enumerate(texts):
         parts = cut_text(text) if cut else [text]
         for j, part in enumerate(parts):
+            if index == 0 and j < skip:
+                continue
             pieces.append(part)
             owners.append(index)
             last.append(j == len(parts) - 1)
@@ -105,17 +110,6 @@ def encode_pieces(tokenizer: Tokenizer, texts: Iterable[str], *, cut: bool | Non
 def _encode(tokenizer: Tokenizer, pieces: list[str], owners: list[int], last: list[bool], size: int) -> EncodedBatch:
     encodings = tokenizer.inner.encode_batch_fast(pieces, add_special_tokens=False)
     return EncodedBatch([np.array(e.ids, dtype=np.uint32) for e in encodings], owners, last, size)
-
-
-def with_end_of_text(batch: EncodedBatch, eot_id: int) -> np.ndarray:
-    """The batch's ids as one flat array, with eot_id after the last piece of every text."""
-    eot = np.array([eot_id], dtype=np.uint32)
-    parts = []
-    for ids, ends in zip(batch.ids, batch.last):
-        parts.append(ids)
-        if ends:
-            parts.append(eot)
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
 
 
 def encode_many(tokenizer: Tokenizer, texts: Sequence[str], *, cut: bool | None = None,
@@ -150,3 +144,53 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, *, max_bytes: int, se
     tokenizer = train_bpe(iter(sample), vocab_size, length=len(sample))
     return tokenizer, {"kind": "trained", "vocab_size_asked": vocab_size, "trained_on_chars": size,
                        "sample_bytes_limit": max_bytes, "sampled": max_bytes > 0 and size < sum(map(len, texts))}
+
+
+class TokenizerSample:
+    """A seeded random sample of about `max_bytes` characters of text, drawn while the text streams by.
+
+    Every text is cut into TRAIN_PIECE_CHARS pieces and each piece draws a key from
+    `default_rng(seed)`; the sample is the pieces with the smallest keys, taken until they reach
+    max_bytes (0 = keep everything). A heap keyed on the largest key holds only those, so memory is
+    max_bytes plus one piece, whatever the size of the corpus. Pieces remember which document they
+    came from, so a document moved out of train afterwards can be taken out again (`drop`).
+    """
+
+    def __init__(self, max_bytes: int, seed: int):
+        self.max_bytes = max_bytes
+        self.rng = np.random.default_rng(seed)
+        self.heap: list[tuple[float, int, Hashable, str]] = []   # (-key, arrival, document, piece)
+        self.size = 0          # characters in the sample
+        self.seen = 0          # characters offered
+        self.arrivals = 0
+
+    def add(self, text: str, document: Hashable) -> None:
+        pieces = cut_text(text, TRAIN_PIECE_CHARS)
+        for key, piece in zip(self.rng.random(len(pieces)), pieces):
+            heapq.heappush(self.heap, (-key, self.arrivals, document, piece))
+            self.arrivals += 1
+            self.size += len(piece)
+            self.seen += len(piece)
+            # Drop the largest key while the rest still reaches max_bytes without it.
+            while self.max_bytes > 0 and self.size - len(self.heap[0][3]) >= self.max_bytes:
+                self.size -= len(heapq.heappop(self.heap)[3])
+
+    def drop(self, documents: Iterable[Hashable]) -> None:
+        gone = set(documents)
+        kept = [item for item in self.heap if item[2] not in gone]
+        self.size -= sum(len(item[3]) for item in self.heap if item[2] in gone)
+        self.heap = kept
+        heapq.heapify(self.heap)
+
+    def pieces(self) -> list[str]:
+        """The sampled pieces in the order they arrived."""
+        return [item[3] for item in sorted(self.heap, key=lambda item: item[1])]
+
+    def train(self, vocab_size: int) -> tuple[Tokenizer, dict]:
+        """A byte-level BPE trained on the sample; and what it was trained on, for the manifest."""
+        sample = self.pieces()
+        if not sample:
+            raise ValueError("no text to train the tokenizer on")
+        tokenizer = train_bpe(iter(sample), vocab_size, length=len(sample))
+        return tokenizer, {"kind": "trained", "vocab_size_asked": vocab_size, "trained_on_chars": self.size,
+                           "sample_bytes_limit": self.max_bytes, "sampled": self.size < self.seen}

@@ -29,8 +29,11 @@ from llmstages.tokenizer import Tokenizer
 # Bump when prepare's output changes for the same input and settings (old datasets are then not reused).
 PREPARE_VERSION = 1
 # data.* settings that do not change the prepared bytes (input identity is the files' content hashes).
-NOT_IN_FINGERPRINT = ("name", "source", "sha256", "mirror", "val_source", "test_source", "tokenizer")
+NOT_IN_FINGERPRINT = ("name", "source", "sha256", "mirror", "val_source", "test_source", "tokenizer", "batch_chars")
 TRAINING_ONLY = ("vocab_size", "tokenizer_sample_bytes")
+PRETRAIN_ONLY = ("streaming", "max_tokens", "max_document_chars")
+# How pretraining documents are split (split.DocumentSplit); a change makes new datasets.
+PRETRAIN_SPLIT = "hash-v1"
 
 
 @dataclass
@@ -64,14 +67,19 @@ def make_plan(recipe: Recipe, store: Store, *, console: Console | None = None) -
     data = recipe.data
     if not data.source:
         raise UserError("data.source is empty", hint="give a file, folder, glob, URL or hf:ORG/NAME in the recipe's data section")
-    files = {"train": resolve_sources(data.source, data.sha256, data.mirror, store, fmt=data.format, console=console)}
+    if (data.streaming or data.max_tokens) and recipe.task != "pretrain":
+        raise UserError(f"data.streaming and data.max_tokens are for pretraining text, not {recipe.task} data",
+                        hint="remove them from the recipe")
+    streaming = data.streaming
+    files = {"train": resolve_sources(data.source, data.sha256, data.mirror, store, fmt=data.format,
+                                      console=console, streaming=streaming)}
     for role, specs in (("val", data.val_source), ("test", data.test_source)):
         if specs:
-            files[role] = resolve_sources(specs, [], [], store, fmt=data.format, console=console)
+            files[role] = resolve_sources(specs, [], [], store, fmt=data.format, console=console, streaming=streaming)
     formats = {}
     for role_files in files.values():
         for f in role_files:
-            fmt = "parquet" if f.hf else detect_format(f.path, data.format)
+            fmt = "hf-stream" if f.streamed else "parquet" if f.hf else detect_format(f.path, data.format)
             if fmt == "txt" and recipe.task != "pretrain":
                 raise UserError(f"{f.display}: {recipe.task} data needs named fields, not plain text",
                                 hint="use jsonl, json, csv, tsv or parquet (data.format)")
@@ -95,6 +103,11 @@ def find_prepared(recipe: Recipe, store: Store) -> PreparedDataset | None:
 
 def fingerprint_settings(recipe: Recipe, choice: TokenizerChoice) -> dict:
     settings = {k: v for k, v in to_dict(recipe.data).items() if k not in NOT_IN_FINGERPRINT}
+    if recipe.task == "pretrain":
+        settings["split_method"] = PRETRAIN_SPLIT  # pretraining text is split by hash since issue 19
+    else:
+        for key in PRETRAIN_ONLY:  # so that fine-tuning datasets prepared before keep their fingerprint
+            settings.pop(key)
     if choice.kind != "train":
         for key in TRAINING_ONLY:
             settings.pop(key)

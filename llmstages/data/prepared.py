@@ -20,6 +20,7 @@ Nothing is truncated here: the model's context length is known only at training 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -43,7 +44,10 @@ def token_dtype(vocab_size: int) -> str:
 # writing
 # ---------------------------------------------------------------------------------------------------
 class ShardWriter:
-    """Appends token arrays to `<split>-NNNNN.bin` files of at most `max_tokens` tokens each."""
+    """Appends token arrays to `<split>-NNNNN.bin` files of at most `max_tokens` tokens each.
+
+    `state()` after `flush()` says how far the files are written; `resume(state)` cuts the files
+    back to that point and goes on appending there (a resumed prepare)."""
 
     def __init__(self, folder: Path, split: str, dtype: str, max_tokens: int):
         self.folder, self.split, self.max_tokens = folder, split, max_tokens
@@ -51,6 +55,27 @@ class ShardWriter:
         self.shards: list[str] = []
         self.shard_tokens: list[int] = []
         self._file = None
+
+    def flush(self) -> None:
+        """Push what was written to the disk (the state recorded next must be on disk first)."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def state(self) -> dict:
+        return {"shards": list(self.shards), "shard_tokens": list(self.shard_tokens)}
+
+    def resume(self, state: dict) -> None:
+        """Continue from `state`: later shard files are deleted, the last one is cut back to its length."""
+        self.close()
+        self.shards, self.shard_tokens = list(state["shards"]), list(state["shard_tokens"])
+        for stale in self.folder.glob(f"{self.split}-*.bin"):
+            if stale.name not in self.shards:
+                stale.unlink()
+        if self.shards:
+            self._file = open(self.folder / self.shards[-1], "r+b")  # noqa: SIM115 - closed in close()
+            self._file.truncate(self.shard_tokens[-1] * self.dtype.itemsize)
+            self._file.seek(0, os.SEEK_END)
 
     def write(self, tokens: np.ndarray) -> None:
         tokens = tokens.astype(self.dtype, copy=False)

@@ -7,7 +7,9 @@ hold for a task is checked later (examples.py); readers only parse.
   .txt      one document per file, or documents split on a delimiter line (data.delimiter). The BOM is
             dropped, CRLF becomes LF, Project Gutenberg's header and footer (outside the
             `*** START OF` / `*** END OF` marker lines) are cut off, and blank lines at either end of
-            a document are dropped. Fields: {text_field: text}.
+            a document are dropped. Fields: {text_field: text}. Read line by line (a first quick pass
+            finds the Gutenberg markers), so memory holds one document, never the whole file; a
+            document longer than data.max_document_chars is cut at a line break into several.
   .jsonl    one JSON object per line (blank lines skipped).
   .json     an array of objects (or a single object); records are numbered by the line they start on.
   .csv/.tsv a header row, or data.columns for files without one. Quoting is off for .tsv by default:
@@ -17,17 +19,18 @@ hold for a task is checked later (examples.py); readers only parse.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import re
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llmstages.config import DataConfig
-from llmstages.errors import UserError
+from llmstages.errors import UserError, listed
 
 SUFFIX_FORMATS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
                   ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
@@ -37,6 +40,10 @@ _ESCAPED = re.compile("[\udc80-\udcff]")
 _GUTENBERG_START = re.compile(r"^\*\*\*\s*START OF[^\n]*\n?", re.M)
 _GUTENBERG_END = re.compile(r"^\*\*\*\s*END OF", re.M)
 _WS = re.compile(r"[ \t\n\r]*")
+_GUTENBERG_START_B = re.compile(rb"\*\*\*\s*START OF")
+_GUTENBERG_END_B = re.compile(rb"\*\*\*\s*END OF")
+# Most bytes of one line read at once: a file with a 1 GB line is still read in bounded pieces.
+READ_BYTES = 1 << 20
 
 
 @dataclass
@@ -52,6 +59,31 @@ class BadRecord:
 
     def __str__(self) -> str:
         return f"{self.where}: {self.reason}"
+
+
+SHOW_BAD = 20
+
+
+@dataclass
+class BadRecords:
+    """Every bad record counted; the first SHOW_BAD kept as `file:line: reason`."""
+
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, bad: BadRecord) -> None:
+        self.count += 1
+        if len(self.examples) < SHOW_BAD:
+            self.examples.append(str(bad))
+
+    def to_json(self) -> dict:
+        return {"count": self.count, "examples": self.examples}
+
+    def error(self) -> UserError:
+        return UserError(f"{self.count} bad record{'s' if self.count != 1 else ''} in the data "
+                         f"(nothing was written):\n{listed(self.examples, self.count, SHOW_BAD)}",
+                         hint="fix them, or set data.skip_bad=true to prepare the good records "
+                              "and list the bad ones in manifest.json")
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:
@@ -108,57 +140,95 @@ def gutenberg_body(text: str) -> tuple[int, int] | None:
     return start.end(), end.start() if end else len(text)
 
 
+def _line_pieces(path: Path) -> Iterator[tuple[bytes, str]]:
+    """(raw, text) of each line of `path`, a long line in pieces of at most READ_BYTES bytes.
+
+    Decoded incrementally with errors="surrogateescape" (a character split between two pieces is
+    kept whole; a byte that is not UTF-8 becomes a lone surrogate that `_invalid_utf8` finds). The BOM
+    is dropped. A piece ends its line when its raw bytes end with b"\\n".
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+    with open(path, "rb") as f:
+        raw = f.readline(READ_BYTES).removeprefix(BOM)
+        while raw:
+            yield raw, decoder.decode(raw)
+            raw = f.readline(READ_BYTES)
+    if tail := decoder.decode(b"", final=True):  # a truncated character at the very end
+        yield b"", tail
+
+
+def _gutenberg_lines(path: Path) -> tuple[int, int | None] | None:
+    """(START marker line, END marker line or None) of a Project Gutenberg file (1-based), or None."""
+    start, line, at_start = None, 1, True
+    for raw, _ in _line_pieces(path):
+        if at_start and raw.startswith(b"***"):
+            if start is None and _GUTENBERG_START_B.match(raw):
+                start = line
+            elif start is not None and _GUTENBERG_END_B.match(raw):
+                return start, line
+        at_start = raw.endswith(b"\n")
+        line += at_start
+    return (start, None) if start is not None else None
+
+
 def read_txt(path: Path, display: str, cfg: DataConfig) -> Iterator[Record | BadRecord]:
-    raw = path.read_bytes()
-    if not raw.strip():
-        yield BadRecord(f"{display}:1", "empty file")
-        return
-    has_bad_bytes = False
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text, has_bad_bytes = raw.decode("utf-8", errors="surrogateescape"), True
-    del raw
-    text = text.removeprefix("\ufeff")
-    if "\r\n" in text:
-        text = text.replace("\r\n", "\n")  # removes only \r: line numbers stay those of the file
-    start, end = 0, len(text)
-    if cfg.strip_gutenberg and (body := gutenberg_body(text)) is not None:
-        start, end = body
-        if not text[start:end].strip():
-            marker_line = text.count("\n", 0, start)  # the body starts on the line after the marker
-            yield BadRecord(f"{display}:{marker_line}", "no text between the Project Gutenberg START and END markers")
-            return
-    pieces = _delimited(text, start, end, cfg.delimiter) if cfg.delimiter else [(start, end)]
-    line, last = 1, 0
+    """Documents of a .txt file, read line by line (never the whole file at once); see the module docstring."""
+    body = _gutenberg_lines(path) if cfg.strip_gutenberg else None
+    first, last = (body[0] + 1, body[1] or sys.maxsize) if body else (1, sys.maxsize)
+    delimiter = re.compile(rf"[ \t]*{re.escape(cfg.delimiter.strip())}[ \t]*") if cfg.delimiter else None
+    file_blank = body_blank = True
     found = 0
-    for a, b in pieces:
-        line += text.count("\n", last, a)
-        last = a
-        doc = text[a:b]
-        lead = len(doc) - len(doc.lstrip("\n"))
-        doc = doc.strip("\n")
-        if not doc.strip():
-            continue  # nothing between two delimiters (or after the last one)
+    doc: list[str] = []
+    doc_line, doc_chars = first, 0  # the line the current document starts on, its size so far
+    line, at_start = 1, True
+    longest = cfg.max_document_chars
+    for raw, text in _line_pieces(path):
+        complete = raw.endswith(b"\n")
+        if complete and text.endswith("\r\n"):
+            text = text[:-2] + "\n"  # removes only \r: line numbers stay those of the file
+        file_blank = file_blank and not raw.strip()
+        if first <= line < last:
+            body_blank = body_blank and not text.strip()
+            if at_start and complete and delimiter is not None and delimiter.fullmatch(text[:-1]):
+                if (item := _txt_document(doc, doc_line, display, cfg)) is not None:
+                    found += 1
+                    yield item
+                doc, doc_line, doc_chars = [], line + 1, 0
+            else:
+                doc.append(text)
+                doc_chars += len(text)
+                # A document past data.max_document_chars ends at this line break (or here, past twice that):
+                # memory holds at most about that much of one document, whatever the file's size.
+                if doc_chars >= longest and (complete or doc_chars >= 2 * longest):
+                    if (item := _txt_document(doc, doc_line, display, cfg)) is not None:
+                        found += 1
+                        yield item
+                    doc, doc_line, doc_chars = [], line + complete, 0
+        at_start = complete
+        line += complete
+    if (item := _txt_document(doc, doc_line, display, cfg)) is not None:
         found += 1
-        where = f"{display}:{line + lead}"
-        if has_bad_bytes and (bad := _invalid_utf8(doc, 0, line + lead)) is not None:
-            yield BadRecord(f"{display}:{bad[0]}", bad[1])
-            continue
-        yield Record(where, {cfg.text_field: doc})
-    if not found:
+        yield item
+    if found:
+        return
+    if file_blank:
+        yield BadRecord(f"{display}:1", "empty file")
+    elif body and body_blank:
+        yield BadRecord(f"{display}:{body[0]}", "no text between the Project Gutenberg START and END markers")
+    else:
         yield BadRecord(f"{display}:1", "no text (only blank lines and delimiters)")
 
 
-def _delimited(text: str, start: int, end: int, delimiter: str) -> list[tuple[int, int]]:
-    """(start, end) of the documents between lines that hold only `delimiter`."""
-    pattern = re.compile(rf"^[ \t]*{re.escape(delimiter.strip())}[ \t]*$", re.M)
-    spans, pos = [], start
-    for match in pattern.finditer(text, start, end):
-        spans.append((pos, match.start()))
-        pos = match.end()
-    spans.append((pos, end))
-    return spans
+def _txt_document(lines: list[str], line: int, display: str, cfg: DataConfig) -> Record | BadRecord | None:
+    """The document made of `lines` (starting on line `line`), blank lines at either end dropped; None if blank."""
+    text = "".join(lines)
+    lead = len(text) - len(text.lstrip("\n"))
+    text = text.strip("\n")
+    if not text.strip():
+        return None  # nothing between two delimiters (or after the last one)
+    if (bad := _invalid_utf8(text, 0, line + lead)) is not None:
+        return BadRecord(f"{display}:{bad[0]}", bad[1])
+    return Record(f"{display}:{line + lead}", {cfg.text_field: text})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -323,3 +393,25 @@ def read_parquet(path: Path, display: str) -> Iterator[Record | BadRecord]:
             yield Record(f"{display}:{row}", fields)
     if row == 0:
         yield BadRecord(f"{display}:1", "no rows")
+
+
+# ---------------------------------------------------------------------------------------------------
+# hf: datasets in streaming mode
+# ---------------------------------------------------------------------------------------------------
+def read_hf_stream(spec: str, skip: int = 0) -> Iterator[Record | BadRecord]:
+    """Rows of `hf:ORG/NAME[:split]` read with `datasets` in streaming mode (nothing downloaded ahead),
+    numbered from 1 like Parquet rows; `skip` rows are passed over first (a resumed prepare)."""
+    import datasets  # heavy; only hf: sources need it
+
+    from llmstages.data.sources import parse_hf
+
+    name, split = parse_hf(spec)
+    try:
+        stream = datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as err:  # datasets raises many types (hub, network, missing split, bad files)
+        raise UserError(f"{spec}: cannot stream the dataset ({type(err).__name__}: {err})",
+                        hint="check the name and split; offline, use a local copy of the files as data.source") from None
+    if skip:
+        stream = stream.skip(skip)
+    for row, fields in enumerate(stream, skip + 1):
+        yield Record(f"{spec}:{row}", fields)

@@ -14,7 +14,8 @@ A URL is looked up, in this order:
 
 A relative local path that does not exist relative to the working directory is also looked up under
 $LLMSTAGES_DATA. `hf:ORG/NAME[:split]` is loaded with `datasets.load_dataset` and exported once to a
-Parquet file in the cache, which is then read like any local Parquet file.
+Parquet file in the cache, which is then read like any local Parquet file; with data.streaming it is
+read in the `datasets` streaming mode instead, row by row, without downloading the whole split.
 """
 
 from __future__ import annotations
@@ -55,11 +56,14 @@ class SourceFile:
     mirror: bool = False         # found in $LLMSTAGES_DATA instead of downloading
     pinned_sha256: str = ""      # URL sources: the recipe's expected sha256 of the download
     hf: str | None = None        # hf: sources: the dataset reference
+    streamed: bool = False       # hf: sources read with data.streaming: no local file, `path` is a placeholder
 
     def manifest_entry(self) -> dict:
         """This file as listed in a prepared dataset's manifest.json `sources`."""
         entry: dict = {"sha256": self.sha256, "bytes": self.bytes}
-        if self.hf:
+        if self.streamed:
+            entry = {"hf": self.hf, "streamed": True}
+        elif self.hf:
             entry.update(hf=self.hf, local=str(self.path))
         elif self.url:
             entry.update(url=self.url, local=str(self.path), mirror=self.mirror)
@@ -77,10 +81,12 @@ def data_root() -> Path | None:
 
 
 def resolve_sources(specs: list[str], sha256s: list[str], mirrors: list[str], store: Store, *,
-                    fmt: str = "auto", console: Console | None = None) -> list[SourceFile]:
+                    fmt: str = "auto", console: Console | None = None, streaming: bool = False) -> list[SourceFile]:
     """All local files of `specs` (in order, each folder/glob sorted), downloading what is missing.
 
     `sha256s` and `mirrors` give one entry per spec ("" = none); shorter lists mean "" for the rest.
+    With `streaming`, an hf: source is not downloaded: it is read row by row later
+    (readers.read_hf_stream), and named by its reference alone (its content is not known in advance).
     """
     files: list[SourceFile] = []
     for i, spec in enumerate(specs):
@@ -89,7 +95,11 @@ def resolve_sources(specs: list[str], sha256s: list[str], mirrors: list[str], st
         mirror = mirrors[i].strip() if i < len(mirrors) else ""
         if not spec:
             raise UserError("data.source has an empty entry", hint="remove it or give a file, folder, URL or hf:NAME")
-        if spec.startswith("hf:"):
+        if spec.startswith("hf:") and streaming:
+            parse_hf(spec)  # a malformed reference fails now
+            files.append(SourceFile(path=Path(spec), display=spec, sha256=hashlib.sha256(spec.encode()).hexdigest(),
+                                    bytes=0, hf=spec, streamed=True))
+        elif spec.startswith("hf:"):
             files.append(_hf_source(spec, store, console))
         elif re.match(r"https?://", spec, re.I):
             files += _url_source(spec, pinned, mirror, store, console, fmt)

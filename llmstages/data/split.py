@@ -7,14 +7,22 @@ fraction of the stratum's records; the rest is train. Records of one group (exac
 or one instruction prompt) always land in the same split, so duplicates cannot leak from train into
 val or test. Each split keeps the records' original order.
 
-Pretraining splits by document. When there are too few documents for the fractions asked (fewer
-than one document's worth for val or test, e.g. a single .txt file), documents are first cut into
-pseudo-documents at line breaks (`pseudo_documents`), and the manifest says so.
+Pretraining splits by document without holding the corpus (`DocumentSplit`): each document draws a
+number in [0, 1) from a seeded hash of its source (the file's sha256) and its position in it, and goes
+to test below test_fraction, to val below test_fraction + val_fraction, else to train. The draw needs
+nothing but the document's identity, so documents can be written as they are read, and the split is
+the same on every run and machine. When no document drew val (or test), the prepare's first reading
+pass names the train document with the smallest draw, which moves there (`SplitScan`): val is never
+empty. When there are too few documents for the fractions asked (fewer than one document's worth for
+val or test, e.g. a single .txt file), documents are first cut into pseudo-documents at line breaks
+(`cut_document`), and the manifest says so.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -76,24 +84,24 @@ def needs_pseudo_documents(n_docs: int, fractions: Sequence[float]) -> bool:
     return any(0 < f and n_docs * f < 1 for f in fractions)
 
 
-def pseudo_documents(docs: list[Document], fractions: Sequence[float]) -> list[Document]:
-    """Cut documents at line breaks into pieces of about equal size, enough for every split to get
-    PIECES_PER_SPLIT pieces. The pieces concatenate back to each document's exact text."""
+def pseudo_document_chars(total_chars: int, fractions: Sequence[float]) -> int:
+    """Size of the pseudo-documents that give every held-out split PIECES_PER_SPLIT pieces."""
     smallest = min(f for f in fractions if f > 0)
     pieces_wanted = int(np.ceil(PIECES_PER_SPLIT / smallest))
-    total = sum(len(d.text) for d in docs)
-    size = max(1, total // pieces_wanted)
-    out = []
-    for doc in docs:
-        path, _, line = doc.where.rpartition(":")
-        line_no = int(line) if line.isdigit() else 1
-        text, start = doc.text, 0
-        while start < len(text):
-            end = _cut(text, start, size)
-            piece = text[start:end]
-            out.append(Document(piece, f"{path}:{line_no}" if path else doc.where, len(piece.encode("utf-8"))))
-            line_no += piece.count("\n")
-            start = end
+    return max(1, total_chars // pieces_wanted)
+
+
+def cut_document(doc: Document, size: int) -> list[Document]:
+    """`doc` cut at line breaks into pieces of about `size` characters, each naming its first line."""
+    path, _, line = doc.where.rpartition(":")
+    line_no = int(line) if line.isdigit() else 1
+    text, start, out = doc.text, 0, []
+    while start < len(text):
+        end = _cut(text, start, size)
+        piece = text[start:end]
+        out.append(Document(piece, f"{path}:{line_no}" if path else doc.where, len(piece.encode("utf-8"))))
+        line_no += piece.count("\n")
+        start = end
     return out
 
 
@@ -108,3 +116,73 @@ def _cut(text: str, start: int, size: int) -> int:
         if found != -1:
             return found + 1
     return goal  # a long stretch without breaks: cut it anyway (the pieces still join up exactly)
+
+
+# ---------------------------------------------------------------------------------------------------
+# streamed pretraining split: a seeded hash per document
+# ---------------------------------------------------------------------------------------------------
+Key = tuple[str, int, int]  # (source: the file's sha256, record number in the file, pseudo-document piece)
+
+
+def draw(seed: int, key: Key) -> float:
+    """The document's number in [0, 1): blake2b of (seed, source, position), the same everywhere."""
+    digest = hashlib.blake2b(f"{seed}\0{key[0]}\0{key[1]}\0{key[2]}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+@dataclass
+class DocumentSplit:
+    """Which split a document goes to, from its key alone (see the module docstring)."""
+
+    val_fraction: float
+    test_fraction: float
+    seed: int
+    moved: dict[Key, str] = field(default_factory=dict)   # train documents moved to an empty val / test
+
+    def __call__(self, key: Key) -> str:
+        if key in self.moved:
+            return self.moved[key]
+        u = draw(self.seed, key)
+        if u < self.test_fraction:
+            return "test"
+        return "val" if u < self.test_fraction + self.val_fraction else "train"
+
+
+@dataclass
+class SplitScan:
+    """Counts each split's documents during a reading pass, and keeps the documents that can fill an
+    empty split: the two train documents with the smallest draws (for val / test) and the held-out
+    document with the largest draw (for train)."""
+
+    split: DocumentSplit
+    counts: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0, "test": 0})
+    spare: list[tuple[float, Key]] = field(default_factory=list)
+    held: tuple[float, Key] | None = None
+
+    def add(self, key: Key) -> str:
+        name = self.split(key)
+        self.counts[name] += 1
+        u = draw(self.split.seed, key)
+        if name == "train":
+            self.spare = sorted([*self.spare, (u, key)])[:2]
+        elif self.held is None or u > self.held[0]:
+            self.held = (u, key)
+        return name
+
+    def moves(self) -> dict[Key, str]:
+        """Documents to move so that train and every split asked for have one; raises when there are too few."""
+        counts, moves = dict(self.counts), {}
+        if counts["train"] == 0 and self.held is not None:
+            moves[self.held[1]] = "train"
+            counts[self.split(self.held[1])] -= 1
+            counts["train"] += 1
+        wanted = [name for name, frac in (("val", self.split.val_fraction), ("test", self.split.test_fraction))
+                  if frac > 0 and counts[name] == 0]
+        spare = [key for _, key in self.spare if key not in moves]
+        if len(wanted) >= counts["train"]:
+            total = sum(counts.values())
+            raise UserError(f"too few documents to split: {total} document(s), val_fraction="
+                            f"{self.split.val_fraction}, test_fraction={self.split.test_fraction}",
+                            hint="add data, or set data.val_fraction=0 / data.test_fraction=0")
+        moves.update(zip(spare, wanted))
+        return moves

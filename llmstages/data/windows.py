@@ -48,17 +48,20 @@ def fixed_windows(shards: list[np.ndarray], block_size: int, batch_size: int, n_
 
     The same windows at every evaluation, so successive val losses are comparable.
     """
-    windows = []
-    for shard in shards:
-        count = (len(shard) - 1) // block_size
-        windows += [(shard, i * block_size) for i in range(count)]
-    if not windows:
+    # Window i of the split is the i-th block_size stride of the shards laid end to end; only the
+    # picked windows are read (no list of every window: a split may have billions of tokens).
+    counts = np.array([max(0, (len(shard) - 1) // block_size) for shard in shards], dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
         raise UserError(f"the validation split has fewer than block_size+1={block_size + 1} tokens",
                         hint="raise data.val_fraction or lower model.block_size")
-    wanted = min(len(windows), n_batches * batch_size)
-    picks = np.linspace(0, len(windows) - 1, wanted).round().astype(int)
+    wanted = min(total, n_batches * batch_size)
+    picks = np.linspace(0, total - 1, wanted).round().astype(np.int64)
+    ends = np.cumsum(counts)
+    which = np.searchsorted(ends, picks, side="right")       # the shard of each picked window
+    starts = (picks - (ends[which] - counts[which])) * block_size
     offsets = np.arange(block_size + 1)
-    rows = np.stack([windows[i][0][windows[i][1] + offsets] for i in picks]).astype(np.int64)
+    rows = np.stack([shards[w][s + offsets] for w, s in zip(which, starts)]).astype(np.int64)
     data = torch.from_numpy(rows)
     return [{"input_ids": data[i:i + batch_size, :-1], "targets": data[i:i + batch_size, 1:],
              "n_tokens": int(data[i:i + batch_size, :-1].numel())} for i in range(0, len(rows), batch_size)]

@@ -2,7 +2,9 @@
 
 Read top to bottom:
   1. plan       resolve the sources (mirror, cache, download), pick the tokenizer, fingerprint the
-                lot; a committed dataset with that fingerprint is reused as it is.
+                lot; a committed dataset with that fingerprint is reused as it is. Pretraining text
+                goes on in stages/prepare_text.py (streamed, bounded memory, resumable); the steps
+                below are those of classify / instruct records.
   2. read       every file -> records -> the task's examples; bad records are collected with file:line.
   3. check      any bad record stops here, before anything is written, unless data.skip_bad.
   4. split      deterministic train / val / test (llmstages/data/split.py).
@@ -18,9 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,39 +32,16 @@ from rich.table import Table
 
 from llmstages.config import Recipe, to_dict
 from llmstages.data import examples as ex
-from llmstages.data.encode import encode_many, encode_pieces, train_tokenizer, with_end_of_text
+from llmstages.data.encode import encode_many, train_tokenizer
 from llmstages.data.plan import Plan, make_plan
-from llmstages.data.prepared import FORMAT_VERSION, PreparedDataset, ShardWriter, token_dtype, write_labeled_split
-from llmstages.data.readers import BadRecord
-from llmstages.data.split import needs_pseudo_documents, pseudo_documents, split_indices
+from llmstages.data.prepared import FORMAT_VERSION, PreparedDataset, token_dtype, write_labeled_split
+from llmstages.data.readers import BadRecord, BadRecords
+from llmstages.data.split import split_indices
 from llmstages.distributed import is_main_process
-from llmstages.errors import UserError, listed
+from llmstages.errors import UserError
+from llmstages.stages.prepare_text import prepare_pretrain
 from llmstages.store import Store, atomic_dir, is_committed, now_iso
 from llmstages.tokenizer import Tokenizer
-
-SHOW_BAD = 20
-
-
-@dataclass
-class BadRecords:
-    """Every bad record counted; the first SHOW_BAD kept as `file:line: reason`."""
-
-    count: int = 0
-    examples: list[str] = field(default_factory=list)
-
-    def add(self, bad: BadRecord) -> None:
-        self.count += 1
-        if len(self.examples) < SHOW_BAD:
-            self.examples.append(str(bad))
-
-    def to_json(self) -> dict:
-        return {"count": self.count, "examples": self.examples}
-
-    def error(self) -> UserError:
-        return UserError(f"{self.count} bad record{'s' if self.count != 1 else ''} in the data "
-                         f"(nothing was written):\n{listed(self.examples, self.count, SHOW_BAD)}",
-                         hint="fix them, or set data.skip_bad=true to prepare the good records "
-                              "and list the bad ones in manifest.json")
 
 
 def get_or_prepare(recipe: Recipe, store: Store, console: Console | None = None, *,
@@ -95,6 +74,10 @@ def prepare(recipe: Recipe, store: Store, *, console: Console | None = None, for
         console.print(f"up to date: {plan.folder} (same input and settings; --force prepares it again)",
                       highlight=False)
         return PreparedDataset.open(plan.folder)
+    if recipe.task == "pretrain":  # streamed, bounded memory, resumable: stages/prepare_text.py
+        dataset = prepare_pretrain(plan, store, console=console, force=force)
+        console.print(summary_table(dataset))
+        return dataset
     data, task = recipe.data, recipe.task
 
     bad = BadRecords()
@@ -130,10 +113,7 @@ def prepare(recipe: Recipe, store: Store, *, console: Console | None = None, for
         with atomic_dir(plan.folder, replace=force or plan.folder.exists()) as tmp:
             tokenizer.save(tmp / "tokenizer.json")
             with _progress(console) as progress:
-                if task == "pretrain":
-                    split_info = write_pretrain(tmp, splits, tokenizer, dtype, data.shard_tokens, progress)
-                else:
-                    split_info = write_labeled(tmp, task, splits, tokenizer, dtype, labels, progress)
+                split_info = write_labeled(tmp, task, splits, tokenizer, dtype, labels, progress)
             encode_seconds = time.perf_counter() - t0
             manifest = build_manifest(plan, tokenizer, tok_info, dtype, bad, split_info, notes, labels,
                                       seconds=time.perf_counter() - started, encode_seconds=encode_seconds)
@@ -202,14 +182,7 @@ def make_splits(recipe: Recipe, found: dict[str, list], labels: list[str] | None
              for name, frac in (("val", data.val_fraction), ("test", data.test_fraction))}
     notes: dict = {"seed": data.split_seed, "carved": {k: v for k, v in carve.items() if v > 0}}
     strata = groups = None
-    if recipe.task == "pretrain" and needs_pseudo_documents(len(train), carve.values()):
-        cut = pseudo_documents(train, list(carve.values()))
-        notes["pseudo_documents"] = {
-            "documents": len(train), "pieces": len(cut),
-            "reason": "too few documents for the val/test fractions: documents were cut at line breaks into "
-                      "pseudo-documents (each followed by end-of-text) before splitting"}
-        train = cut
-    elif recipe.task == "classify":
+    if recipe.task == "classify":
         strata, groups = [e.label for e in train], [e.text for e in train]
         notes["stratified_by"], notes["grouped_by"] = "label", "text (exact duplicates stay together)"
     elif recipe.task == "instruct":
@@ -235,26 +208,6 @@ def _text(example) -> str:
 # ---------------------------------------------------------------------------------------------------
 # write
 # ---------------------------------------------------------------------------------------------------
-def write_pretrain(folder: Path, splits: dict[str, list], tokenizer: Tokenizer, dtype: str, shard_tokens: int,
-                   progress: Progress) -> dict:
-    """Each split's documents, tokenized in parallel batches and joined with end-of-text, into shards."""
-    info = {}
-    for name, docs in splits.items():
-        nbytes = sum(d.nbytes for d in docs)
-        bytes_per_char = nbytes / max(1, sum(len(d.text) for d in docs))
-        bar = progress.add_task(f"tokenizing {name}", total=nbytes, count="")
-        writer = ShardWriter(folder, name, dtype, shard_tokens)
-        done = 0
-        for batch in encode_pieces(tokenizer, (d.text for d in docs)):
-            writer.write(with_end_of_text(batch, tokenizer.eot_id))
-            done += sum(batch.last)
-            progress.update(bar, advance=batch.chars * bytes_per_char, count=f"{done:,}/{len(docs):,} documents")
-        writer.close()
-        info[name] = {"shards": writer.shards, "shard_tokens": writer.shard_tokens, "tokens": writer.tokens,
-                      "documents": len(docs), "bytes": sum(d.nbytes for d in docs)}
-    return info
-
-
 def write_labeled(folder: Path, task: str, splits: dict[str, list], tokenizer: Tokenizer, dtype: str,
                   labels: list[str] | None, progress: Progress) -> dict:
     info = {}
@@ -304,7 +257,7 @@ def build_manifest(plan: Plan, tokenizer: Tokenizer, tok_info: dict, dtype: str,
         "dtype": dtype,
         "tokenizer": tok_info,
         "bad_records": bad.to_json(),
-        "split": {k: v for k, v in notes.items() if k != "pseudo_documents"},
+        "split": notes,
         "splits": splits,
         "stats": {
             "documents": sum(s[count_key] for s in splits.values()),
@@ -317,9 +270,7 @@ def build_manifest(plan: Plan, tokenizer: Tokenizer, tok_info: dict, dtype: str,
             "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
         },
     }
-    if recipe.task == "pretrain":
-        manifest["pseudo_documents"] = notes.get("pseudo_documents")
-    elif recipe.task == "classify":
+    if recipe.task == "classify":
         manifest["labels"] = labels
     else:
         manifest["template"] = recipe.finetune.template
@@ -359,6 +310,8 @@ def summary_table(dataset: PreparedDataset) -> Table:
     table.add_row("time", f"{stats['seconds']:.1f} s (tokenizer {m['tokenizer']['seconds']:.1f} s, "
                           f"tokenizing + writing {stats['encode_seconds']:.1f} s)")
     table.add_row("tokens/s", f"{stats['tokens_per_s']:,.0f}")
+    if (peak := peak_memory_mb()) is not None:
+        table.add_row("peak memory", f"{peak:,.0f} MB (resident, this process)")
     if m["bad_records"]["count"]:
         table.add_row("bad records", f"{m['bad_records']['count']:,} skipped (listed in manifest.json)")
     if m.get("pseudo_documents"):
@@ -366,3 +319,13 @@ def summary_table(dataset: PreparedDataset) -> Table:
         table.add_row("note", f"{p['documents']} document(s) cut into {p['pieces']} pseudo-documents for the split")
     table.add_row("path", str(dataset.path))
     return table
+
+
+def peak_memory_mb() -> float | None:
+    """Peak resident memory of this process so far, in MB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
