@@ -18,7 +18,8 @@ from rich.console import Console
 
 from llmstages.config import build_recipe
 from llmstages.data.encode import encode_many
-from llmstages.data.prepared import PreparedDataset, find_prepared
+from llmstages.data.plan import find_prepared
+from llmstages.data.prepared import PreparedDataset
 from llmstages.data.readers import gutenberg_body
 from llmstages.data.split import DocumentSplit, SplitScan
 from llmstages.data.windows import WindowSampler, fixed_windows
