@@ -131,6 +131,8 @@ def split_metrics(model: GPT, split: LabeledSplit, labels: list[str], pad_id: in
     probs = class_probabilities(model, [split.example(i) for i in range(len(split))], pad_id, batch_size=EVAL_BATCH)
     metrics = classification_metrics(split.labels, probs, labels, threshold=threshold, positive=positive)
     metrics[f"{prefix}loss"] = metrics.pop("loss")
+    if prefix:  # validation figures at every eval: the decision settings are the run's, not a figure
+        del metrics["threshold"], metrics["positive"]
     return metrics
 
 
