@@ -76,7 +76,7 @@ def baselines(texts: list[str], labels: list[str], parts: dict, positive: str) -
     from sklearn.linear_model import LogisticRegression
     from sklearn.svm import LinearSVC
 
-    def pick(name, vectorizer, model_of):
+    def pick(vectorizer, model_of) -> dict:
         x = {k: [texts[i] for i in v] for k, v in parts.items()}
         y = {k: [labels[i] for i in v] for k, v in parts.items()}
         train = vectorizer.fit_transform(x["train"])
@@ -86,9 +86,9 @@ def baselines(texts: list[str], labels: list[str], parts: dict, positive: str) -
         return {**scores(y["test"], fitted[best].predict(test), positive), "C": best}
 
     return {
-        "char_svm": pick("char_svm", TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 5), sublinear_tf=True,
-                                                     min_df=2), lambda c: LinearSVC(C=c)),
-        "word_lr": pick("word_lr", TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True),
+        "char_svm": pick(TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 5), sublinear_tf=True, min_df=2),
+                         lambda c: LinearSVC(C=c)),
+        "word_lr": pick(TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True),
                         lambda c: LogisticRegression(C=c, max_iter=5000)),
     }
 
@@ -168,13 +168,14 @@ def summary(per_fold: list[dict]) -> dict:
 
 def print_table(result: dict) -> None:
     s = result["summary"]
-    lines = [f"{'system':<10} " + " ".join(f"{k:>17}" for k in FIGURES)]
+    lines = [f"{'system':<12} " + " ".join(f"{k:>17}" for k in FIGURES)]
     for system in SYSTEMS:
-        lines.append(f"{system:<10} " + " ".join(f"{s[system][k]['mean']:>8.4f} ± {s[system][k]['std']:<6.4f}"
+        lines.append(f"{system:<12} " + " ".join(f"{s[system][k]['mean']:>8.4f} ± {s[system][k]['std']:<6.4f}"
                                                  for k in FIGURES))
     for other in SYSTEMS[1:]:
         d = s[f"gpt_minus_{other}"]
-        lines.append(f"{'- ' + other:<10} " + " ".join(f"{d[k]['mean']:>+8.4f} ± {d[k]['std']:<6.4f}" for k in FIGURES))
+        lines.append(f"{'gpt-' + other:<12} "
+                     + " ".join(f"{d[k]['mean']:>+8.4f} ± {d[k]['std']:<6.4f}" for k in FIGURES))
     print("\n".join(lines), file=sys.stderr)
 
 

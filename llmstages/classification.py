@@ -142,7 +142,8 @@ def predict(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str], *, bat
 def classification_metrics(targets: np.ndarray, probs: torch.Tensor, labels: Sequence[str], *,
                            threshold: float = 0.0, positive: str = "") -> dict:
     """Loss, accuracy, macro F1, per-class precision / recall / F1 / support, the confusion matrix, and
-    the ROC AUC of the positive class (`positive_index`). Labels are `decide`d at `threshold`.
+    the ROC AUC of the positive class (`positive_index`; None when only one class occurs). Labels are
+    `decide`d at `threshold`.
 
     targets (N,) class ids; probs (N, K). `confusion[i][j]` counts texts of class i predicted as j
     (rows true, columns predicted). A class never predicted has precision 0; `f1` is the mean F1 over
@@ -171,5 +172,5 @@ def classification_metrics(targets: np.ndarray, probs: torch.Tensor, labels: Seq
                               "support": int(support[c])} for c, label in enumerate(labels)},
         "confusion": confusion.tolist(),
         "threshold": threshold, "positive": labels[pos],
-        "roc_auc": roc_auc(probs[:, pos].numpy(), targets == pos),
+        "roc_auc": auc if (auc := roc_auc(probs[:, pos].numpy(), targets == pos)) == auc else None,  # nan -> None
     }

@@ -187,9 +187,12 @@ def average_last(result: TrainResult, recipe: Recipe, store: Store, *, console: 
 
 def print_metrics(console: Console, title: str, metrics: dict) -> None:
     """A headline (accuracy, macro F1, loss), a per-class table and the confusion matrix."""
-    console.print(f"[bold]{escape(title)}[/bold]: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['f1']:.4f}, "
-                  f"loss {metrics['loss']:.4f}, ROC AUC ({escape(metrics['positive'])}) {metrics['roc_auc']:.4f}"
-                  + (f", threshold {metrics['threshold']:g}" if metrics["threshold"] else ""), highlight=False)
+    line = f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['f1']:.4f}, loss {metrics['loss']:.4f}"
+    if metrics.get("roc_auc") is not None:
+        line += f", ROC AUC ({escape(metrics['positive'])}) {metrics['roc_auc']:.4f}"
+    if metrics.get("threshold"):
+        line += f", threshold {metrics['threshold']:g} for {escape(metrics['positive'])}"
+    console.print(f"[bold]{escape(title)}[/bold]: {line}", highlight=False)
     table = Table()
     for column in ("class", "precision", "recall", "F1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
