@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from llmstages.data.batches import EpochSampler, pad_batch
 from llmstages.data.prepared import LabeledSplit
+from llmstages.errors import UserError
 from llmstages.tokenizer import Tokenizer
 
 
@@ -110,7 +111,6 @@ def positive_index(labels: Sequence[str], positive: str = "") -> int:
     if not positive:
         return len(labels) - 1
     if positive not in labels:
-        from llmstages.errors import UserError
         raise UserError(f"classify.positive={positive!r} is not one of the model's classes ({', '.join(labels)})")
     return list(labels).index(positive)
 
