@@ -24,6 +24,8 @@ BENCHES = {
     "train": ["bench_train.py"],
     "generate": ["bench_generate.py"],
     "classify": ["bench_classify.py"],
+    # 5-fold cross-validation of finetune-spam vs TF-IDF baselines (needs the quickstart base and scikit-learn)
+    "spam_cv": ["spam_cv.py"],
 }
 
 

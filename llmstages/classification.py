@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from llmstages.data.batches import EpochSampler, pad_batch
 from llmstages.data.prepared import LabeledSplit
+from llmstages.errors import UserError
 from llmstages.tokenizer import Tokenizer
 
 
@@ -61,12 +62,14 @@ class ClassBatches:
         return batch
 
 
-def classification_loss(model: nn.Module, batch: dict, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean cross-entropy of one batch: logits (B, K) at the last real tokens vs targets (B,)."""
+def classification_loss(model: nn.Module, batch: dict, weight: torch.Tensor | None = None,
+                        label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy of one batch: logits (B, K) read by the model's pooling vs targets (B,),
+    optionally against smoothed targets (1 - e) * one-hot + e / K."""
     logits = model(batch["input_ids"], last_index=batch["last_index"])  # (B, K)
     if weight is not None:
         weight = weight.to(logits.device)
-    return F.cross_entropy(logits.float(), batch["targets"], weight=weight)
+    return F.cross_entropy(logits.float(), batch["targets"], weight=weight, label_smoothing=label_smoothing)
 
 
 @torch.no_grad()
@@ -93,27 +96,62 @@ def class_probabilities(model: nn.Module, sequences: Sequence[Sequence[int]], pa
     return probs
 
 
-def predict(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str], *, batch_size: int = 32) -> list[dict]:
-    """One {"text", "label", "probability", "probabilities"} per text: the most likely class and all of them."""
+def decide(probs: torch.Tensor, positive: int, threshold: float = 0.0) -> torch.Tensor:
+    """Predicted class ids (N,) from probs (N, K): class `positive` where its probability is >= threshold,
+    else the most likely of the other classes. threshold 0 = plain argmax."""
+    if threshold <= 0:
+        return probs.argmax(dim=-1)
+    others = probs.clone()
+    others[:, positive] = -1.0
+    return torch.where(probs[:, positive] >= threshold, positive, others.argmax(dim=-1))
+
+
+def positive_index(labels: Sequence[str], positive: str = "") -> int:
+    """The class a threshold is for: `positive` by name, or the last class ("spam" of [ham, spam])."""
+    if not positive:
+        return len(labels) - 1
+    if positive not in labels:
+        raise UserError(f"classify.positive={positive!r} is not one of the model's classes ({', '.join(labels)})")
+    return list(labels).index(positive)
+
+
+def roc_auc(scores: np.ndarray, is_positive: np.ndarray) -> float:
+    """Area under the ROC curve by the rank formula (Mann-Whitney U), ties counted half:
+    (sum of the positives' ranks - P(P+1)/2) / (P * N). nan when either class is absent."""
+    scores, is_positive = np.asarray(scores, dtype=np.float64), np.asarray(is_positive, dtype=bool)
+    n_pos, n_neg = int(is_positive.sum()), int((~is_positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    values, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # 0-based start of each tied group
+    ranks = (first + (counts + 1) / 2.0)[inverse]  # 1-based average ranks
+    return float((ranks[is_positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def predict(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str], *, batch_size: int = 32,
+            threshold: float = 0.0, positive: str = "") -> list[dict]:
+    """One {"text", "label", "probability", "probabilities"} per text: the class `decide` picks (the most
+    likely one without a threshold), its probability and all of them."""
     probs = class_probabilities(model, tokenizer.encode_batch(list(texts)), tokenizer.eot_id, batch_size=batch_size)
     names = model.config.class_names
-    out = []
-    for text, row in zip(texts, probs.tolist()):
-        best = max(range(len(row)), key=row.__getitem__)
-        out.append({"text": text, "label": names[best], "probability": row[best],
-                    "probabilities": dict(zip(names, row))})
-    return out
+    picked = decide(probs, positive_index(names, positive), threshold).tolist()
+    return [{"text": text, "label": names[c], "probability": row[c], "probabilities": dict(zip(names, row))}
+            for text, c, row in zip(texts, picked, probs.tolist())]
 
 
-def classification_metrics(targets: np.ndarray, probs: torch.Tensor, labels: Sequence[str]) -> dict:
-    """Loss, accuracy, macro F1, per-class precision / recall / F1 / support, and the confusion matrix.
+def classification_metrics(targets: np.ndarray, probs: torch.Tensor, labels: Sequence[str], *,
+                           threshold: float = 0.0, positive: str = "") -> dict:
+    """Loss, accuracy, macro F1, per-class precision / recall / F1 / support, the confusion matrix, and
+    the ROC AUC of the positive class (`positive_index`; None when only one class occurs). Labels are
+    `decide`d at `threshold`.
 
     targets (N,) class ids; probs (N, K). `confusion[i][j]` counts texts of class i predicted as j
     (rows true, columns predicted). A class never predicted has precision 0; `f1` is the mean F1 over
     the classes that occur (as targets or predictions), so an absent class does not drag it down.
     """
     targets = np.asarray(targets, dtype=np.int64)
-    pred = probs.argmax(dim=-1).numpy()
+    pos = positive_index(labels, positive)
+    pred = decide(probs, pos, threshold).numpy()
     k = len(labels)
     confusion = np.zeros((k, k), dtype=np.int64)
     np.add.at(confusion, (targets, pred), 1)
@@ -133,4 +171,6 @@ def classification_metrics(targets: np.ndarray, probs: torch.Tensor, labels: Seq
         "per_class": {label: {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
                               "support": int(support[c])} for c, label in enumerate(labels)},
         "confusion": confusion.tolist(),
+        "threshold": threshold, "positive": labels[pos],
+        "roc_auc": auc if (auc := roc_auc(probs[:, pos].numpy(), targets == pos)) == auc else None,  # nan -> None
     }

@@ -203,6 +203,10 @@ def evaluate(
     template: Optional[str] = typer.Option(
         None, "--template", help="alpaca | chat: score a language model on instruction data with this prompt "
                                  "template (instruction models use their own)."),
+    threshold: Optional[float] = typer.Option(
+        None, "--threshold", help="Classifiers: label a text with the positive class (classify.positive, default "
+                                  "the last, e.g. spam) when its probability is >= P; 0 = the most likely class. "
+                                  "Default: the recipe's classify.threshold.", metavar="P"),
 ) -> None:
     """Evaluate MODEL on data: loss, perplexity and bits per byte for text; accuracy, per-class F1 and the
     confusion matrix for classifiers; response loss, exact match and ROUGE-L for instruction models.
@@ -210,6 +214,7 @@ def evaluate(
     Examples:\n
       llmstages evaluate quickstart --data ../shared/data/the-verdict.txt\n
       llmstages evaluate finetune-spam --data sms.tsv --json\n
+      llmstages evaluate finetune-spam --data sms.tsv --threshold 0.8   (spam only at 80% or more)\n
       llmstages evaluate finetune-instruct --data held-out.json --limit 50 --json\n
       llmstages evaluate quickstart --data held-out.json --template alpaca --json   (the base, for comparison)
     """
@@ -220,7 +225,8 @@ def evaluate(
     if template is not None and template not in TEMPLATES:
         raise UserError(f"--template {template}: unknown template", hint=f"use one of: {', '.join(TEMPLATES)}")
     set_threads()
-    result = run_evaluate(model, data, _store(), limit=limit, console=err_console, template=template)
+    result = run_evaluate(model, data, _store(), limit=limit, console=err_console, template=template,
+                          threshold=threshold)
     if as_json:
         print(json.dumps(result))
     elif "per_class" in result:
@@ -246,6 +252,10 @@ def classify(
                                                 "from stdin (blank lines skipped).", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {model, labels, predictions}."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Texts per forward pass."),
+    threshold: Optional[float] = typer.Option(
+        None, "--threshold", help="Classifiers: label a text with the positive class (classify.positive, default "
+                                  "the last, e.g. spam) when its probability is >= P; 0 = the most likely class. "
+                                  "Default: the recipe's classify.threshold.", metavar="P"),
 ) -> None:
     """Print the predicted label and its probability for each text.
 
@@ -254,7 +264,8 @@ def classify(
     Examples:\n
       llmstages classify finetune-spam "WINNER! Claim your free prize now" "See you at 6?"\n
       cat messages.txt | llmstages classify finetune-spam --json\n
-      llmstages classify finetune-spam@best - < messages.txt
+      llmstages classify finetune-spam@best - < messages.txt\n
+      llmstages classify finetune-spam --threshold 0.9 "Call me now"   (fewer ham lost as spam)
     """
     from rich.markup import escape
 
@@ -273,7 +284,7 @@ def classify(
         if not texts:
             raise UserError("no texts to classify: give them as arguments or one per line on stdin",
                             hint=f'e.g. llmstages classify {model} "some text"')
-    predictions = classify_texts(ckpt, texts, batch_size=batch_size)
+    predictions = classify_texts(ckpt, texts, batch_size=batch_size, threshold=threshold)
     if as_json:
         print(json.dumps({"model": ckpt.ref, "labels": ckpt.model.config.class_names, "predictions": predictions}))
         return

@@ -262,11 +262,35 @@ class FinetuneConfig:
     lora_targets: list[str] = _f(factory=lambda: list(LORA_TARGETS))
     # Classification: how to treat class imbalance in the training set.
     balance: str = _f("none", choices=("none", "undersample", "weighted"))
+    # Classification: what the class head reads: the last real token's hidden state, or the mean over
+    # the text's real tokens (padding left out).
+    pooling: str = _f("last", choices=("last", "mean"))
+    # Classification: cross-entropy against (1 - e) * one-hot + e / K (0 = plain targets).
+    label_smoothing: float = _f(0.0, ge=0.0, le=0.5)
+    # Classification: domain-adaptive pretraining first: this many next-token steps on the training
+    # split's texts (run `<run>-dapt`, resumed like any run), then the class head is trained on that
+    # model. dapt_lr 0 = train.lr.
+    dapt_steps: int = _f(0, ge=0)
+    dapt_lr: float = _f(0.0, ge=0.0, le=1.0)
+    # Classification: after training, average the weights of the last N checkpoints (needs
+    # train.keep_last >= N) into run `<run>-avg`, which is then the model scored on the test split (0 = off).
+    average_last: int = _f(0, ge=0)
     # Instruction: prompt template, and whether prompt tokens are left out of the loss.
     template: str = _f("alpaca", choices=("alpaca", "chat"))
     mask_prompt: bool = True
     # Instruction: sample generations for fixed validation prompts printed at each eval.
     eval_samples: int = _f(2, ge=0)
+
+
+@dataclass
+class ClassifyConfig:
+    """How a classifier turns probabilities into labels (`classify`, `evaluate`, recorded in its checkpoints)."""
+
+    # Label a text `positive` when that class's probability is >= threshold, else the most likely other
+    # class (0 = always the most likely class). A spam filter trades missed spam against lost ham here.
+    threshold: float = _f(0.0, ge=0.0, le=1.0)
+    # The class the threshold is for ("" = the last class, e.g. spam of [ham, spam]).
+    positive: str = ""
 
 
 @dataclass
@@ -298,6 +322,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
@@ -341,6 +366,9 @@ def _cross_checks(recipe: Recipe, problems: list[tuple[str, str]]) -> None:
                          f"model; use some of {', '.join(LORA_TARGETS)}"))
     if not re.fullmatch(r"all|head|lora|last_blocks:\d+", ft.trainable):
         problems.append(("finetune.trainable", f"{ft.trainable!r} is not all, head, lora or last_blocks:N"))
+    if ft.average_last > t.keep_last:
+        problems.append(("finetune.average_last", f"{ft.average_last} is more than train.keep_last={t.keep_last} "
+                         "checkpoints kept; raise train.keep_last"))
     if recipe.run is not None and not RUN_NAME_RE.fullmatch(recipe.run):
         problems.append(("run", f"{recipe.run!r}: use letters, digits, '.', '_' and '-'"))
     for key in ("sha256", "mirror"):

@@ -46,7 +46,8 @@ ARCHS: dict[str, dict] = {
     "modern": dict(pos_emb="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, bias=False,
                    tie_embeddings=False, logit_softcap=15.0),
 }
-CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu")}
+CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu"),
+           "pooling": ("last", "mean")}
 
 
 @dataclass
@@ -86,6 +87,8 @@ class GPTConfig:
     # 0 = language-model head; K > 0 = a K-way class head read at the last real token.
     num_classes: int = 0
     class_names: list[str] = field(default_factory=list)
+    # What the class head reads: "last" real token's hidden state, or the "mean" over the real tokens.
+    pooling: str = "last"
     # LoRA adapters (rank 0 = none); see lora.py.
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -214,7 +217,7 @@ class GPT(nn.Module):
             return head_loss(x, self.lm_head.weight, targets, softcap=cap)
         if self.is_classifier:
             if last_index is not None:
-                x = x[torch.arange(x.size(0), device=x.device), last_index]  # (B, C)
+                x = pool(x, last_index, self.config.pooling)  # (B, C)
             return self.score(x)
         if last_only:
             x = x[:, -1:, :]
@@ -233,6 +236,15 @@ class GPT(nn.Module):
             missing = [k for k in missing if k != "lm_head.weight"]
         if strict and (missing or unexpected):
             raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def pool(x: torch.Tensor, last_index: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, T, C) hidden states -> (B, C): row b's state at `last_index[b]`, or ("mean") the mean of its
+    states 0..last_index[b]; the padding after a row's last real token never counts."""
+    if how == "mean":
+        real = torch.arange(x.size(1), device=x.device)[None, :] <= last_index[:, None]  # (B, T)
+        return (x * real[..., None].to(x.dtype)).sum(dim=1) / (last_index[:, None] + 1).to(x.dtype)
+    return x[torch.arange(x.size(0), device=x.device), last_index]
 
 
 def set_dropout(model: GPT, p: float) -> None:

@@ -186,3 +186,36 @@ class SplitScan:
                             hint="add data, or set data.val_fraction=0 / data.test_fraction=0")
         moves.update(zip(spare, wanted))
         return moves
+
+
+def stratified_folds(strata: Sequence[Hashable], groups: Sequence[Hashable], k: int, seed: int) -> np.ndarray:
+    """Fold number (0..k-1, int64) of every record for k-fold cross-validation.
+
+    Within each stratum (class label) the groups (e.g. exact duplicate texts) are shuffled with
+    `numpy.random.default_rng(seed)`, largest first after the shuffle, and each is dealt whole to the
+    fold that holds the fewest records of that stratum so far: every fold gets about 1/k of each class,
+    and the copies of one message never sit in two folds (so none is both trained on and scored).
+    A group whose records carry different strata goes with the stratum of its first record.
+    """
+    if k < 2:
+        raise UserError(f"{k} folds: cross-validation needs at least 2")
+    strata, groups = list(strata), list(groups)
+    members: dict[Hashable, list[int]] = {}
+    stratum_of: dict[Hashable, Hashable] = {}
+    for i, (stratum, group) in enumerate(zip(strata, groups)):
+        members.setdefault(group, []).append(i)
+        stratum_of.setdefault(group, stratum)
+    if len(members) < k:
+        raise UserError(f"{len(members)} distinct records cannot fill {k} folds", hint="use fewer folds")
+    rng = np.random.default_rng(seed)
+    fold = np.full(len(strata), -1, dtype=np.int64)
+    for stratum in sorted(set(stratum_of.values()), key=str):
+        keys = [g for g in members if stratum_of[g] == stratum]  # first-seen order: independent of hashing
+        keys = [keys[j] for j in rng.permutation(len(keys))]
+        keys.sort(key=lambda g: -len(members[g]))  # stable: big duplicate groups first, else shuffled order
+        filled = np.zeros(k, dtype=np.int64)
+        for g in keys:
+            target = int(np.argmin(filled))  # the first of the emptiest folds
+            fold[members[g]] = target
+            filled[target] += len(members[g])
+    return fold

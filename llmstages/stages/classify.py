@@ -22,9 +22,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from llmstages.checkpoint import Checkpoint, load_checkpoint
+from llmstages.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from llmstages.classification import (ClassBatches, class_probabilities, class_weights, classification_loss,
-                                      classification_metrics, count_truncated, predict)
+                                      classification_metrics, count_truncated, positive_index, predict)
 from llmstages.config import Recipe
 from llmstages.data.examples import data_settings, read_examples
 from llmstages.data.prepared import LabeledSplit, PreparedDataset
@@ -32,7 +32,7 @@ from llmstages.errors import UserError, listed
 from llmstages.loop import TrainResult, TrainTask
 from llmstages.model import GPT, GPTConfig
 from llmstages.runlog import RunLog
-from llmstages.store import Store
+from llmstages.store import Store, remove_dir
 
 EVAL_BATCH = 64
 
@@ -40,7 +40,7 @@ EVAL_BATCH = 64
 # ---------------------------------------------------------------------------------------------------
 # the model and the task
 # ---------------------------------------------------------------------------------------------------
-def classifier_from(base: GPT, labels: list[str], seed: int) -> GPT:
+def classifier_from(base: GPT, labels: list[str], seed: int, pooling: str = "last") -> GPT:
     """A copy of `base` whose LM head is replaced by a `len(labels)`-way class head.
 
     Every base weight is copied except the LM head (tied to the token embedding, which is copied).
@@ -48,7 +48,8 @@ def classifier_from(base: GPT, labels: list[str], seed: int) -> GPT:
     a classifier of exactly these classes keeps its head (fine-tuning it further). LoRA adapters of
     the base must have none (`finetune` merges them first).
     """
-    config = GPTConfig.from_dict(dict(base.config.to_dict(), num_classes=len(labels), class_names=list(labels)))
+    config = GPTConfig.from_dict(dict(base.config.to_dict(), num_classes=len(labels), class_names=list(labels),
+                                      pooling=pooling))
     torch.manual_seed(seed)
     model = GPT(config)
     keep_head = base.is_classifier and base.config.class_names == list(labels)
@@ -71,7 +72,8 @@ def classification_task(base: Checkpoint, data: PreparedDataset, recipe: Recipe,
     if (counts > 0).sum() < 2:
         raise UserError(f"the training split of {data.path.name} has only one class "
                         f"({labels[int(counts.argmax())]}); classification needs at least two")
-    model = classifier_from(base.model, labels, recipe.train.seed)
+    ft = recipe.finetune
+    model = classifier_from(base.model, labels, recipe.train.seed, ft.pooling)
     block = model.config.block_size
     pad_id = int(data.manifest["eot_id"])
     balance = recipe.finetune.balance
@@ -84,13 +86,24 @@ def classification_task(base: Checkpoint, data: PreparedDataset, recipe: Recipe,
     truncated = {name: count_truncated(np.diff(data.records(name).offsets), block) for name in data.splits}
     _describe(console, labels, counts, truncated, block, weight, batches, has_val=val is not None)
 
-    def evaluate(m: GPT) -> dict:
-        return split_metrics(m, val, labels, pad_id) if val is not None else {}
+    decision = decision_of(recipe, labels)
 
-    task = TrainTask(kind="classify", batch=batches, loss=lambda m, b: classification_loss(m, b, weight),
+    def evaluate(m: GPT) -> dict:
+        return split_metrics(m, val, labels, pad_id, **decision) if val is not None else {}
+
+    task = TrainTask(kind="classify", batch=batches,
+                     loss=lambda m, b: classification_loss(m, b, weight, ft.label_smoothing),
                      evaluate=evaluate, data_fingerprint=data.fingerprint, examples_per_epoch=batches.epoch_size,
-                     meta={"labels": labels, "balance": balance, "truncated": truncated})
+                     meta={"labels": labels, "balance": balance, "truncated": truncated, "classify": decision})
     return model, task
+
+
+def decision_of(recipe: Recipe, labels: list[str]) -> dict:
+    """The recipe's classify section, checked against the labels: {"threshold", "positive"} (kept in
+    every checkpoint's meta.json, so `classify` and `evaluate` decide as the recipe said)."""
+    positive = recipe.classify.positive
+    positive_index(labels, positive)  # refuses a class the data does not have
+    return {"threshold": recipe.classify.threshold, "positive": positive}
 
 
 def _describe(console: Console, labels: list[str], counts: np.ndarray, truncated: dict[str, int], block: int,
@@ -111,12 +124,15 @@ def _describe(console: Console, labels: list[str], counts: np.ndarray, truncated
     console.print(line, highlight=False)
 
 
-def split_metrics(model: GPT, split: LabeledSplit, labels: list[str], pad_id: int, prefix: str = "val_") -> dict:
+def split_metrics(model: GPT, split: LabeledSplit, labels: list[str], pad_id: int, prefix: str = "val_", *,
+                  threshold: float = 0.0, positive: str = "") -> dict:
     """Figures of `model` on every record of a prepared split: `<prefix>loss` (plain, unweighted
-    cross-entropy), accuracy, f1 (macro), per_class and confusion."""
+    cross-entropy), accuracy, f1 (macro), per_class, confusion (labels decided at `threshold`) and roc_auc."""
     probs = class_probabilities(model, [split.example(i) for i in range(len(split))], pad_id, batch_size=EVAL_BATCH)
-    metrics = classification_metrics(split.labels, probs, labels)
+    metrics = classification_metrics(split.labels, probs, labels, threshold=threshold, positive=positive)
     metrics[f"{prefix}loss"] = metrics.pop("loss")
+    if prefix:  # validation figures at every eval: the decision settings are the run's, not a figure
+        del metrics["threshold"], metrics["positive"]
     return metrics
 
 
@@ -124,8 +140,8 @@ def split_metrics(model: GPT, split: LabeledSplit, labels: list[str], pad_id: in
 # after training: the test split
 # ---------------------------------------------------------------------------------------------------
 def report_test_split(result: TrainResult, data: PreparedDataset, store: Store, *,
-                console: Console | None = None) -> dict | None:
-    """The best checkpoint's figures on the test split (None when the data has no test split).
+                      console: Console | None = None, path: Path | None = None) -> dict | None:
+    """The best checkpoint's (or `path`'s) figures on the test split (None when the data has no test split).
 
     Written to `runs/<run>/test_metrics.json`, appended to its log.jsonl as `test_*` figures at the
     last step, and printed.
@@ -133,11 +149,11 @@ def report_test_split(result: TrainResult, data: PreparedDataset, store: Store, 
     if "test" not in data.splits:
         return None
     console = console or Console(stderr=True)
-    path = store.best(result.run) or result.checkpoint
+    path = path or store.best(result.run) or result.checkpoint
     ckpt = load_checkpoint(path, store)
     split = data.records("test")
     labels = ckpt.model.config.class_names
-    metrics = split_metrics(ckpt.model, split, labels, ckpt.tokenizer.eot_id, prefix="")
+    metrics = split_metrics(ckpt.model, split, labels, ckpt.tokenizer.eot_id, prefix="", **saved_decision(ckpt))
     report = {"split": "test", "checkpoint": str(path), "step": ckpt.meta.get("step"), "examples": len(split),
               "labels": labels, **metrics}
     run_dir = store.run_dir(result.run)
@@ -148,10 +164,35 @@ def report_test_split(result: TrainResult, data: PreparedDataset, store: Store, 
     return report
 
 
+def average_last(result: TrainResult, recipe: Recipe, store: Store, *, console: Console | None = None) -> Path:
+    """`finetune.average_last=N`: the mean of the weights of the run's last N checkpoints, committed as
+    run `<run>-avg` (replaced on every call) at the last step; returns its folder."""
+    paths = store.checkpoints(result.run)[-recipe.finetune.average_last:]
+    models = [load_checkpoint(p, store) for p in paths]
+    states = [c.model.state_for_saving() for c in models]
+    mean = {k: torch.stack([s[k].float() for s in states]).mean(dim=0).to(states[-1][k].dtype) for k in states[-1]}
+    last = models[-1]
+    last.model.load_saved_state(mean)
+    run = f"{result.run}-avg"
+    if store.run_dir(run).exists():
+        remove_dir(store.run_dir(run))
+    meta = {k: v for k, v in last.meta.items() if k not in ("run", "step", "tokenizer_fingerprint")}
+    path = save_checkpoint(store, run, int(last.meta.get("step", result.step)), last.model, last.tokenizer,
+                           dict(meta, averaged=[str(p) for p in paths]))
+    if console is not None:
+        console.print(f"averaged the weights of {len(paths)} checkpoints ({', '.join(p.name for p in paths)}) "
+                      f"into {path}", highlight=False)
+    return path
+
+
 def print_metrics(console: Console, title: str, metrics: dict) -> None:
     """A headline (accuracy, macro F1, loss), a per-class table and the confusion matrix."""
-    console.print(f"[bold]{escape(title)}[/bold]: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['f1']:.4f}, "
-                  f"loss {metrics['loss']:.4f}", highlight=False)
+    line = f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['f1']:.4f}, loss {metrics['loss']:.4f}"
+    if metrics.get("roc_auc") is not None:
+        line += f", ROC AUC ({escape(metrics['positive'])}) {metrics['roc_auc']:.4f}"
+    if metrics.get("threshold"):
+        line += f", threshold {metrics['threshold']:g} for {escape(metrics['positive'])}"
+    console.print(f"[bold]{escape(title)}[/bold]: {line}", highlight=False)
     table = Table()
     for column in ("class", "precision", "recall", "F1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
@@ -180,10 +221,24 @@ def require_classifier(ckpt: Checkpoint, command: str) -> None:
                              "use `llmstages generate` for language models")
 
 
+def saved_decision(ckpt: Checkpoint, threshold: float | None = None) -> dict:
+    """{"threshold", "positive"}: the ones the checkpoint was trained with (none: argmax), `threshold` winning."""
+    saved = dict(ckpt.meta.get("classify") or {})
+    decision = {"threshold": float(saved.get("threshold", 0.0)), "positive": str(saved.get("positive", ""))}
+    if threshold is not None:
+        if not 0.0 <= threshold <= 1.0:
+            raise UserError(f"--threshold {threshold}: a probability is between 0 and 1",
+                            hint="e.g. --threshold 0.7 labels spam only at 70% or more (0 = the most likely class)")
+        decision["threshold"] = threshold
+    return decision
+
+
 def evaluate_classifier(ckpt: Checkpoint, paths: list[str], *, limit: int | None = None,
-                        console: Console | None = None, batch_size: int = EVAL_BATCH) -> dict:
-    """Accuracy, macro F1, per-class precision / recall / F1 / support, confusion, loss and the count of
-    examples of a classifier on labeled files, read with the settings it was trained with."""
+                        console: Console | None = None, batch_size: int = EVAL_BATCH,
+                        threshold: float | None = None) -> dict:
+    """Accuracy, macro F1, per-class precision / recall / F1 / support, confusion, loss, ROC AUC and the
+    count of examples of a classifier on labeled files, read with the settings it was trained with.
+    Labels are decided at `threshold` (None: the one the checkpoint records)."""
     require_classifier(ckpt, "evaluate")
     labels = list(ckpt.model.config.class_names)
     examples = read_examples(paths, "classify", data_settings(ckpt.meta), limit=limit)
@@ -202,15 +257,16 @@ def evaluate_classifier(ckpt: Checkpoint, paths: list[str], *, limit: int | None
                       f"first {block}", highlight=False)
     probs = class_probabilities(ckpt.model, sequences, tok.eot_id, batch_size=batch_size)
     targets = np.array([labels.index(e.label) for e in examples], dtype=np.int64)
-    metrics = classification_metrics(targets, probs, labels)
+    metrics = classification_metrics(targets, probs, labels, **saved_decision(ckpt, threshold))
     return {**metrics, "labels": labels, "examples": len(examples), "truncated": truncated}
 
 
-def classify_texts(ckpt: Checkpoint, texts: list[str], *, batch_size: int = 32) -> list[dict]:
+def classify_texts(ckpt: Checkpoint, texts: list[str], *, batch_size: int = 32,
+                   threshold: float | None = None) -> list[dict]:
     """One {"text", "label", "probability", "probabilities"} per text (empty texts are refused)."""
     require_classifier(ckpt, "classify")
     empty = [i + 1 for i, t in enumerate(texts) if not t.strip()]
     if empty:
         raise UserError(f"text {empty[0]} of {len(texts)} is empty: there is nothing to classify",
                         hint="give non-empty texts (from stdin, blank lines are skipped)")
-    return predict(ckpt.model, ckpt.tokenizer, texts, batch_size=batch_size)
+    return predict(ckpt.model, ckpt.tokenizer, texts, batch_size=batch_size, **saved_decision(ckpt, threshold))

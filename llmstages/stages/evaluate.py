@@ -49,15 +49,18 @@ def evaluate_text(ckpt: Checkpoint, paths: list[str], *, limit: int | None = Non
 
 
 def evaluate(model_ref: str, paths: list[str], store: Store, *, limit: int | None = None,
-             console: Console | None = None, template: str | None = None) -> dict:
+             console: Console | None = None, template: str | None = None, threshold: float | None = None) -> dict:
     """`template` scores any language model on instruction data with that prompt template (e.g. a base
-    model before instruction fine-tuning); instruction models use their own template by default."""
+    model before instruction fine-tuning); instruction models use their own template by default.
+    `threshold` (classifiers): the positive class's probability a label needs (None: the model's own)."""
     ckpt = load_checkpoint(model_ref, store)
     if ckpt.model.is_classifier:
         if template:
             raise UserError(f"{model_ref} is a classifier; --template applies to language models")
         from llmstages.stages.classify import evaluate_classifier
-        return evaluate_classifier(ckpt, paths, limit=limit, console=console)
+        return evaluate_classifier(ckpt, paths, limit=limit, console=console, threshold=threshold)
+    if threshold is not None:
+        raise UserError(f"{model_ref} is a language model; --threshold applies to classifiers")
     if ckpt.meta.get("task") == "instruct" or template:
         from llmstages.stages.instruct import evaluate_instructions
         return evaluate_instructions(ckpt, paths, limit=limit, console=console, template=template)

@@ -131,6 +131,12 @@ def finetune(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
         from llmstages.stages.classify import classification_task as make_task
     else:
         from llmstages.stages.instruct import instruction_task as make_task
+    parent = parent_info(recipe.init_from, base)
+    if recipe.task == "classify" and recipe.finetune.dapt_steps and not dry_run:
+        from llmstages.stages.dapt import domain_adapt
+        base, ref = domain_adapt(base, data, recipe, store, resume=resume, allow_change=allow_change, console=console)
+        parent = parent_info(ref, base)
+        resume = resume and bool(store.checkpoints(recipe.run))  # killed during DAPT: the head starts fresh
     model, task = make_task(base, data, recipe, console=console)
     set_dropout(model, recipe.model.dropout)
     set_trainable(model, recipe.finetune)
@@ -139,9 +145,10 @@ def finetune(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
         from llmstages.dryrun import estimate
         return estimate(model, recipe, task, console)
     result = train(model, base.tokenizer, recipe, task, store, stage="finetune",
-                   parent=parent_info(recipe.init_from, base), resume=resume, allow_change=allow_change,
+                   parent=parent, resume=resume, allow_change=allow_change,
                    console=console)
     if recipe.task == "classify" and is_main_process():
-        from llmstages.stages.classify import report_test_split
-        report_test_split(result, data, store, console=console)  # the best checkpoint on the held-out test split
+        from llmstages.stages.classify import average_last, report_test_split
+        scored = average_last(result, recipe, store, console=console) if recipe.finetune.average_last > 1 else None
+        report_test_split(result, data, store, console=console, path=scored)  # the best (or averaged) checkpoint
     return result

@@ -1,0 +1,321 @@
+"""Issue 13's classifier options: the decision threshold, ROC AUC, pooling, label smoothing, weight
+averaging, domain-adaptive pretraining (resumed exactly after SIGKILL) and the CV folds of bench/spam_cv.py.
+
+Tiny models built here; small synthetic labeled files in tmp dirs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from io import StringIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from rich.console import Console
+from safetensors.torch import load_file
+
+from llmstages.checkpoint import load_checkpoint, save_checkpoint
+from llmstages.classification import classification_loss, decide, roc_auc
+from llmstages.config import build_recipe
+from llmstages.data.split import stratified_folds
+from llmstages.errors import RecipeError
+from llmstages.model import GPT, GPTConfig
+from llmstages.stages.finetune import finetune
+from llmstages.store import Store
+from llmstages.tokenizer import train_bpe
+
+HAM = "see you at home tonight ok thanks mum love dinner later call me when you are free sorry".split()
+SPAM = "win free prize cash claim now urgent txt call 0800 offer winner award guaranteed reply stop".split()
+
+
+def message(rng: random.Random, words: list[str]) -> str:
+    return " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
+
+
+def write_tsv(path: Path, n: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    rows = [("spam", message(rng, SPAM)) if i % 4 == 0 else ("ham", message(rng, HAM)) for i in range(n)]
+    path.write_text("".join(f"{label}\t{text}\n" for label, text in rows), encoding="utf-8")
+    return path
+
+
+def quiet() -> Console:
+    return Console(file=StringIO(), width=200)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    rng = random.Random(1)
+    return train_bpe([message(rng, HAM + SPAM) for _ in range(300)], 300)
+
+
+@pytest.fixture
+def base(store_dir, tokenizer) -> str:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    save_checkpoint(Store(store_dir), "base", 1, model, tokenizer, {"task": "pretrain"})
+    return "base"
+
+
+def raw_recipe(source: Path, run: str = "clf", **train) -> dict:
+    return {"task": "classify", "run": run, "init_from": "base",
+            "data": {"source": [str(source)], "columns": ["label", "text"], "val_fraction": 0.2, "test_fraction": 0.2},
+            "train": {"max_steps": 4, "micro_batch_size": 8, "global_batch_size": 8, "warmup_steps": 1,
+                      "eval_every": 2, "save_every": 2, "log_every": 1, "lr": 3e-3, "min_lr": 3e-4,
+                      "best_metric": "f1", **train}}
+
+
+# --- ROC AUC and the threshold ---------------------------------------------------------------------------------
+def test_roc_auc_by_hand():
+    # positives 0.35 and 0.8 against negatives 0.1 and 0.4: 3 of the 4 pairs ordered right
+    assert roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+    # a tie between a positive and a negative counts half: pairs (0.5 vs 0.5) = 0.5, (0.5 vs 0.2) = 1
+    assert roc_auc(np.array([0.5, 0.5, 0.2]), np.array([1, 0, 0])) == pytest.approx(0.75)
+    assert roc_auc(np.array([0.9, 0.1]), np.array([1, 0])) == 1.0
+    assert roc_auc(np.array([0.9, 0.1]), np.array([0, 1])) == 0.0
+    assert math.isnan(roc_auc(np.array([0.3, 0.4]), np.array([1, 1])))  # one class only: undefined
+
+
+def test_decide_keeps_argmax_without_threshold_and_falls_back_to_the_best_other_class():
+    probs = torch.tensor([[0.2, 0.5, 0.3], [0.1, 0.3, 0.6]])
+    assert decide(probs, positive=2).tolist() == [1, 2]
+    assert decide(probs, positive=2, threshold=0.25).tolist() == [2, 2]
+    assert decide(probs, positive=2, threshold=0.7).tolist() == [1, 1]
+
+
+def sixty_percent_spam(store_dir: Path, tokenizer, threshold: float = 0.0) -> str:
+    """A classifier whose p(spam) is 0.6 for every text, by construction: the final LayerNorm outputs
+    its bias (weight 0), e_0; the head maps e_0 to logits [0, log 1.5], so softmax = [0.4, 0.6]."""
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=32,
+                       num_classes=2, class_names=["ham", "spam"])
+    model = GPT(config)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.score.weight.zero_()
+        model.score.weight[1, 0] = math.log(1.5)
+    meta = {"task": "classify", "data_settings": {"format": "tsv", "columns": ["label", "text"], "quoting": "none"},
+            "classify": {"threshold": threshold, "positive": ""}}
+    save_checkpoint(Store(store_dir), "sixty", 1, model, tokenizer, meta)
+    return "sixty"
+
+
+def test_threshold_changes_labels(cli, store_dir, tokenizer, tmp_path):
+    model = sixty_percent_spam(store_dir, tokenizer)
+
+    def labels(*extra):
+        out = cli("classify", model, "win a prize now", "see you later", "--json", *extra)
+        assert out.returncode == 0, out.stderr
+        predictions = json.loads(out.stdout)["predictions"]
+        assert all(p["probabilities"]["spam"] == pytest.approx(0.6, abs=1e-6) for p in predictions)
+        return [p["label"] for p in predictions]
+
+    assert labels() == ["spam", "spam"]  # the most likely class
+    assert labels("--threshold", "0.5") == ["spam", "spam"]
+    assert labels("--threshold", "0.7") == ["ham", "ham"]
+    bad = cli("classify", model, "hi", "--threshold", "1.5")
+    assert bad.returncode == 2 and "between 0 and 1" in bad.stderr
+
+    data = tmp_path / "eval.tsv"
+    data.write_text("spam\twin a prize\nham\tsee you\n", encoding="utf-8")
+    at_half = json.loads(cli("evaluate", model, "--data", str(data), "--json", "--threshold", "0.5").stdout)
+    at_seven = json.loads(cli("evaluate", model, "--data", str(data), "--json", "--threshold", "0.7").stdout)
+    assert at_half["per_class"]["spam"]["recall"] == 1.0 and at_half["per_class"]["spam"]["precision"] == 0.5
+    assert at_seven["per_class"]["spam"]["recall"] == 0.0 and at_seven["per_class"]["ham"]["recall"] == 1.0
+    assert at_half["threshold"] == 0.5 and at_half["positive"] == "spam"
+    assert at_half["roc_auc"] == 0.5  # every text scores the same: a tie
+
+
+def test_the_checkpoints_threshold_is_the_default(cli, store_dir, tokenizer):
+    model = sixty_percent_spam(store_dir, tokenizer, threshold=0.7)  # as a recipe's classify.threshold records it
+    out = json.loads(cli("classify", model, "win", "--json").stdout)
+    assert out["predictions"][0]["label"] == "ham"
+    out = json.loads(cli("classify", model, "win", "--json", "--threshold", "0").stdout)
+    assert out["predictions"][0]["label"] == "spam"
+
+
+def test_recipe_threshold_is_recorded_and_a_wrong_positive_class_is_refused(tmp_path, store_dir, base):
+    source = write_tsv(tmp_path / "sms.tsv", 60)
+    raw = raw_recipe(source)
+    raw["classify"] = {"threshold": 0.8, "positive": "spam"}
+    result = finetune(build_recipe(raw), Store(store_dir), console=quiet())
+    ckpt = load_checkpoint(result.checkpoint)
+    assert ckpt.meta["classify"] == {"threshold": 0.8, "positive": "spam"}
+    report = json.loads((store_dir / "runs/clf/test_metrics.json").read_text())
+    assert report["threshold"] == 0.8 and 0.0 <= report["roc_auc"] <= 1.0
+    raw = dict(raw_recipe(source, run="other"), classify={"positive": "eggs"})
+    with pytest.raises(Exception, match="classify.positive='eggs'"):
+        finetune(build_recipe(raw), Store(store_dir), console=quiet())
+
+
+# --- pooling, label smoothing, averaging ----------------------------------------------------------------------
+def test_mean_pooling_averages_the_real_tokens_only(tokenizer):
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16,
+                       num_classes=2, class_names=["a", "b"], pooling="mean")
+    model = GPT(config).eval()
+    ids = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        hidden = model.hidden(ids)  # (2, 5, C)
+        logits = model(ids, last_index=torch.tensor([2, 4]))
+        alone = model(ids[:1, :3], last_index=torch.tensor([2]))
+    assert torch.allclose(logits[0], model.score(hidden[0, :3].mean(0)), atol=1e-6)
+    assert torch.allclose(logits[1], model.score(hidden[1].mean(0)), atol=1e-6)
+    assert torch.allclose(logits[0], alone[0], atol=1e-6)  # the padding changes nothing
+
+
+def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
+    class Fixed(torch.nn.Module):
+        def forward(self, ids, last_index):
+            return torch.tensor([[2.0, -1.0], [0.5, 0.0]])
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "last_index": torch.tensor([2, 2]),
+             "targets": torch.tensor([0, 1])}
+    logp = F.log_softmax(torch.tensor([[2.0, -1.0], [0.5, 0.0]]), dim=-1)
+    smoothed = torch.tensor([[0.95, 0.05], [0.05, 0.95]])  # e = 0.1, K = 2
+    expected = -(smoothed * logp).sum(-1).mean()
+    assert classification_loss(Fixed(), batch, label_smoothing=0.1).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert classification_loss(Fixed(), batch).item() != pytest.approx(expected.item(), rel=1e-3)
+
+
+def test_pooling_is_saved_and_average_last_averages_the_last_checkpoints(tmp_path, store_dir, base):
+    source = write_tsv(tmp_path / "sms.tsv", 60)
+    store = Store(store_dir)
+    recipe = build_recipe(raw_recipe(source, keep_last=2), ["finetune.pooling=mean", "finetune.average_last=2",
+                                                            "finetune.label_smoothing=0.1"])
+    finetune(recipe, store, console=quiet())
+    averaged = store.latest("clf-avg")
+    assert averaged is not None and load_checkpoint(averaged).model.config.pooling == "mean"
+    a, b = (load_file(str(store_dir / f"runs/clf/step-00000{s}/model.safetensors")) for s in (2, 4))
+    mean = load_file(str(averaged / "model.safetensors"))
+    assert all(torch.allclose(mean[k], (a[k] + b[k]) / 2, atol=1e-6) for k in mean)
+    report = json.loads((store_dir / "runs/clf/test_metrics.json").read_text())
+    assert report["checkpoint"] == str(averaged)  # the averaged model is the one scored
+
+
+def test_average_last_needs_that_many_kept_checkpoints(tmp_path):
+    with pytest.raises(RecipeError, match="finetune.average_last"):
+        build_recipe(raw_recipe(tmp_path / "x.tsv", keep_last=1), ["finetune.average_last=3"])
+
+
+# --- cross-validation folds -----------------------------------------------------------------------------------
+def check_folds(labels: list[str], texts: list[str], k: int, folds: np.ndarray) -> None:
+    assert sorted(set(folds.tolist())) == list(range(k))
+    for text in set(texts):  # every copy of a message in one fold
+        assert len({int(folds[i]) for i, t in enumerate(texts) if t == text}) == 1
+    largest = max(texts.count(t) for t in set(texts))
+    for label in set(labels):
+        counts = [sum(1 for i, l in enumerate(labels) if l == label and folds[i] == f) for f in range(k)]
+        assert max(counts) - min(counts) <= largest, (label, counts)  # stratified: each fold ~1/k of the class
+
+
+def test_folds_are_stratified_and_never_split_a_duplicate():
+    rng = random.Random(3)
+    texts, labels = [], []
+    for i in range(300):
+        label = "spam" if i % 7 == 0 else "ham"
+        text = f"{label} {rng.randint(0, 120)}"  # many exact duplicates
+        texts.append(text)
+        labels.append(label)
+    folds = stratified_folds(labels, texts, 5, seed=0)
+    check_folds(labels, texts, 5, folds)
+    assert np.array_equal(folds, stratified_folds(labels, texts, 5, seed=0))  # deterministic
+    assert not np.array_equal(folds, stratified_folds(labels, texts, 5, seed=1))
+
+
+def test_folds_of_the_real_sms_file(data_file):
+    rows = [line.split("\t", 1) for line in data_file("sms_spam/SMSSpamCollection.tsv").read_text(
+        encoding="utf-8").splitlines() if line]
+    labels, texts = [r[0] for r in rows], [r[1] for r in rows]
+    folds = stratified_folds(labels, texts, 5, seed=0)
+    check_folds(labels, texts, 5, folds)
+    assert len(texts) == 4738
+
+
+# --- domain-adaptive pretraining: a stage that resumes exactly -------------------------------------------------
+def dapt_yaml(tmp_path: Path, source: Path) -> Path:
+    raw = raw_recipe(source, max_steps=6)
+    raw["finetune"] = {"dapt_steps": 300, "dapt_lr": 1e-3}
+    raw["train"].update(eval_every=3, save_every=10, log_every=10)
+    path = tmp_path / "dapt.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def finetune_cli(recipe: Path, store: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "llmstages", "finetune", str(recipe), *extra]
+
+
+def env_for(store: Path) -> dict:
+    return dict(os.environ, LLMSTAGES_STORE=str(store), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def dapt_figures(store: Path, run: str) -> list:
+    lines = [json.loads(x) for x in (store / "runs" / run / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("loss"), r.get("val_loss"), r.get("f1"), r.get("tokens")) for r in lines]
+
+
+def test_dapt_runs_first_and_resumes_exactly_after_sigkill(tmp_path, tokenizer):
+    source = write_tsv(tmp_path / "sms.tsv", 80)
+    recipe = dapt_yaml(tmp_path, source)
+    stores = {}
+    for name in ("straight", "killed"):
+        stores[name] = tmp_path / name
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32))
+        save_checkpoint(Store(stores[name]), "base", 1, model, tokenizer, {"task": "pretrain"})
+    done = subprocess.run(finetune_cli(recipe, stores["straight"]), capture_output=True, text=True,
+                          env=env_for(stores["straight"]), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    killed = stores["killed"]
+    proc = subprocess.Popen(finetune_cli(recipe, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env_for(killed))
+    first = killed / "runs/clf-dapt/step-000010"
+    deadline = time.monotonic() + 300
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    latest = Store(killed).latest("clf-dapt")
+    assert latest is not None and latest.name != "step-000300", "the kill must land during DAPT"
+    assert not Store(killed).checkpoints("clf")
+    resumed = subprocess.run(finetune_cli(recipe, killed, "--resume"), capture_output=True, text=True,
+                             env=env_for(killed), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    for run in ("clf-dapt", "clf"):  # the DAPT run and the classifier after it: every logged figure, bit for bit
+        assert dapt_figures(killed, run) == dapt_figures(stores["straight"], run)
+    a = load_file(str(stores["straight"] / "runs/clf/step-000006/model.safetensors"))
+    b = load_file(str(killed / "runs/clf/step-000006/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    parent = load_checkpoint(killed / "runs/clf/step-000006").meta["parent"]
+    assert "clf-dapt" in json.dumps(parent)  # the classifier starts from the adapted model
+
+    # a second --resume with both runs finished skips DAPT and changes nothing
+    again = subprocess.run(finetune_cli(recipe, killed, "--resume"), capture_output=True, text=True,
+                           env=env_for(killed), timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert dapt_figures(killed, "clf-dapt") == dapt_figures(stores["straight"], "clf-dapt")
+
+
+def test_dapt_lowers_the_language_model_loss_on_the_task_texts(tmp_path, store_dir, base):
+    source = write_tsv(tmp_path / "sms.tsv", 80)
+    raw = raw_recipe(source)
+    raw["finetune"] = {"dapt_steps": 40}
+    raw["train"]["eval_every"] = 5
+    finetune(build_recipe(raw), Store(store_dir), console=quiet())
+    lines = [json.loads(x) for x in (store_dir / "runs/clf-dapt/log.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in lines if "val_loss" in r]
+    assert len(val) >= 2 and val[-1] < val[0] - 0.5
