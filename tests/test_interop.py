@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import need_module
 from safetensors.torch import load_file, save_file
 
 from llmstages.checkpoint import Checkpoint, load_checkpoint, load_tokenizer, save_checkpoint
@@ -25,7 +26,7 @@ from llmstages.sampling import generate_tokens
 from llmstages.store import Store
 from llmstages.tokenizer import EOT, Tokenizer, train_bpe
 
-transformers = pytest.importorskip("transformers")
+transformers = need_module("transformers")
 from transformers import (  # noqa: E402
     AutoTokenizer,
     GenerationConfig,
@@ -238,7 +239,7 @@ def test_offline_hub_id_names_the_local_folder_way(cli, tmp_path):
 
 
 def test_hub_id_resolves_from_the_cache_offline(tmp_path, monkeypatch, gpt2_tokenizer_dir):
-    constants = pytest.importorskip("huggingface_hub.constants")
+    constants = need_module("huggingface_hub.constants")
     cache = tmp_path / "hub"
     snapshot = cache / "models--tiny-org--tiny-gpt2" / "snapshots" / ("a" * 40)
     hf_folder(snapshot, gpt2_tokenizer_dir)
@@ -405,7 +406,7 @@ class OpenAIEncoder:
     """GPT-2's reference BPE (OpenAI's encoder.py), independent of the `tokenizers` library."""
 
     def __init__(self, folder: Path):
-        regex = pytest.importorskip("regex")
+        regex = need_module("regex")
         self.pattern = regex.compile(
             r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
         self.vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
