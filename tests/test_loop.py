@@ -201,3 +201,55 @@ def test_torchrun_stop_and_resume_matches_one_process(tmp_path, reference):
     for one, two in zip(reference, ddp):
         key = "loss" if "loss" in one else "val_loss"
         assert two[key] == pytest.approx(one[key], rel=1e-4), (one, two)
+
+
+# --- settings the default host never picks: precision both ways, torch.compile, early stopping -------------
+SHORT = ["train.eval_every=2", "train.log_every=2", "train.save_every=4"]
+
+
+def short_losses(store) -> list[float]:
+    return [r["loss"] for r in log(store) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def fp32_run(tmp_path_factory):
+    store = tmp_path_factory.mktemp("fp32")
+    result = run(store, 4, "train.precision=fp32", *SHORT)
+    assert result.returncode == 0, result.stderr
+    assert "fp32 on cpu" in result.stderr  # the run says which precision it trains in
+    return store
+
+
+def test_bf16_autocast_trains_close_to_fp32(tmp_path, fp32_run):
+    result = run(tmp_path, 4, "train.precision=bf16", *SHORT)
+    assert result.returncode == 0, result.stderr
+    assert "bf16 on cpu" in result.stderr
+    bf16, fp32 = short_losses(tmp_path), short_losses(fp32_run)
+    assert len(bf16) == len(fp32) == 2 and bf16 != fp32  # bf16 matmuls really ran: not the fp32 numbers
+    assert bf16 == pytest.approx(fp32, rel=0.03)
+
+
+def test_torch_compile_in_the_loop(tmp_path, fp32_run):
+    cache = tmp_path / "inductor"
+    # two steps, no evaluation in between (a mode switch would compile again): the first log step of fp32_run
+    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "2", "train.precision=fp32",
+                             "train.compile=true", "train.eval_every=0", "train.log_every=2"],
+                            capture_output=True, text=True, timeout=900,
+                            env=dict(ENV, TORCHINDUCTOR_CACHE_DIR=str(cache), TORCHINDUCTOR_COMPILE_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert any(cache.rglob("*.py")), "nothing was compiled"  # inductor wrote the generated kernels
+    # dropout masks come from inductor's own RNG, so only closeness to eager fp32 can be asserted
+    assert short_losses(tmp_path) == pytest.approx(short_losses(fp32_run)[:1], rel=0.03)
+    assert load_checkpoint("syn", Store(tmp_path)).meta["step"] == 2  # saved from the uncompiled module
+
+
+def test_patience_stops_early_when_validation_stops_improving(tmp_path):
+    # lr 1e-30: the weights cannot change, so the second evaluation ties the first and patience 1 runs out
+    result = run(tmp_path, 30, "train.lr=1e-30", "train.min_lr=0", "train.patience=1", *SHORT)
+    assert result.returncode == 0, result.stderr
+    assert "early stop: val_loss has not improved for 1 evaluations" in result.stderr
+    assert "done 4" in result.stdout
+    evals = [r for r in log(tmp_path) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4] and evals[0]["val_loss"] == evals[1]["val_loss"]
+    assert checkpoints(tmp_path) == ["step-000002", "step-000004"]  # the best, and the stop
+    assert json.loads((tmp_path / "runs/syn/best.json").read_text())["step"] == 2
