@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,3 +151,45 @@ def test_evaluate_text_reports_bits_per_byte(cli, reference_run, data_file):
     # bits per byte = nats per token x tokens / (bytes x ln 2), the bytes being the file's UTF-8 bytes
     expected = figures["loss"] * figures["tokens"] / (len(text.read_bytes()) * math.log(2))
     assert figures["bits_per_byte"] == pytest.approx(expected, rel=0.005)
+
+
+def test_torchrun_through_the_cli_matches_one_process(tmp_path, recipe, reference_run):
+    """`torchrun -m llmstages pretrain` on a fresh store: rank 1 waits while rank 0 prepares the data,
+    then two processes log the one-process figures (same batches; only summation order differs)."""
+    _, reference = reference_run
+    store = tmp_path / "store"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master-port", str(29500 + (os.getpid() + 13) % 1000), "-m", "llmstages", "--store", str(store),
+           "pretrain", str(recipe)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("preparing dataset") == 1  # rank 0 only
+    assert len(list((store / "data").iterdir())) == 1
+    ddp = log_figures(store)
+    assert [f[0] for f in ddp] == [f[0] for f in reference]
+    for one, two in zip(reference, ddp):
+        for a, b in zip(one[1:4], two[1:4]):  # loss, val_loss, val_bpb (None where the line has none)
+            assert b == (None if a is None else pytest.approx(a, rel=1e-4)), (one, two)
+        assert two[5] == one[5]  # tokens
+
+
+def test_continued_pretraining_from_init_from(cli, tmp_path, reference_run, data_file):
+    store, reference = reference_run
+    path = write_recipe(tmp_path, data_file("the-verdict.txt"), name="more", max_steps=2, eval_every=2,
+                        save_every=2, log_every=1)
+    text = path.read_text().replace("tokenizer: train", "tokenizer: auto")  # the base model's tokenizer
+    path.write_text(text.replace("task: pretrain", f"task: pretrain\ninit_from: {store}/runs/tiny-verdict"))
+    result = cli("--store", str(tmp_path / "store2"), "pretrain", str(path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = load_checkpoint("more", Store(tmp_path / "store2"))
+    base = load_checkpoint("tiny-verdict", Store(store))
+    assert ckpt.meta["parent"]["ref"] == f"{store}/runs/tiny-verdict"
+    assert ckpt.meta["parent"]["step"] == base.meta["step"]
+    assert ckpt.tokenizer.fingerprint == base.tokenizer.fingerprint and ckpt.model.config == base.model.config
+    first = log_figures(tmp_path / "store2", "more")[0]
+    assert first[0] == 1 and first[1] < math.log(400) - 0.5  # step 1 starts from trained weights, not ln V
+    show = cli("--store", str(tmp_path / "store2"), "show", "more")
+    step = base.meta["step"]
+    assert show.returncode == 0  # the readable lineage: this run, then its parent one level down
+    assert re.search(rf"└─ \S+tiny-verdict/step-0*{step}\s+task=pretrain step={step}\n", show.stdout)
