@@ -213,3 +213,56 @@ def test_finetune_checks_trainable(run_main, tmp_path, mode, message):
                             f"finetune.trainable={mode}", "run=ft-check", "--dry-run")
     assert code == 2, err
     assert message in squeezed(err)
+
+
+def test_show_lineage_of_a_lost_parent_and_of_a_hugging_face_start(run_main, store, tmp_path):
+    ckpt = load_checkpoint("lm", Store(store))
+    gone = tmp_path / "deleted-run" / "step-000001"
+    save_checkpoint(Store(store), "orphan", 1, ckpt.model, ckpt.tokenizer,
+                    {"task": "instruct", "parent": {"ref": "deleted-run", "path": str(gone), "step": 1}})
+    save_checkpoint(Store(store), "from-hf", 1, ckpt.model, ckpt.tokenizer,
+                    {"task": "classify", "parent": {"ref": "hf:gpt2", "step": None}})
+    code, out, _ = run_main("show", "orphan")
+    assert code == 0 and re.search(r"└─ deleted-run\s+\(not found\)", out)
+    code, out, _ = run_main("show", "from-hf", "--json")
+    assert code == 0
+    assert [c["ref"] for c in json.loads(out)["lineage"]][1:] == ["hf:gpt2"]
+    assert json.loads(out)["lineage"][1]["task"] == "pretrained (Hugging Face)"
+
+
+def test_a_checkpoint_with_unreadable_files_is_exit_2(run_main, store):
+    ckpt = load_checkpoint("lm", Store(store))
+    path = save_checkpoint(Store(store), "broken", 1, ckpt.model, ckpt.tokenizer, {"task": "pretrain"})
+    (path / "model.safetensors").write_bytes(b"\0" * (path / "model.safetensors").stat().st_size)  # same size
+    code, _, err = run_main("generate", "broken", "hi")
+    assert code == 2 and f"{path / 'model.safetensors'}: contents do not match MANIFEST" in squeezed(err)
+    assert "run@STEP" in err  # the hint: load an earlier checkpoint
+    with pytest.raises(Exception) as raised:
+        load_checkpoint(path, Store(store), check_hashes=False)  # past the hash check: our error, not safetensors'
+    assert type(raised.value).__name__ == "UserError" and "cannot load the checkpoint" in str(raised.value)
+
+
+def test_chat_notes_an_unused_system_message_and_skips_blank_lines(run_main):
+    code, out, err = run_main("chat", "inst", "-t", "0", "-n", "3", "--system", "Be brief.",
+                              stdin="\n   \nName a color.\n/quit\n")
+    assert code == 0, err
+    assert "--system is used by the chat template only; this model uses alpaca" in squeezed(err)
+    assert out.count("\n") == 1  # one reply: the blank lines were not messages
+    assert "(reply cut at 3 tokens)" in err
+
+
+def test_chat_on_a_terminal_uses_input_with_a_prompt(monkeypatch):
+    from llmstages.stages import chat as chat_stage
+    asked, answers = [], iter(["hello"])
+
+    def fake_input(prompt):
+        asked.append(prompt)
+        try:
+            return next(answers)
+        except StopIteration:
+            raise EOFError from None
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True, raising=False)
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert chat_stage.terminal_read_line("> ") == "hello"
+    assert chat_stage.terminal_read_line("> ") is None  # Ctrl-D
+    assert asked == ["> ", "> "]
