@@ -193,3 +193,32 @@ def test_continued_pretraining_from_init_from(cli, tmp_path, reference_run, data
     step = base.meta["step"]
     assert show.returncode == 0  # the readable lineage: this run, then its parent one level down
     assert re.search(rf"└─ \S+tiny-verdict/step-0*{step}\s+task=pretrain step={step}\n", show.stdout)
+
+
+def test_pretrain_refuses_bad_starting_points_before_step_1(recipe, store_dir, capsys, monkeypatch, tmp_path):
+    """In process (each is refused before any training): too small a vocabulary, a classifier to continue
+    from, a recipe of another task."""
+    import torch
+
+    from llmstages.checkpoint import save_checkpoint
+    from llmstages.cli import main as cli_main
+    from llmstages.model import GPT, GPTConfig
+    from llmstages.tokenizer import train_bpe
+
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def refused(*args: str) -> str:
+        assert cli_main(["--store", str(store_dir), *args]) == 2
+        return " ".join(capsys.readouterr().err.split())
+
+    assert "model.vocab_size=100 is smaller than the tokenizer's 400 tokens" in refused(
+        "pretrain", str(recipe), "model.vocab_size=100")
+    tok = train_bpe(["a few words of text"] * 5, 280)
+    torch.manual_seed(0)
+    clf = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=1, n_embd=8, num_classes=2,
+                        class_names=["a", "b"]))
+    save_checkpoint(Store(store_dir), "clf", 1, clf, tok, {"task": "classify"})
+    assert "init_from=clf is a classifier; pretraining needs a language model" in refused(
+        "pretrain", str(recipe), "init_from=clf")
+    assert "the recipe's task is classify; pretrain runs task: pretrain recipes" in refused("pretrain", "finetune-spam")
+    assert not (store_dir / "runs" / "tiny-verdict").exists()
