@@ -125,7 +125,8 @@ def test_skip_bad_writes_the_good_records_and_lists_the_bad_ones(tmp_path, store
     ds = prepare(r, Store(store_dir), console=quiet())
     bad = ds.manifest["bad_records"]
     assert bad["count"] == 20 and len(bad["examples"]) == 20
-    assert re.fullmatch(rf"{re.escape(str(tmp_path / 'd.jsonl'))}:1: invalid JSON \(.+ at column 2\)", bad["examples"][0])
+    where = re.escape(str(tmp_path / "d.jsonl"))
+    assert re.fullmatch(rf"{where}:1: invalid JSON \(.+ at column 2\)", bad["examples"][0])
     assert [e.split(": ")[0].rsplit(":", 1)[1] for e in bad["examples"]] == [str(i + 1) for i in range(0, 60, 3)]
     assert sum(s["records"] for s in ds.manifest["splits"].values()) == 40
 
