@@ -71,7 +71,8 @@ def test_generate_streams_the_same_text_as_json_and_reads_the_prompt_from_stdin(
 
 def test_ctrl_c_during_generate_exits_130(gpt2_run):
     proc = subprocess.Popen([sys.executable, "-m", "llmstages", "generate", "tiny", "Hello", "-n", "1000000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # xdist ignores SIGINT
     assert proc.stdout.read(20)  # streaming has started
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

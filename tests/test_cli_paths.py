@@ -56,7 +56,10 @@ def store(tmp_path_factory) -> Path:
 @pytest.fixture
 def run_main(store, capsys, monkeypatch):
     """`llmstages --store STORE ARGS` in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setenv("COLUMNS", "200")
+    import llmstages.cli as cli_module
+
+    for console in (cli_module.console, cli_module.err_console):  # made at import: COLUMNS is read then
+        monkeypatch.setattr(console, "width", 200)
 
     def call(*args: str, stdin: str = "") -> tuple[int, str, str]:
         monkeypatch.setattr("sys.stdin", __import__("io").StringIO(stdin))
@@ -65,6 +68,12 @@ def run_main(store, capsys, monkeypatch):
         out, err = capsys.readouterr()
         return code, out, err
     return call
+
+
+def default_sigint() -> None:
+    """In the child: Ctrl-C raises KeyboardInterrupt as in a shell. An xdist worker ignores SIGINT, and Python
+    keeps an inherited 'ignore', so without this the child would never see the signal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def squeezed(text: str) -> str:
@@ -97,8 +106,7 @@ def test_show_and_runs_are_readable(run_main, store):
     assert re.search(r"│ clf\s+│ classify\s+│ 1\s+│ 5\s+│", out)
 
 
-def test_runs_in_an_empty_store_says_how_to_start(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("COLUMNS", "200")
+def test_runs_in_an_empty_store_says_how_to_start(tmp_path, run_main, capsys):
     assert cli_main(["--store", str(tmp_path / "empty"), "runs"]) == 0
     out = squeezed(capsys.readouterr().out)
     assert "no runs in" in out and "start with `llmstages pretrain quickstart`" in out
@@ -179,7 +187,7 @@ def test_chat_refuses_a_model_it_cannot_talk_to(run_main, run, message):
 def test_ctrl_c_during_a_chat_reply_stops_the_reply_not_the_chat(store):
     proc = subprocess.Popen([sys.executable, "-m", "llmstages", "--store", str(store), "chat", "inst", "-t", "0",
                              "-n", "1000000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=default_sigint)
     proc.stdin.write(b"Name a color.\n")
     proc.stdin.flush()
     assert proc.stdout.read(30)  # the reply is streaming (a million tokens: it cannot end by itself)
