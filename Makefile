@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 export LLMSTAGES_TEST_DATA ?= $(abspath ../shared/data)
 export LLMSTAGES_DATA ?= $(wildcard $(abspath ../shared/data))
 
-.PHONY: install test demo bench clean
+.PHONY: install test coverage demo bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,17 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
+# Line coverage of llmstages/ with the subprocesses counted (config: [tool.coverage.*] in pyproject.toml);
+# fails when any module is under COVERAGE_FLOOR percent.
+COVERAGE_FLOOR ?= 90
+coverage: $(STAMP)
+	rm -f .coverage .coverage.*
+	COVERAGE_FILE=$(abspath .coverage) $(BIN)/python -m coverage run -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m coverage combine -q
+	$(BIN)/python -m coverage report
+	$(BIN)/python -m coverage json -q -o coverage.json
+	$(BIN)/python tests/scripts/coverage_floor.py coverage.json $(COVERAGE_FLOOR)
+
 demo: $(STAMP)
 	$(BIN)/python -m llmstages.demo
 
@@ -31,4 +42,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) store .pytest_cache
+	rm -rf $(VENV) store .pytest_cache .coverage .coverage.* coverage.json

@@ -1,6 +1,6 @@
 """Classification speed on real SMS messages: texts/s at batch sizes 1 and 32. Prints one JSON object.
 
-    python bench/bench_classify.py [--size mini] [--texts 512] [--data ../shared/data]
+    python bench/bench_classify.py [--size mini] [--texts 512] [--data DIR]   (DIR: see bench/benchdata.py)
 
 A randomly initialised classifier of the given size (speed does not depend on the weights) with a
 byte-level BPE trained on the messages themselves; `predict` is the path `llmstages classify` takes
@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from benchdata import add_data_option, need
 
 from llmstages.classification import predict
 from llmstages.model import GPT, build_config, num_params
@@ -26,8 +26,8 @@ from llmstages.runtime import peak_rss_mb, set_threads
 from llmstages.tokenizer import train_bpe
 
 
-def sms_texts(data_root: Path, n: int) -> list[str]:
-    lines = (data_root / "sms_spam" / "SMSSpamCollection.tsv").read_text(encoding="utf-8").splitlines()
+def sms_texts(path: Path, n: int) -> list[str]:
+    lines = path.read_text(encoding="utf-8").splitlines()
     return [line.split("\t", 1)[1] for line in lines[:n]]
 
 
@@ -37,11 +37,12 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=512)
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--data", default=os.environ.get("LLMSTAGES_TEST_DATA", "../shared/data"))
+    add_data_option(parser)
     args = parser.parse_args()
+    sms = need(args.data, "sms_spam/SMSSpamCollection.tsv")
 
     threads = set_threads()
-    texts = sms_texts(Path(args.data), args.texts)
+    texts = sms_texts(sms, args.texts)
     tokenizer = train_bpe(texts, args.vocab_size)
     torch.manual_seed(0)
     config = build_config(args.size, vocab_size=tokenizer.vocab_size, num_classes=2, class_names=["ham", "spam"])

@@ -1,6 +1,6 @@
 """Benchmark `llmstages prepare` on the 48 Gutenberg books (38 MB); prints ONE JSON object on stdout.
 
-    python bench/bench_prepare.py [--data ../shared/data] [--repeat 3]
+    python bench/bench_prepare.py [--data DIR] [--repeat 3]   (DIR: see bench/benchdata.py)
 
 Three measurements, each in a fresh subprocess (so each has its own peak RSS), on the same text:
 
@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchdata import add_data_option, need
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -105,8 +107,7 @@ def median_of(runs: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default=os.environ.get("LLMSTAGES_DATA", str(REPO.parent / "shared" / "data")),
-                        help="folder holding gutenberg/ (the recipe's mirror)")
+    add_data_option(parser)
     parser.add_argument("--repeat", type=int, default=1, help="runs per measurement (median reported)")
     parser.add_argument("--one", choices=("cold", "fixed", "bare"), help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
@@ -115,9 +116,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one, args.store, args.tokenizer)))
         return
-    data = str(Path(args.data).resolve())
-    if not (Path(data) / "gutenberg").is_dir():
-        sys.exit(f"{data}/gutenberg not found: pass --data or set LLMSTAGES_DATA")
+    data = str(need(args.data, "gutenberg").parent)  # passed to the recipe as its LLMSTAGES_DATA mirror
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
         cold = median_of([child("cold", f"{tmp}/store", data) for _ in range(args.repeat)])

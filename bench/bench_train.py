@@ -1,11 +1,12 @@
 """Training throughput: llmstages' loop against a plain fp32 eager PyTorch GPT loop of the same shape.
 
-    python bench/bench_train.py [--steps 30] [--rounds 3] [--variants baseline,fp32,fp32-compile,bf16]
+    python bench/bench_train.py [--steps 30] [--rounds 3] [--variants baseline,fp32,fp32-compile,bf16] [--data DIR]
 
 Fixed shape (issue 4): 4 layers, 4 heads, 256 wide, block 256, micro-batch 16, vocab 8192.
 Every variant runs in its own subprocess (clean peak RSS, no shared caches) on the same token
-stream (Tiny Shakespeare through GPT-2's tokenizer folded into 8192 ids when the shared data is
-there, otherwise a fixed random stream), for --steps optimizer steps after --warmup steps.
+stream (Tiny Shakespeare through GPT-2's tokenizer folded into 8192 ids; a missing data file is an
+error, never a random stream), for --steps optimizer steps after --warmup steps. --data follows
+bench/benchdata.py's rule.
 Prints one JSON object: per variant the median over --rounds interleaved runs of tokens/s, with MFU
 against this machine's matmul peak measured in the same process, peak RSS, and the mean loss of the
 last 10 steps (the same data, so losses compare).
@@ -27,21 +28,20 @@ import sys
 import time
 from pathlib import Path
 
+from benchdata import add_data_option, need
+
 SHAPE = dict(n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=8192)
 MICRO_BATCH = 16
-DATA = Path(os.environ.get("LLMSTAGES_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def token_stream(n_tokens: int):
+def token_stream(data: Path | None):
     import numpy as np
-    text_path = DATA / "tinyshakespeare.txt"
-    if text_path.exists() and (DATA / "gpt2-tokenizer").exists():
-        from llmstages.tokenizer import Tokenizer
-        ids = np.array(Tokenizer.from_file(DATA / "gpt2-tokenizer").encode(text_path.read_text()), dtype=np.int64)
-        ids = ids % SHAPE["vocab_size"]  # fold into the bench vocabulary: same statistics for every variant
-    else:
-        ids = np.random.default_rng(0).integers(0, SHAPE["vocab_size"], n_tokens)
-    return ids
+
+    from llmstages.tokenizer import Tokenizer
+    text_path = need(data, "tinyshakespeare.txt", "gpt2-tokenizer")  # exits 2 when either is missing
+    ids = np.array(Tokenizer.from_file(text_path.parent / "gpt2-tokenizer").encode(text_path.read_text()),
+                   dtype=np.int64)
+    return ids % SHAPE["vocab_size"]  # fold into the bench vocabulary: same statistics for every variant
 
 
 def batches(ids, steps: int):
@@ -107,7 +107,7 @@ def baseline_model():
     return model
 
 
-def run_variant(name: str, steps: int, warmup: int) -> dict:
+def run_variant(name: str, steps: int, warmup: int, data: Path | None) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -121,7 +121,7 @@ def run_variant(name: str, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     device = torch.device("cpu")
     precision = "bf16" if name == "bf16" else "fp32"
-    ids = token_stream(2_000_000)
+    ids = token_stream(data)
     if name == "baseline":
         model = baseline_model()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
@@ -177,9 +177,11 @@ def main() -> None:
     parser.add_argument("--variants", default="baseline,fp32,fp32-compile,bf16")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats of every variant (median)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
+    add_data_option(parser)
     args = parser.parse_args()
+    args.data = need(args.data, "tinyshakespeare.txt", "gpt2-tokenizer").parent  # fail before any variant runs
     if args.one:
-        print(json.dumps(run_variant(args.one, args.steps, args.warmup)))
+        print(json.dumps(run_variant(args.one, args.steps, args.warmup, args.data)))
         return
     from llmstages.runtime import cpu_has_fast_bf16
     result = {"benchmark": "train", "shape": dict(SHAPE, micro_batch=MICRO_BATCH), "steps": args.steps,
@@ -195,9 +197,10 @@ def main() -> None:
             if name == "bf16" and not cpu_has_fast_bf16() and round_index > 0:
                 continue  # slow here by design (no avx512_bf16/AMX): one round shows it
             out = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps),
-                                  "--warmup", str(args.warmup)], capture_output=True, text=True)
+                                  "--warmup", str(args.warmup), "--data", str(args.data)],
+                                 capture_output=True, text=True)
             if out.returncode != 0:
-                runs[name].append({"error": out.stderr.strip().splitlines()[-1:]})
+                runs[name].append({"error": out.stderr.strip().splitlines()[-3:]})
                 continue
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     for name, samples in runs.items():
@@ -215,6 +218,9 @@ def main() -> None:
             if "tokens_per_s" in figures:
                 figures["speedup_vs_baseline"] = round(figures["tokens_per_s"] / base, 2)
     print(json.dumps(result))
+    failed = sorted({name for name, samples in runs.items() for r in samples if "error" in r})
+    if failed:  # a half-measured comparison is not a result: make bench must fail
+        sys.exit(f"bench_train: variant(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """`make bench`: run every benchmark in bench/ and write their figures into one JSON file.
 
-    python bench/run_all.py [--out docs/bench.json] [--only train,generate]
+    python bench/run_all.py [--out bench/results/bench.json] [--only train,generate] [--data DIR]
 
 Each bench script prints one JSON object; this collects them with the machine they ran on. The
-README's performance table is made from the written file.
+output goes to the ignored bench/results/; docs/bench.json (tracked) is the copy the README's
+performance table was made from, replaced by hand when the README is updated on purpose.
+Exits 1 when any benchmark failed (its error is in the file), so `make bench` fails too.
+Data: `--data` (passed on), else $LLMSTAGES_TEST_DATA, else ../shared/data (bench/benchdata.py).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ BENCHES = {
     # 5-fold cross-validation of finetune-spam vs TF-IDF baselines (needs the quickstart base and scikit-learn)
     "spam_cv": ["spam_cv.py"],
 }
+READS_DATA = {"prepare", "train", "classify"}
 
 
 def machine() -> dict:
@@ -46,12 +50,18 @@ def machine() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(HERE.parent / "docs" / "bench.json"))
+    parser.add_argument("--out", default=str(HERE / "results" / "bench.json"))
     parser.add_argument("--only", default=",".join(BENCHES))
+    parser.add_argument("--data", help="shared data folder, passed to the benchmarks that read data")
     args = parser.parse_args()
+    unknown = [name for name in args.only.split(",") if name not in BENCHES]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "benchmarks": {}}
     for name in args.only.split(","):
         script, *extra = BENCHES[name]
+        if args.data and name in READS_DATA:
+            extra = [*extra, "--data", args.data]
         path = HERE / script
         if not path.exists():
             results["benchmarks"][name] = {"error": f"{script} not found"}
@@ -60,13 +70,18 @@ def main() -> None:
         start = time.perf_counter()
         out = subprocess.run([sys.executable, str(path), *extra], capture_output=True, text=True)
         if out.returncode != 0:
-            results["benchmarks"][name] = {"error": out.stderr.strip().splitlines()[-3:]}
+            results["benchmarks"][name] = {"error": out.stderr.strip().splitlines()[-3:],
+                                           "returncode": out.returncode}
         else:
             results["benchmarks"][name] = json.loads(out.stdout.strip().splitlines()[-1])
         results["benchmarks"][name]["bench_seconds"] = round(time.perf_counter() - start, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
+    failed = [name for name, figures in results["benchmarks"].items() if "error" in figures]
+    if failed:
+        print(f"bench: FAILED: {', '.join(failed)} (errors in {args.out})", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

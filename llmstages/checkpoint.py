@@ -16,6 +16,7 @@ train state holds is RunState's business (runstate.py); here it is only written 
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,14 @@ def load_train_state(path: Path) -> tuple[dict, dict]:
     """(tensors, info) of a checkpoint's train state; refuses a checkpoint that has none."""
     if not (path / STATE_TENSORS).exists():
         raise UserError(f"{path}: has no train state to resume from (an exported or final-only checkpoint)")
-    tensors = torch.load(path / STATE_TENSORS, map_location="cpu", weights_only=True)
-    info = json.loads((path / STATE_INFO).read_text())
+    try:
+        tensors = torch.load(path / STATE_TENSORS, map_location="cpu", weights_only=True)
+        info = json.loads((path / STATE_INFO).read_text())
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, json.JSONDecodeError) as err:
+        # weights_only refuses anything but tensors and plain containers: say so in our words, not torch's
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path / STATE_TENSORS}: cannot load the train state ({first})",
+                        hint="resume from an earlier checkpoint of the run, or start the run again") from None
     return tensors, info
 
 

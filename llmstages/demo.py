@@ -36,14 +36,17 @@ DEMO_MARKER = ".llmstages-demo"  # the demo only ever empties a folder that hold
 
 # Cut-down settings for --smoke: the same commands, tiny sizes.
 SMOKE = {
-    "pretrain": ["model.size=tiny", "train.max_steps=20", "train.eval_every=10", "train.save_every=10",
+    "pretrain": ["model.size=tiny", "model.block_size=128", "train.max_steps=20", "train.eval_every=10",
+                 "train.save_every=10", "train.micro_batch_size=8", "train.global_batch_size=8",
                  "train.eval_batches=2", "train.log_every=5", "train.warmup_steps=2",
                  "data.source=gutenberg/pg11_alice_in_wonderland.txt,gutenberg/pg46_christmas_carol.txt",
                  "data.mirror=", "data.vocab_size=1024"],
     "spam": ["train.max_steps=10", "train.epochs=0", "train.eval_every=5", "train.save_every=5",
-             "train.log_every=5", "train.warmup_steps=1"],
+             "train.log_every=5", "train.warmup_steps=1", "train.micro_batch_size=8", "train.global_batch_size=8",
+             "train.eval_batches=4"],
     "instruct": ["train.max_steps=6", "train.epochs=0", "train.eval_every=3", "train.save_every=3",
-                 "train.log_every=3", "train.warmup_steps=1", "finetune.eval_samples=1"],
+                 "train.log_every=3", "train.warmup_steps=1", "finetune.eval_samples=1", "train.micro_batch_size=4",
+                 "train.global_batch_size=4", "train.eval_batches=2"],
 }
 
 

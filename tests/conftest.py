@@ -2,10 +2,13 @@
 
 A test that needs a data file asks for it with `data_file("sms_spam/SMSSpamCollection.tsv")`.
 Locally a missing file skips the test; with LLMSTAGES_REQUIRE_TEST_DATA=1 (CI) it fails instead.
+An optional test dependency (the dev extra: transformers, ...) is imported with `need_module("transformers")`:
+locally a missing package skips; with LLMSTAGES_REQUIRE_TEST_DEPS=1 (CI) it fails instead.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -16,6 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 DATA_ROOT = Path(os.environ.get("LLMSTAGES_TEST_DATA", REPO.parent / "shared" / "data"))
 REQUIRE_DATA = os.environ.get("LLMSTAGES_REQUIRE_TEST_DATA") == "1"
+REQUIRE_DEPS = os.environ.get("LLMSTAGES_REQUIRE_TEST_DEPS") == "1"
 
 
 def need_data(relative: str) -> Path:
@@ -26,6 +30,20 @@ def need_data(relative: str) -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def need_module(name: str):
+    """Import `name`, or skip (fail under LLMSTAGES_REQUIRE_TEST_DEPS=1) when it is not installed.
+
+    Usable at module level (it skips the whole module) and inside a test.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        message = f"test dependency {name!r} is missing ({err}); install the dev extra: pip install -e '.[dev]'"
+        if REQUIRE_DEPS:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message, allow_module_level=True)
 
 
 @pytest.fixture

@@ -351,15 +351,23 @@ def test_spam_end_to_end_on_the_real_sms_file(cli, data_file, tmp_path, store_di
     best = json.loads((run_dir / "best.json").read_text())
     assert best["metric"] == "f1"
     report = json.loads((run_dir / "test_metrics.json").read_text())
-    assert report["examples"] == pytest.approx(0.15 * 4738, abs=15) and report["labels"] == ["ham", "spam"]
+    # The stratified test split: round(0.15 x 4103) ham + round(0.15 x 635) spam, the same texts every time.
+    assert report["examples"] == 615 + 95 and report["labels"] == ["ham", "spam"]
+    assert sum(map(sum, report["confusion"])) == 710 and [sum(row) for row in report["confusion"]] == [615, 95]
 
     one = cli("classify", "finetune-spam", "WINNER!! Claim your free prize now", "See you at 6?", "--json")
     assert one.returncode == 0, one.stderr
     out = json.loads(one.stdout)
     assert [p["text"] for p in out["predictions"]] == ["WINNER!! Claim your free prize now", "See you at 6?"]
-    for p in out["predictions"]:
-        assert p["label"] in ("ham", "spam") and 0.5 <= p["probability"] <= 1
-        assert sum(p["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    ckpt = load_checkpoint("finetune-spam", Store(store_dir))
+    for p in out["predictions"]:  # against one plain forward pass: softmax of the class logits at the last token
+        ids = ckpt.tokenizer.encode(p["text"])
+        with torch.no_grad():
+            logits = ckpt.model.eval()(torch.tensor([ids]), last_index=torch.tensor([len(ids) - 1]))[0]
+        expected = dict(zip(["ham", "spam"], logits.softmax(-1).tolist()))
+        assert p["probabilities"] == pytest.approx(expected, abs=1e-5)
+        assert p["label"] == max(expected, key=expected.get)
+        assert p["probability"] == pytest.approx(max(expected.values()), abs=1e-5)
     piped = cli("classify", "finetune-spam", input="first message\n\nsecond [bold]one[/bold]\n")
     assert piped.returncode == 0 and "second [bold]one[/bold]" in piped.stdout and "first message" in piped.stdout
 

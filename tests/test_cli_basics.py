@@ -1,11 +1,17 @@
 """The CLI contract for the foundation commands: help, generate, runs, show, exit codes."""
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from llmstages.checkpoint import save_checkpoint
+from llmstages.cli import main as cli_main
 from llmstages.model import GPT, GPTConfig
 from llmstages.store import Store
 from llmstages.tokenizer import Tokenizer
@@ -21,11 +27,21 @@ def gpt2_run(store_dir, gpt2_tokenizer_dir):
     return store_dir
 
 
-def test_help_lists_the_commands(cli):
+COMMANDS = ["recipes", "runs", "show", "prepare", "pretrain", "finetune", "evaluate", "classify", "generate", "chat",
+            "export", "merge"]
+
+
+def test_help_lists_every_command_and_each_has_help_with_examples(cli, capsys, monkeypatch):
     result = cli("--help")
     assert result.returncode == 0
-    for command in ("recipes", "runs", "show", "generate"):
-        assert command in result.stdout
+    listed = re.findall(r"^│ ([a-z]+) {2,}\S", result.stdout, flags=re.MULTILINE)  # rows of the Commands box
+    assert listed == COMMANDS
+    monkeypatch.setenv("COLUMNS", "200")
+    for command in COMMANDS:
+        assert cli_main([command, "--help"]) == 0, command
+        out = capsys.readouterr().out
+        assert re.search(rf"Usage: .*\b{command} \[OPTIONS\]", out), command
+        assert "Example" in out and re.search(rf"llmstages .*{command}", out), command  # shows how to call it
 
 
 def test_generate_json_is_reproducible_and_greedy_matches_no_cache(cli, gpt2_run):
@@ -41,11 +57,26 @@ def test_generate_json_is_reproducible_and_greedy_matches_no_cache(cli, gpt2_run
     assert greedy["completion"] == no_cache["completion"]
 
 
-def test_generate_streams_text(cli, gpt2_run):
-    result = cli("generate", "tiny", "Hello", "-n", "5", "-t", "0")
-    assert result.returncode == 0
-    assert "tokens/s" in result.stderr
-    assert result.stdout.strip()
+def test_generate_streams_the_same_text_as_json_and_reads_the_prompt_from_stdin(cli, gpt2_run):
+    result = cli("generate", "tiny", "Hello", "-n", "12", "-t", "0")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"12 tokens, [0-9.]+ tokens/s", result.stderr)
+    as_json = json.loads(cli("generate", "tiny", "Hello", "-n", "12", "-t", "0", "--json").stdout)
+    assert as_json["completion"] and result.stdout == as_json["completion"] + "\n"  # the text, streamed
+    piped = cli("generate", "tiny", "-", "-n", "12", "-t", "0", "--json", input="Hello")
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout) == {**as_json, "tokens_per_s": json.loads(piped.stdout)["tokens_per_s"],
+                                        "seconds": json.loads(piped.stdout)["seconds"]}
+
+
+def test_ctrl_c_during_generate_exits_130(gpt2_run):
+    proc = subprocess.Popen([sys.executable, "-m", "llmstages", "generate", "tiny", "Hello", "-n", "1000000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # xdist ignores SIGINT
+    assert proc.stdout.read(20)  # streaming has started
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and b"Traceback" not in err
 
 
 def test_unknown_model_is_exit_2_with_a_hint(cli, gpt2_run):
@@ -56,9 +87,13 @@ def test_unknown_model_is_exit_2_with_a_hint(cli, gpt2_run):
     assert "Traceback" not in result.stderr
 
 
-def test_bad_option_is_exit_2(cli, gpt2_run):
+def test_bad_option_is_exit_2_naming_the_option(cli, gpt2_run):
     result = cli("generate", "tiny", "Hello", "--temperature", "-1")
     assert result.returncode == 2
+    assert "Invalid value for '--temperature' / '-t'" in result.stderr  # names the option (the rest is click's)
+    assert "Traceback" not in result.stderr
+    unknown = cli("generate", "tiny", "Hello", "--temprature", "1")
+    assert unknown.returncode == 2 and "No such option: --temprature" in unknown.stderr
 
 
 def test_runs_and_show(cli, gpt2_run):

@@ -94,9 +94,10 @@ def test_python_tags_are_refused(tmp_path):
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 1\n   bad: [\n")
     with pytest.raises(UserError) as err:
-        load_recipe(write(tmp_path, "train:\n  lr: 1\n   bad: [\n"))
-    assert "r.yaml:" in str(err.value)
+        load_recipe(path)
+    assert str(err.value).startswith(f"{path}:3: invalid recipe YAML")  # line 3 holds the bad indent
 
 
 def test_duplicate_keys_are_refused(tmp_path):
@@ -156,3 +157,42 @@ def test_finetune_task_must_match_the_recipe_given_with_it(capsys):
     assert "--task bogus: unknown task" in capsys.readouterr().err
     assert cli_main(["finetune", "--task", "instruct", spam, "--dry-run"]) == 2
     assert "wants a instruct recipe" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("override,path,expected", [
+    ("train.max_steps=1e3", "train.max_steps", 1000), ("train.max_steps=2_000", "train.max_steps", 2000),
+    ("train.compile=yes", "train.compile", True), ("train.compile=Off", "train.compile", False),
+    ("train.lr=3e-4", "train.lr", 3e-4), ("run=2024", "run", "2024")])
+def test_overrides_are_converted_by_the_field_type(override, path, expected):
+    section, _, key = path.rpartition(".")
+    recipe = build_recipe({}, [override])
+    value = getattr(getattr(recipe, section), key) if section else getattr(recipe, key)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.max_steps=1.5", "train.max_steps: expected an integer, got '1.5'"),
+    ("train.max_steps=true", "train.max_steps: expected an integer, got 'true'"),
+    ("train.compile=maybe", "train.compile: expected true or false, got 'maybe'"),
+    ("train.lr=inf", "train.lr: expected a finite number, got 'inf'"),
+    ("train.lr=2", "train.lr: 2.0 is above the maximum 1.0"),
+    ("train.lr=0", "train.lr: 0.0 must be greater than 0.0"),
+    ("train.max_steps=-3", "train.max_steps: -3 is below the minimum"),
+])
+def test_bad_override_values_name_the_key_and_the_problem(override, message):
+    with pytest.raises(UserError) as err:
+        build_recipe({}, [override])
+    assert message in str(err.value)
+
+
+def test_recipe_shape_errors(tmp_path):
+    with pytest.raises(UserError, match="train: expected a section \\(mapping\\), got list"):
+        build_recipe({"train": [1, 2]})
+    with pytest.raises(UserError, match="a recipe must be a mapping of sections, got list"):
+        load_recipe(write(tmp_path, "- a\n- b\n"))
+    (tmp_path / "latin.yaml").write_bytes("run: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8 text"):
+        load_recipe(tmp_path / "latin.yaml")
+    with pytest.raises(UserError, match="no such recipe file"):
+        load_recipe(tmp_path / "missing.yaml")
+    assert load_recipe(write(tmp_path, "", name="empty.yaml")).run == "empty"  # all defaults; run = the stem

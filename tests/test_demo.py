@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import DATA_ROOT, need_data
 
 
@@ -20,10 +21,24 @@ def test_demo_smoke_runs_every_stage(tmp_path):
                     "llmstages finetune --task instruct", "llmstages evaluate", "llmstages classify"):
         assert command in result.stderr  # each stage shown as the command a user types
     figures = json.loads((tmp_path / "docs" / "demo-results-smoke.json").read_text())
-    assert 0 < figures["base"]["val_bpb"] < 10
-    assert 0 <= figures["spam"]["test_accuracy"] <= 1 and 0 <= figures["spam"]["test_spam_f1"] <= 1
-    assert figures["instruct"]["response_loss_after"] > 0 and figures["instruct"]["response_loss_before"] > 0
-    assert figures["generate_tokens_per_s"] > 0
+    runs = tmp_path / "store" / "runs"
+    # The reported figures are the ones the stages wrote (not ranges a wrong figure would also fall in).
+    last_eval = [r for r in map(json.loads, (runs / "quickstart/log.jsonl").read_text().splitlines())
+                 if "val_bpb" in r][-1]
+    assert figures["base"]["val_bpb"] == last_eval["val_bpb"] and figures["base"]["step"] == last_eval["step"] == 20
+    test = json.loads((runs / "finetune-spam/test_metrics.json").read_text())
+    spam = figures["spam"]
+    assert spam["confusion"] == test["confusion"] and spam["test_accuracy"] == test["accuracy"]
+    (tn, fp), (fn, tp) = spam["confusion"]
+    assert [tn + fp, fn + tp] == [615, 95]  # the stratified test split: 15% of each class
+    assert spam["test_accuracy"] == pytest.approx((tn + tp) / 710)
+    assert spam["test_spam_f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    inst = figures["instruct"]
+    assert inst["examples"] == 10 and inst["response_loss_before"] != inst["response_loss_after"]
+    assert all(0 < inst[k] < 20 for k in ("response_loss_before", "response_loss_after"))
+    assert figures["generate_tokens_per_s"] > 0 and figures["samples"]["generate"]
+    classified = json.loads(figures["samples"]["classify"])["predictions"]
+    assert len(classified) >= 2 and all(p["label"] in ("ham", "spam") for p in classified)
     assert set(figures["stage_seconds"]) >= {"prepare", "pretrain", "finetune spam", "finetune instruct"}
     assert (tmp_path / "docs" / "quickstart-loss-smoke.png").exists()
     assert "llmstages demo" in result.stderr  # the results table

@@ -23,7 +23,6 @@ from llmstages.rouge import lcs_length, rouge_l, rouge_tokens
 from llmstages.sampling import generate_tokens
 from llmstages.stages.chat import Conversation, Sampling, chat, read_message
 from llmstages.stages.finetune import finetune
-from llmstages.stages.generate import generate_text
 from llmstages.stages.instruct import (EpochBatches, Example, collate, fit_records, fit_to_context,
                                        instruction_task, report_fitting)
 from llmstages.stages.prepare import get_or_prepare
@@ -253,6 +252,38 @@ def test_read_message_joins_backslash_lines_and_ends_at_eof():
     assert read_message(lines("cut \\")) == "cut "
 
 
+def greedy_reply(ckpt: Checkpoint, model_input: str, max_new_tokens: int) -> str:
+    """An oracle independent of generate_text and the KV cache: a full forward pass per token, argmax,
+    stop at end-of-text."""
+    tok, model, out = ckpt.tokenizer, ckpt.model.eval(), []
+    ids = tok.encode(model_input)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            context = (ids + out)[-model.config.block_size:]
+            nxt = int(model(torch.tensor([context]))[0, -1].argmax())
+            if nxt == tok.eot_id:
+                break
+            out.append(nxt)
+    return tok.decode(out)
+
+
+def rouge_l_oracle(candidate: str, reference: str) -> float:
+    """ROUGE-L F of lowercased alphanumeric words, by plain recursion over the LCS (a second implementation)."""
+    import functools
+    import re
+
+    a, b = (re.findall(r"[a-z0-9]+", t.lower()) for t in (candidate, reference))
+
+    @functools.lru_cache(maxsize=None)
+    def lcs(i: int, j: int) -> int:
+        if i == len(a) or j == len(b):
+            return 0
+        return lcs(i + 1, j + 1) + 1 if a[i] == b[j] else max(lcs(i + 1, j), lcs(i, j + 1))
+
+    n = lcs(0, 0)
+    return 0.0 if n == 0 else 2 * n / (len(a) + len(b))  # F = 2PR/(P+R) = 2 LCS / (|a| + |b|)
+
+
 def tiny_instruct(tokenizer: Tokenizer, template: str, block_size: int = 64) -> Checkpoint:
     return Checkpoint(base_model(tokenizer, block_size), tokenizer, {"task": "instruct", "template": template}, None)
 
@@ -264,11 +295,9 @@ def test_chat_alpaca_formats_each_message_and_stops_cleanly(tokenizer):
     n = chat(ckpt, sampling, read_line=lines("Name a color.", "/reset", "two \\", "lines", "/quit", "never"),
              write=out.append, console=quiet())
     assert n == 2
-    first = generate_text(ckpt, "x", model_input=format_prompt("alpaca", "Name a color."), max_new_tokens=6,
-                          temperature=0.0).completion
-    second = generate_text(ckpt, "x", model_input=format_prompt("alpaca", "two \nlines"), max_new_tokens=6,
-                           temperature=0.0).completion
-    assert "".join(out) == f"{first}\n{second}\n"
+    first = greedy_reply(ckpt, format_prompt("alpaca", "Name a color."), 6)
+    second = greedy_reply(ckpt, format_prompt("alpaca", "two \nlines"), 6)
+    assert first and second and "".join(out) == f"{first}\n{second}\n"
     assert chat(ckpt, sampling, read_line=lines("hi"), write=out.append, console=quiet()) == 1  # EOF ends it
 
 
@@ -347,11 +376,14 @@ def test_end_to_end_on_the_real_instruction_data(cli, capsys, monkeypatch, data_
 
     # generate formats the prompt with the stored template (unless --raw)
     asked = "Name a primary color."
-    code, out, _ = run_main(capsys, monkeypatch, "generate", "inst", asked, "-t", "0", "-n", "8", "--json")
+    code, out, err = run_main(capsys, monkeypatch, "generate", "inst", asked, "-t", "0", "-n", "8", "--json")
+    assert code == 0, err
     templated = json.loads(out)
-    code, out, _ = run_main(capsys, monkeypatch, "generate", "inst", format_prompt("alpaca", asked), "--raw",
-                            "-t", "0", "-n", "8", "--json")
+    code, out, err = run_main(capsys, monkeypatch, "generate", "inst", format_prompt("alpaca", asked), "--raw",
+                              "-t", "0", "-n", "8", "--json")
+    assert code == 0, err
     assert templated["completion"] == json.loads(out)["completion"] and templated["prompt"] == asked
+    assert templated["completion"] == greedy_reply(ckpt, format_prompt("alpaca", asked), 8)
 
     # evaluate on the held-out split written by prepare: the fine-tuned model, and the base with --template
     test_file = str(next((store_dir / "data").glob("*/test.jsonl")))
@@ -359,7 +391,11 @@ def test_end_to_end_on_the_real_instruction_data(cli, capsys, monkeypatch, data_
     assert code == 0, err
     scores = json.loads(out)
     assert {"loss", "perplexity", "exact_match", "rouge_l", "examples", "samples"} <= set(scores)
-    assert scores["examples"] == 3 and 0 <= scores["rouge_l"] <= 1 and scores["template"] == "alpaca"
+    assert scores["examples"] == 3 and scores["template"] == "alpaca" and len(scores["samples"]) == 3
+    expected_rouge = [rouge_l_oracle(x["response"], x["reference"]) for x in scores["samples"]]
+    assert scores["rouge_l"] == pytest.approx(sum(expected_rouge) / 3, abs=1e-9)
+    assert scores["exact_match"] == sum(" ".join(x["response"].split()) == " ".join(x["reference"].split())
+                                        for x in scores["samples"]) / 3
     code, out, err = run_main(capsys, monkeypatch, "evaluate", "base", "--data", test_file, "--limit", "3",
                               "--template", "alpaca", "--json")
     assert code == 0, err
@@ -369,8 +405,7 @@ def test_end_to_end_on_the_real_instruction_data(cli, capsys, monkeypatch, data_
     code, out, err = run_main(capsys, monkeypatch, "chat", "inst", "-t", "0", "-n", "5",
                               stdin="Name a color.\n/reset\nSay \\\nhello.\n/quit\nignored\n")
     assert code == 0, err
-    expected = [generate_text(ckpt, m, model_input=format_prompt("alpaca", m), max_new_tokens=5,
-                              temperature=0.0).completion for m in ("Name a color.", "Say \nhello.")]
+    expected = [greedy_reply(ckpt, format_prompt("alpaca", m), 5) for m in ("Name a color.", "Say \nhello.")]
     assert out == f"{expected[0]}\n{expected[1]}\n" and "(conversation cleared)" in err
 
 

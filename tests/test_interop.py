@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import need_module
 from safetensors.torch import load_file, save_file
 
 from llmstages.checkpoint import Checkpoint, load_checkpoint, load_tokenizer, save_checkpoint
@@ -25,7 +26,7 @@ from llmstages.sampling import generate_tokens
 from llmstages.store import Store
 from llmstages.tokenizer import EOT, Tokenizer, train_bpe
 
-transformers = pytest.importorskip("transformers")
+transformers = need_module("transformers")
 from transformers import (  # noqa: E402
     AutoTokenizer,
     GenerationConfig,
@@ -238,7 +239,7 @@ def test_offline_hub_id_names_the_local_folder_way(cli, tmp_path):
 
 
 def test_hub_id_resolves_from_the_cache_offline(tmp_path, monkeypatch, gpt2_tokenizer_dir):
-    constants = pytest.importorskip("huggingface_hub.constants")
+    constants = need_module("huggingface_hub.constants")
     cache = tmp_path / "hub"
     snapshot = cache / "models--tiny-org--tiny-gpt2" / "snapshots" / ("a" * 40)
     hf_folder(snapshot, gpt2_tokenizer_dir)
@@ -405,7 +406,7 @@ class OpenAIEncoder:
     """GPT-2's reference BPE (OpenAI's encoder.py), independent of the `tokenizers` library."""
 
     def __init__(self, folder: Path):
-        regex = pytest.importorskip("regex")
+        regex = need_module("regex")
         self.pattern = regex.compile(
             r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
         self.vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
@@ -456,3 +457,68 @@ def test_tokenizer_parity_with_gpt2(gpt2_tokenizer_dir, data_file, tmp_path):
         assert hf_tok(text, add_special_tokens=False)["input_ids"] == expected, text
         assert hf_two_files(text, add_special_tokens=False)["input_ids"] == expected, text
         assert ours.decode(expected) == text
+
+
+# ---------------------------------------------------------------------------------------------------
+# malformed hf: folders: each refused with the file named and what is wrong (exit 2, no traceback)
+# ---------------------------------------------------------------------------------------------------
+def _no_config(folder):
+    (folder / "config.json").unlink()
+
+
+def _config_not_json(folder):
+    (folder / "config.json").write_text('{"model_type": "gpt2",')
+
+
+def _no_weights(folder):
+    (folder / "model.safetensors").unlink()
+
+
+def _truncated_weights(folder):
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _bad_shard_index(folder):
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
+
+
+def _classifier_without_head(folder):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, architectures=["GPT2ForSequenceClassification"])))
+
+
+def _tokenizer_of_another_model(folder):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, vocab_size=1000)))
+    state = load_file(str(folder / "model.safetensors"))
+    state["transformer.wte.weight"] = state["transformer.wte.weight"][:1000]
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_no_config, "{folder}: no config.json (not a Hugging Face model folder)"),
+    (_config_not_json, "{folder}/config.json: not valid JSON"),
+    (_no_weights, "{folder}: no model.safetensors (or pytorch_model.bin) in this folder"),
+    (_truncated_weights, "{folder}/model.safetensors: cannot read the weights"),
+    (_bad_shard_index, "{folder}/model.safetensors.index.json: not a valid shard index"),
+    (_classifier_without_head, "config.json says sequence classifier, but there is no score.weight"),
+    (_tokenizer_of_another_model, "the tokenizer has 50257 tokens but the model only 1000 embeddings"),
+])
+def test_malformed_hf_folder_is_refused_with_the_reason(hf_lm, damage, message):
+    folder, _ = hf_lm
+    damage(folder)
+    with pytest.raises(UserError) as err:
+        load_hf(str(folder))
+    assert message.format(folder=folder) in err.value.message
+
+
+def test_malformed_hf_folder_through_the_cli_is_exit_2(cli, hf_lm, store_dir):
+    folder, _ = hf_lm
+    _no_weights(folder)
+    result = cli("generate", f"hf:{folder}", "Hello", "-n", "2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{folder}: no model.safetensors" in " ".join(result.stderr.split())
+    missing = cli("generate", f"hf:{folder}-missing", "Hello")
+    assert missing.returncode == 2 and f"hf:{folder}-missing: no such folder" in " ".join(missing.stderr.split())

@@ -3,18 +3,19 @@ non-finite loss, recipe changes on resume. Uses tests/scripts/train_synthetic.py
 
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from llmstages.checkpoint import load_checkpoint, save_checkpoint
 from llmstages.config import build_recipe
 from llmstages.model import GPT, GPTConfig
 from llmstages.optim import lr_at, param_groups
+from llmstages.store import Store
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_synthetic.py"
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -42,42 +43,32 @@ def reference(tmp_path_factory):
     return log(store)
 
 
-def start_and_signal(store, sig, after_line, *args):
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(store), "30", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=ENV)
-    for line in proc.stdout:
-        if line.startswith(after_line):
-            break
-    os.kill(proc.pid, sig)
-    out = proc.stdout.read()
-    return proc.wait(timeout=120), out
+def checkpoints(store) -> list[str]:
+    return sorted(p.name for p in (Path(store) / "runs/syn").glob("step-*"))
 
 
-@pytest.mark.parametrize("sig,after,code", [(signal.SIGKILL, "step 15", -9), (signal.SIGTERM, "step 15", 143),
-                                            (signal.SIGINT, "step 5", 130)])
-def test_resume_after_a_kill_is_exact(tmp_path, reference, sig, after, code):
-    returncode, out = start_and_signal(tmp_path, sig, after)
-    assert returncode == code, out
-    if sig != signal.SIGKILL:
-        assert "Resume with:" in out  # a clean stop commits a checkpoint and says how to continue
+# Each signal is sent by the run itself at an exact micro-batch (mid-step), so where it lands never depends
+# on timing: micro-batches 2s and 2s+1 make step s+1.
+@pytest.mark.parametrize("sig,micro,code,kept", [
+    ("KILL", 31, -9, "step-000010"),  # killed in step 16: the step-10 checkpoint is what is left
+    ("TERM", 31, 143, "step-000016"),  # a clean stop commits step 16, mid log window (partial loss saved)
+    ("INT", 11, 130, "step-000006")])
+def test_resume_after_a_kill_is_exact(tmp_path, reference, sig, micro, code, kept):
+    stopped = run(tmp_path, 30, "--signal", f"{sig}@{micro}")
+    assert stopped.returncode == code, stopped.stderr[-3000:]
+    assert checkpoints(tmp_path)[-1] == kept
+    if sig != "KILL":
+        assert "Resume with:" in stopped.stdout + stopped.stderr  # a clean stop says how to continue
     resumed = run(tmp_path, 30, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert figures(log(tmp_path)) == figures(reference)  # every logged figure, bit for bit
 
 
 def test_second_ctrl_c_exits_at_once(tmp_path):
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), "100000", "--slow"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    for line in proc.stdout:
-        if line.startswith("step 5"):
-            break
-    os.kill(proc.pid, signal.SIGINT)
-    for line in proc.stdout:
-        if line.startswith("stopping after this step"):
-            break
-    os.kill(proc.pid, signal.SIGINT)  # mid-step: each step sleeps 0.5 s per micro-batch
-    assert proc.wait(timeout=60) == 130
-    assert "second interrupt" in proc.stdout.read()
+    result = run(tmp_path, 30, "--signal", "INT@10", "--signal", "INT@11")  # both inside step 6
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "second interrupt" in result.stdout + result.stderr
+    assert "Resume with:" not in result.stdout + result.stderr
     assert not list((tmp_path / "runs/syn").glob("step-*"))  # no checkpoint, not even a partial one
     assert not list((tmp_path / "runs/syn").glob(".tmp-*"))
 
@@ -91,8 +82,23 @@ def test_non_finite_loss_stops_without_a_later_checkpoint(tmp_path):
     assert steps == ["step-000010"]
 
 
-def test_resume_with_a_changed_recipe_is_refused_unless_allowed(tmp_path):
-    assert run(tmp_path, 10).returncode == 0
+@pytest.fixture(scope="module")
+def ten_steps(tmp_path_factory):
+    """A finished 10-step run, copied into each test that starts from one (one training run, not four)."""
+    store = tmp_path_factory.mktemp("ten")
+    result = run(store, 10)
+    assert result.returncode == 0, result.stderr
+    return store
+
+
+@pytest.fixture
+def after_ten(tmp_path, ten_steps):
+    shutil.copytree(ten_steps, tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
+def test_resume_with_a_changed_recipe_is_refused_unless_allowed(after_ten):
+    tmp_path = after_ten
     refused = run(tmp_path, 20, "--resume")
     assert refused.returncode == 2
     assert "train.max_steps: 10 -> 20" in refused.stderr and "--allow-change" in refused.stderr
@@ -100,8 +106,8 @@ def test_resume_with_a_changed_recipe_is_refused_unless_allowed(tmp_path):
     assert log(tmp_path)[-1]["step"] == 20
 
 
-def test_resume_refuses_other_shapes_and_other_data(tmp_path):
-    assert run(tmp_path, 10).returncode == 0
+def test_resume_refuses_other_shapes_and_other_data(after_ten):
+    tmp_path = after_ten
     reshaped = run(tmp_path, 10, "--resume", "--allow-change", "model.n_layer=3")
     assert reshaped.returncode == 2 and "cannot be resumed with another model.n_layer" in reshaped.stderr
     other_blocks = run(tmp_path, 10, "--resume", "--allow-change", "model.norm=rmsnorm")  # same shapes
@@ -125,10 +131,25 @@ def test_a_fresh_start_replaces_the_log_of_a_run_killed_before_its_first_checkpo
     assert [r["step"] for r in log(tmp_path) if "loss" in r] == [5, 10]
 
 
-def test_existing_run_without_resume_is_refused(tmp_path):
-    assert run(tmp_path, 10).returncode == 0
-    again = run(tmp_path, 10)
+def test_existing_run_without_resume_is_refused(after_ten):
+    again = run(after_ten, 10)
     assert again.returncode == 2 and "already has checkpoints" in again.stderr
+    assert "--resume" in again.stderr and checkpoints(after_ten) == ["step-000010"]
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path):
+    result = run(tmp_path, 10, "--resume")
+    assert result.returncode == 2 and "run 'syn' has no checkpoint to resume from" in result.stderr
+    assert not (tmp_path / "runs/syn").exists() or not checkpoints(tmp_path)
+
+
+def test_resume_from_a_checkpoint_without_train_state_is_refused(after_ten):
+    """A model-only checkpoint (as merge or an export import writes) is the newest: resume says why it cannot."""
+    ckpt = load_checkpoint("syn@10", Store(after_ten))
+    model_only = save_checkpoint(Store(after_ten), "syn", 20, ckpt.model, ckpt.tokenizer, dict(ckpt.meta))
+    result = run(after_ten, 30, "--resume", "--allow-change")
+    assert result.returncode == 2, result.stderr
+    assert f"{model_only}: has no train state to resume from" in result.stderr
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path, reference):
@@ -166,20 +187,16 @@ def test_no_weight_decay_on_biases_norms_and_embeddings():
 
 def test_torchrun_stop_and_resume_matches_one_process(tmp_path, reference):
     """SIGTERM to torchrun mid-window: every rank stops at the same step, the committed partial loss is
-    the mean over ranks, and the resumed 2-process run logs the 1-process figures."""
+    the mean over ranks, and the resumed 2-process run logs the 1-process figures (the step-10 loss
+    includes the partial window saved at the stop, so a wrong partial loss shows there)."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
               "--master-port", str(29500 + (os.getpid() + 7) % 1000), str(SCRIPT), str(tmp_path), "30"]
-    proc = subprocess.Popen([*launch, "--slow"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=ENV)
-    for line in proc.stdout:
-        if line.startswith("step 5"):
-            break
-    time.sleep(0.7)  # into the next window: the checkpoint then holds a partial loss sum
-    proc.send_signal(signal.SIGTERM)
-    out = proc.stdout.read()
-    proc.wait(timeout=120)
-    stopped = sorted(p.name for p in (tmp_path / "runs/syn").glob("step-*"))
-    assert stopped and stopped[-1] not in ("step-000005", "step-000030"), out[-3000:]
+    # rank 0 sends SIGTERM to torchrun's agent during step 7 (its micro-batch 12), as `kill <torchrun>` would
+    stopped = subprocess.run(launch, capture_output=True, text=True, env=dict(ENV, SYN_SIGNAL="TERM@12@parent"),
+                             timeout=600)
+    assert stopped.returncode != 0, stopped.stderr[-3000:]  # torchrun reports the stop as a failure
+    kept = checkpoints(tmp_path)
+    assert kept and kept[-1] in ("step-000007", "step-000008"), (kept, stopped.stderr[-3000:])  # mid-window
     resumed = subprocess.run([*launch, "--resume"], capture_output=True, text=True, env=ENV, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ddp = log(tmp_path)
@@ -210,8 +227,8 @@ def test_muon_trains(muon_reference, reference):
 
 
 def test_muon_resume_after_a_kill_is_exact(tmp_path, muon_reference):
-    returncode, out = start_and_signal(tmp_path, signal.SIGKILL, "step 15", *MUON)
-    assert returncode == -9, out
+    stopped = run(tmp_path, 30, "--signal", "KILL@31", *MUON)  # killed in step 16, at an exact micro-batch
+    assert stopped.returncode == -9, stopped.stderr[-3000:]
     state = torch.load(tmp_path / "runs/syn/step-000010/train_state.pt", weights_only=True)
     assert set(state["optimizer"]) == {"adamw", "muon"}  # both optimizers' states are in the checkpoint
     resumed = run(tmp_path, 30, "--resume", *MUON)
@@ -292,3 +309,55 @@ def test_an_adamw_checkpoint_from_before_muon_still_loads():
     again = build_optimizer(model, cfg, torch.device("cpu"))
     again.load_state_dict(old_format)
     assert again.state_dict()["adamw"]["state"].keys() == old_format["state"].keys()
+
+
+# --- settings the default host never picks: precision both ways, torch.compile, early stopping -------------
+SHORT = ["train.eval_every=2", "train.log_every=2", "train.save_every=4"]
+
+
+def short_losses(store) -> list[float]:
+    return [r["loss"] for r in log(store) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def fp32_run(tmp_path_factory):
+    store = tmp_path_factory.mktemp("fp32")
+    result = run(store, 4, "train.precision=fp32", *SHORT)
+    assert result.returncode == 0, result.stderr
+    assert "fp32 on cpu" in result.stderr  # the run says which precision it trains in
+    return store
+
+
+def test_bf16_autocast_trains_close_to_fp32(tmp_path, fp32_run):
+    result = run(tmp_path, 4, "train.precision=bf16", *SHORT)
+    assert result.returncode == 0, result.stderr
+    assert "bf16 on cpu" in result.stderr
+    bf16, fp32 = short_losses(tmp_path), short_losses(fp32_run)
+    assert len(bf16) == len(fp32) == 2 and bf16 != fp32  # bf16 matmuls really ran: not the fp32 numbers
+    assert bf16 == pytest.approx(fp32, rel=0.03)
+
+
+def test_torch_compile_in_the_loop(tmp_path, fp32_run):
+    cache = tmp_path / "inductor"
+    # two steps, no evaluation in between (a mode switch would compile again): the first log step of fp32_run
+    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "2", "train.precision=fp32",
+                             "train.compile=true", "train.eval_every=0", "train.log_every=2"],
+                            capture_output=True, text=True, timeout=900,
+                            env=dict(ENV, TORCHINDUCTOR_CACHE_DIR=str(cache), TORCHINDUCTOR_COMPILE_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert any(cache.rglob("*.py")), "nothing was compiled"  # inductor wrote the generated kernels
+    # dropout masks come from inductor's own RNG, so only closeness to eager fp32 can be asserted
+    assert short_losses(tmp_path) == pytest.approx(short_losses(fp32_run)[:1], rel=0.03)
+    assert load_checkpoint("syn", Store(tmp_path)).meta["step"] == 2  # saved from the uncompiled module
+
+
+def test_patience_stops_early_when_validation_stops_improving(tmp_path):
+    # lr 1e-30: the weights cannot change, so the second evaluation ties the first and patience 1 runs out
+    result = run(tmp_path, 30, "train.lr=1e-30", "train.min_lr=0", "train.patience=1", *SHORT)
+    assert result.returncode == 0, result.stderr
+    assert "early stop: val_loss has not improved for 1 evaluations" in result.stderr
+    assert "done 4" in result.stdout
+    evals = [r for r in log(tmp_path) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4] and evals[0]["val_loss"] == evals[1]["val_loss"]
+    assert checkpoints(tmp_path) == ["step-000002", "step-000004"]  # the best, and the stop
+    assert json.loads((tmp_path / "runs/syn/best.json").read_text())["step"] == 2

@@ -125,8 +125,14 @@ def test_same_input_reuses_changed_input_or_settings_make_a_new_one(tmp_path, st
     again = prepare(r, Store(store_dir), console=console)
     assert again.path == first.path and "up to date" in console.file.getvalue()
     assert find_prepared(r, Store(store_dir)).path == first.path
-    created = first.manifest["created"]
-    assert run(r, store_dir, force=True).path == first.path  # rebuilt in place
+    (first.path / "left-by-the-first-build").write_text("x")  # a forced rebuild replaces the whole folder
+    console = quiet()
+    forced = prepare(r, Store(store_dir), console=console, force=True)
+    assert forced.path == first.path  # the fingerprint only depends on input + settings: same name
+    assert "up to date" not in console.file.getvalue()
+    assert not (first.path / "left-by-the-first-build").exists()
+    assert forced.manifest["fingerprint"] == first.manifest["fingerprint"]
+    assert np.array_equal(np.concatenate(forced.shards("train")), np.concatenate(first.shards("train")))
     other = run(recipe(source=[str(tmp_path / "*.txt")], val_fraction=0.5, vocab_size=280), store_dir)
     assert other.path != first.path
     source.write_text("One changed document.\n" * 50)
@@ -134,7 +140,6 @@ def test_same_input_reuses_changed_input_or_settings_make_a_new_one(tmp_path, st
     assert changed.path not in (first.path, other.path)
     assert sorted(p.name for p in (store_dir / "data").iterdir()) == sorted(
         p.name for p in (first.path, other.path, changed.path))
-    assert created  # the forced rebuild kept the same name: the fingerprint only depends on input + settings
 
 
 def test_single_text_file_is_cut_into_pseudo_documents_for_val(tmp_path, store_dir):
@@ -284,7 +289,11 @@ def test_real_sms_collection_with_gpt2_tokenizer(data_file, store_dir):
     m = run(r, store_dir).manifest
     assert sum(s["records"] for s in m["splits"].values()) == 4738
     assert sum(s["class_counts"]["spam"] for s in m["splits"].values()) == 635
-    assert m["splits"]["test"]["records"] == pytest.approx(0.15 * 4738, abs=15)
+    # Stratified: each class gives round(fraction * its records) to test, then to val (groups are single
+    # records here: the collection's exact duplicates are one record each after deduplication).
+    for label, total in (("ham", 4738 - 635), ("spam", 635)):
+        assert m["splits"]["test"]["class_counts"][label] == round(0.15 * total)
+        assert m["splits"]["val"]["class_counts"][label] == round(0.1 * total)
 
 
 # --- instruct -----------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """`llmstages pretrain` end to end through the CLI, on real text: outputs, dry run, kill + resume, errors."""
 
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,12 +74,15 @@ def test_pretrain_writes_a_complete_run(reference_run):
     assert {"val_loss", "val_ppl", "val_bpb"} <= set(evals[0])
     assert train_lines[-1]["loss"] < train_lines[0]["loss"]  # it learns
     assert (run / "loss.png").exists()
-    ckpt = load_checkpoint("tiny-verdict", Store(store))
-    assert ckpt.meta["task"] == "pretrain" and ckpt.meta["step"] in (8, 16, 24)
+    best = json.loads((run / "best.json").read_text())
+    lowest = min(evals, key=lambda r: r["val_loss"])
+    assert best == {**best, "metric": "val_loss", "value": lowest["val_loss"], "step": lowest["step"]}
+    ckpt = load_checkpoint("tiny-verdict", Store(store))  # a run name alone means its best checkpoint
+    assert ckpt.meta["task"] == "pretrain" and ckpt.meta["step"] == best["step"]
+    assert ckpt.path.name == f"step-{best['step']:06d}" and ckpt.path in steps  # kept by the pruning
+    assert ckpt.meta["metrics"]["val_loss"] == best["value"]
     assert ckpt.meta["tokenizer_fingerprint"] == ckpt.tokenizer.fingerprint
     assert ckpt.meta["data_fingerprint"]
-    best = json.loads((run / "best.json").read_text())
-    assert best["metric"] == "val_loss" and best["value"] == min(r["val_loss"] for r in evals)
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(cli, recipe, store_dir):
@@ -137,9 +142,83 @@ def test_continue_from_a_model_with_another_tokenizer_is_refused(cli, tmp_path, 
 
 def test_evaluate_text_reports_bits_per_byte(cli, reference_run, data_file):
     store, _ = reference_run
-    result = cli("--store", str(store), "evaluate", "tiny-verdict", "--data",
-                 str(data_file("tinystories/tinystories_sample.txt")), "--json")
+    text = data_file("the-verdict.txt")  # one document: no end-of-text tokens inside (they carry no bytes)
+    result = cli("--store", str(store), "evaluate", "tiny-verdict", "--data", str(text), "--json")
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout)
-    assert {"loss", "perplexity", "bits_per_byte", "tokens"} <= set(figures)
-    assert 0 < figures["bits_per_byte"] < 20
+    assert {"loss", "perplexity", "bits_per_byte", "tokens"} <= set(figures) and figures["documents"] == 1
+    assert figures["perplexity"] == pytest.approx(math.exp(figures["loss"]), rel=1e-6)
+    # bits per byte = nats per token x tokens / (bytes x ln 2), the bytes being the file's UTF-8 bytes
+    expected = figures["loss"] * figures["tokens"] / (len(text.read_bytes()) * math.log(2))
+    assert figures["bits_per_byte"] == pytest.approx(expected, rel=0.005)
+
+
+def test_torchrun_through_the_cli_matches_one_process(tmp_path, recipe, reference_run):
+    """`torchrun -m llmstages pretrain` on a fresh store: rank 1 waits while rank 0 prepares the data,
+    then two processes log the one-process figures (same batches; only summation order differs)."""
+    _, reference = reference_run
+    store = tmp_path / "store"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master-port", str(29500 + (os.getpid() + 13) % 1000), "-m", "llmstages", "--store", str(store),
+           "pretrain", str(recipe)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("preparing dataset") == 1  # rank 0 only
+    assert len(list((store / "data").iterdir())) == 1
+    ddp = log_figures(store)
+    assert [f[0] for f in ddp] == [f[0] for f in reference]
+    for one, two in zip(reference, ddp):
+        for a, b in zip(one[1:4], two[1:4]):  # loss, val_loss, val_bpb (None where the line has none)
+            assert b == (None if a is None else pytest.approx(a, rel=1e-4)), (one, two)
+        assert two[5] == one[5]  # tokens
+
+
+def test_continued_pretraining_from_init_from(cli, tmp_path, reference_run, data_file):
+    store, reference = reference_run
+    path = write_recipe(tmp_path, data_file("the-verdict.txt"), name="more", max_steps=2, eval_every=2,
+                        save_every=2, log_every=1)
+    text = path.read_text().replace("tokenizer: train", "tokenizer: auto")  # the base model's tokenizer
+    path.write_text(text.replace("task: pretrain", f"task: pretrain\ninit_from: {store}/runs/tiny-verdict"))
+    result = cli("--store", str(tmp_path / "store2"), "pretrain", str(path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = load_checkpoint("more", Store(tmp_path / "store2"))
+    base = load_checkpoint("tiny-verdict", Store(store))
+    assert ckpt.meta["parent"]["ref"] == f"{store}/runs/tiny-verdict"
+    assert ckpt.meta["parent"]["step"] == base.meta["step"]
+    assert ckpt.tokenizer.fingerprint == base.tokenizer.fingerprint and ckpt.model.config == base.model.config
+    first = log_figures(tmp_path / "store2", "more")[0]
+    assert first[0] == 1 and first[1] < math.log(400) - 0.5  # step 1 starts from trained weights, not ln V
+    show = cli("--store", str(tmp_path / "store2"), "show", "more")
+    step = base.meta["step"]
+    assert show.returncode == 0  # the readable lineage: this run, then its parent one level down
+    assert re.search(rf"└─ \S+tiny-verdict/step-0*{step}\s+task=pretrain step={step}\n", show.stdout)
+
+
+def test_pretrain_refuses_bad_starting_points_before_step_1(recipe, store_dir, capsys, monkeypatch, tmp_path):
+    """In process (each is refused before any training): too small a vocabulary, a classifier to continue
+    from, a recipe of another task."""
+    import torch
+
+    from llmstages.checkpoint import save_checkpoint
+    from llmstages.cli import main as cli_main
+    from llmstages.model import GPT, GPTConfig
+    from llmstages.tokenizer import train_bpe
+
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def refused(*args: str) -> str:
+        assert cli_main(["--store", str(store_dir), *args]) == 2
+        return " ".join(capsys.readouterr().err.split())
+
+    assert "model.vocab_size=100 is smaller than the tokenizer's 400 tokens" in refused(
+        "pretrain", str(recipe), "model.vocab_size=100")
+    tok = train_bpe(["a few words of text"] * 5, 280)
+    torch.manual_seed(0)
+    clf = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=1, n_embd=8, num_classes=2,
+                        class_names=["a", "b"]))
+    save_checkpoint(Store(store_dir), "clf", 1, clf, tok, {"task": "classify"})
+    assert "init_from=clf is a classifier; pretraining needs a language model" in refused(
+        "pretrain", str(recipe), "init_from=clf")
+    assert "the recipe's task is classify; pretrain runs task: pretrain recipes" in refused("pretrain", "finetune-spam")
+    assert not (store_dir / "runs" / "tiny-verdict").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -123,8 +124,9 @@ def test_jsonl_records_and_bad_lines(tmp_path):
     items = read(path)
     assert [(r.where, r.fields) for r in items if isinstance(r, Record)] == [
         ("d.jsonl:1", {"text": "a"}), ("d.jsonl:3", {"text": "b"})]
-    assert bad(items) == [
-        "d.jsonl:4: invalid JSON (Expecting property name enclosed in double quotes at column 2)",
+    problems = bad(items)
+    assert re.fullmatch(r"d\.jsonl:4: invalid JSON \(.+ at column 2\)", problems.pop(0))  # words: CPython's
+    assert problems == [
         "d.jsonl:5: expected a JSON object, got an array",
         "d.jsonl:6: invalid UTF-8 (byte 0xff at byte 11 of the line); save the file as UTF-8",
     ]

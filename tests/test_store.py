@@ -81,8 +81,8 @@ def test_corruption_is_detected(tmp_path, tokenizer):
     data[-1] ^= 0xFF  # same size, different bytes
     (path / "model.safetensors").write_bytes(bytes(data))
     assert is_committed(path)  # the fast check sees sizes only
-    assert verify(path)
-    with pytest.raises(UserError, match="do not match MANIFEST"):
+    assert verify(path) == [f"{path / 'model.safetensors'}: contents do not match MANIFEST (corrupted or modified)"]
+    with pytest.raises(UserError, match=f"{path / 'model.safetensors'}: contents do not match MANIFEST"):
         load_checkpoint("r", store)
 
 
@@ -143,9 +143,13 @@ def test_train_state_loads_without_executing_code(tmp_path):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
     torch.save({"x": Evil()}, folder / "train_state.pt")
-    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+    with pytest.raises(UserError) as err:  # our message naming the file, not torch's exception
         load_train_state(folder)
+    assert str(err.value).startswith(f"{folder / 'train_state.pt'}: cannot load the train state")
     assert not (tmp_path / "pwned").exists()
+    (folder / "train_state.pt").write_bytes(b"not a torch file")  # plain corruption: the same clear error
+    with pytest.raises(UserError, match="cannot load the train state"):
+        load_train_state(folder)
 
 
 def test_lineage_follows_parents(tmp_path, tokenizer):

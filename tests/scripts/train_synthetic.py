@@ -1,12 +1,18 @@
 """Train a 2-layer model on Tiny-Shakespeare-like synthetic text through the shared loop (no prepare step).
 
-    python train_synthetic.py STORE STEPS [--resume] [--allow-change] [--nan-at STEP] [KEY=VALUE ...]
+    python train_synthetic.py STORE STEPS [--resume] [--allow-change] [--nan-at STEP] [--signal SIG@MICRO[@parent]]
+                              [KEY=VALUE ...]
 
 Used by tests/test_loop.py in real subprocesses (kill, resume, torchrun). Exit codes follow the CLI.
+`--signal TERM@31` sends SIGTERM to this process while it computes micro-batch 31 (rank 0 only; the
+micro-batches of step s are s*2 and s*2+1 on one process, s*2 on rank 0 of two), so a test stops a run
+at an exact point mid-step without sleeping; `@parent` sends it to the parent (torchrun's agent) instead,
+as a user's kill of torchrun would. Repeatable; under torchrun give it as SYN_SIGNAL=SPEC in the environment.
 """
 
+import os
+import signal
 import sys
-import time
 
 import numpy as np
 import torch
@@ -33,6 +39,14 @@ def corpus(n_words: int, seed: int) -> str:
 def main() -> int:
     store, steps, *rest = sys.argv[1:]
     flags = {a for a in rest if a.startswith("--")}
+    signals = {}  # micro-batch index -> (signal, target pid)
+    specs = [rest[i + 1] for i, arg in enumerate(rest) if arg == "--signal"]
+    specs += os.environ.get("SYN_SIGNAL", "").split()  # under torchrun (whose parser would take --signal)
+    for spec in specs:
+        name, micro, *to = spec.split("@")
+        signals[int(micro)] = (getattr(signal, f"SIG{name}"), os.getppid() if to == ["parent"] else os.getpid())
+    if os.environ.get("RANK", "0") != "0":
+        signals = {}
     nan_at = int(rest[rest.index("--nan-at") + 1]) if "--nan-at" in rest else None
     overrides = [a for a in rest if "=" in a]
     tok = train_bpe([corpus(5000, 0)], int(rest[rest.index("--vocab") + 1]) if "--vocab" in rest else 300)
@@ -47,13 +61,13 @@ def main() -> int:
     val = fixed_windows([val_ids], 64, 4, 2)
 
     def loss(m, batch):
-        if "--slow" in flags:
-            time.sleep(0.5)  # gives a test time to send a second signal mid-step
+        if batch["micro"] in signals:
+            os.kill(*reversed(signals.pop(batch["micro"])))  # mid-step: after the batch is drawn, before backward
         value = lm_loss(m, batch)
         return value * float("nan") if nan_at is not None and batch["index"] >= nan_at else value
 
     def batch(index):
-        return dict(sampler(index), index=index // (recipe.train.global_batch_size // 4))
+        return dict(sampler(index), index=index // (recipe.train.global_batch_size // 4), micro=index)
 
     data_fingerprint = rest[rest.index("--data") + 1] if "--data" in rest else "synthetic"
     task = TrainTask("pretrain", batch, loss, lambda m: lm_metrics(m, val), data_fingerprint)

@@ -1,0 +1,53 @@
+"""The benchmarks fail loudly: missing data is an error (never random data), a failing benchmark fails
+`make bench`, and the output goes to an ignored folder, not a tracked file. Nothing here is timed."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def bench(*args: str, env_data: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if env_data is not None:
+        env["LLMSTAGES_TEST_DATA"] = env_data
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=BENCH.parent)
+
+
+def test_missing_data_is_an_error_naming_the_file(tmp_path):
+    for script, wanted in (("bench_train.py", "tinyshakespeare.txt"), ("bench_classify.py", "SMSSpamCollection.tsv"),
+                           ("bench_prepare.py", "gutenberg")):
+        result = bench(str(BENCH / script), "--data", str(tmp_path / "nowhere"))
+        assert result.returncode == 2, (script, result.stderr[-2000:])
+        assert f"{tmp_path / 'nowhere'}" in result.stderr and wanted in result.stderr, script
+        assert "never fall back" in result.stderr
+    # the same rule without --data: $LLMSTAGES_TEST_DATA
+    result = bench(str(BENCH / "bench_classify.py"), env_data=str(tmp_path / "elsewhere"))
+    assert result.returncode == 2 and str(tmp_path / "elsewhere") in result.stderr
+
+
+def test_run_all_fails_when_a_benchmark_fails_and_writes_outside_tracked_files(tmp_path):
+    out = tmp_path / "bench.json"
+    result = bench(str(BENCH / "run_all.py"), "--only", "classify", "--data", str(tmp_path / "nowhere"),
+                   "--out", str(out))
+    assert result.returncode == 1 and "bench: FAILED: classify" in result.stderr
+    figures = json.loads(out.read_text())["benchmarks"]["classify"]
+    assert figures["returncode"] == 2 and any("SMSSpamCollection.tsv" in line for line in figures["error"])
+    unknown = bench(str(BENCH / "run_all.py"), "--only", "nosuch", "--out", str(out))
+    assert unknown.returncode == 2 and "unknown benchmark(s) nosuch" in unknown.stderr
+    source = (BENCH / "run_all.py").read_text()
+    assert 'default=str(HERE / "results" / "bench.json")' in source  # bench/results/ is in .gitignore
+    assert "/bench/results/" in (BENCH.parent / ".gitignore").read_text().splitlines()
+
+
+def test_generate_benchmark_runs_on_tiny_settings():
+    result = bench(str(BENCH / "bench_generate.py"), "--size", "tiny", "--new-tokens", "4", "--prompt-tokens", "4",
+                   "--repeats", "1", "--vocab-size", "300")
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["benchmark"] == "generate" and figures["new_tokens"] == 4
+    assert figures["tokens_per_s_with_cache"] > 0 and figures["tokens_per_s_without_cache"] > 0
