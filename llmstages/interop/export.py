@@ -17,7 +17,8 @@ from typing import Protocol
 from safetensors.torch import save_file
 
 from llmstages.errors import UserError
-from llmstages.interop import gpt2, llama
+import llmstages.interop.gpt2 as gpt2
+import llmstages.interop.llama as llama
 from llmstages.model import GPT, GPTConfig
 from llmstages.store import atomic_dir
 from llmstages.tokenizer import Tokenizer
@@ -39,8 +40,8 @@ def export_family(config: GPTConfig, ref: str):
     why = llama.exportable(config)
     if why is None:
         return llama
-    raise UserError(f"{ref}: export --format hf writes GPT-2 and Llama-family (llama, qwen2, mistral) models; "
-                    f"this one (arch={config.arch}) has {why}",
+    raise UserError(f"{ref}: export --format hf writes GPT-2 models and Llama-family ones (llama, qwen2, "
+                    f"mistral); this one (arch={config.arch}) has {why}",
                     hint="export a checkpoint trained with model.arch=gpt2, or with rope, rmsnorm, swiglu blocks "
                          "and no qk_norm or soft-cap")
 

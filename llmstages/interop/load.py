@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from llmstages.errors import UserError
-from llmstages.interop import gpt2, llama
+import llmstages.interop.gpt2 as gpt2
+import llmstages.interop.llama as llama
 from llmstages.interop.hub import WeightSource, fingerprint, read_hf_config, resolve_hf
 from llmstages.model import GPT, GPTConfig
 from llmstages.tokenizer import Tokenizer
