@@ -249,8 +249,9 @@ class FinetuneConfig:
     lora_targets: list[str] = _f(factory=lambda: list(LORA_TARGETS))
     # Classification: how to treat class imbalance in the training set.
     balance: str = _f("none", choices=("none", "undersample", "weighted"))
-    # Instruction: prompt template, and whether prompt tokens are left out of the loss.
-    template: str = _f("alpaca", choices=("alpaca", "chat"))
+    # Instruction: prompt template (alpaca | chat | hf), and whether prompt tokens are left out of the loss.
+    # hf = the model's own chat_template (tokenizer_config.json); its end-of-turn token ends each response.
+    template: str = _f("alpaca", choices=("alpaca", "chat", "hf"))
     mask_prompt: bool = True
     # Instruction: sample generations for fixed validation prompts printed at each eval.
     eval_samples: int = _f(2, ge=0)
