@@ -152,3 +152,25 @@ def test_generate_chat_and_chat_on_the_hf_model_itself(hf_base, capsys, monkeypa
     replies = chat(ckpt, Sampling(max_new_tokens=4, temperature=0.0), read_line=lambda p: queue.pop(0),
                    write=seen.append, console=quiet())
     assert replies == 2 and ckpt.tokenizer.eot == "<|im_end|>"
+
+
+def test_dry_run_estimates_memory_and_warns_before_it_would_not_fit(hf_base, tmp_path, store_dir, monkeypatch):
+    from llmstages.model import num_params
+    source = tmp_path / "inst.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in instruct_rows()))
+    console = quiet()
+    figures = finetune(recipe("instruct", source, hf_base, "dry", template="hf"), Store(store_dir), dry_run=True,
+                       console=console)
+    params = figures["parameters"]
+    assert figures["fits"] is True and figures["estimated weights (MiB)"] == round(params * 4 / (1 << 20), 1)
+    assert figures["estimated optimizer (MiB)"] == round(params * 8 / (1 << 20), 1)
+    assert figures["estimated activations (MiB)"] > 0
+    lora = finetune(recipe("instruct", source, hf_base, "dry", template="hf", trainable="lora"), Store(store_dir),
+                    dry_run=True, console=quiet())
+    assert lora["estimated optimizer (MiB)"] < figures["estimated optimizer (MiB)"]
+    monkeypatch.setattr("llmstages.dryrun.free_memory", lambda device: 1 << 20)  # 1 MiB free
+    figures = finetune(recipe("instruct", source, hf_base, "dry", template="hf"), Store(store_dir), dry_run=True,
+                       console=console)
+    assert figures["fits"] is False and "would not fit" in console.file.getvalue()
+    assert "measured tokens/s" not in figures and num_params
+    assert not (store_dir / "runs" / "dry").exists()
