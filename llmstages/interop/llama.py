@@ -29,7 +29,7 @@ import torch
 from llmstages.errors import UserError
 from llmstages.interop.hub import WeightSource
 from llmstages.model import GPT, GPTConfig
-from llmstages.tokenizer import Tokenizer
+from llmstages.tokenizer import Tokenizer, special_token
 
 PREFIX = ""
 FAMILY = ("llama", "mistral", "qwen2")
@@ -193,7 +193,8 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer, dtype: torch.dtype = torc
     """config.json for `transformers`: {Llama,Qwen2,Mistral}ForCausalLM or ...ForSequenceClassification."""
     kind = export_type(config)
     head = "ForSequenceClassification" if config.num_classes else "ForCausalLM"
-    bos = tokenizer.inner.token_to_id(str(tokenizer.config.get("bos_token") or "")) if tokenizer.config else None
+    bos_token = special_token(tokenizer.config, "bos_token")
+    bos = tokenizer.inner.token_to_id(bos_token) if bos_token else None
     hf = {
         "architectures": [ARCHITECTURES[kind] + head], "model_type": kind,
         "vocab_size": config.vocab_size, "hidden_size": config.n_embd, "intermediate_size": config.mlp_width,
