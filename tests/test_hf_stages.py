@@ -138,9 +138,14 @@ def test_classify_from_an_hf_base_and_export(hf_base, tmp_path, store_dir, capsy
     assert "accuracy" in json.loads(capsys.readouterr().out)
 
 
-def test_generate_chat_and_chat_on_the_hf_model_itself(hf_base, capsys, monkeypatch):
+def test_generate_chat_evaluate_and_chat_on_the_hf_model_itself(hf_base, tmp_path, capsys, monkeypatch):
     from llmstages.cli import main
+    source = tmp_path / "inst.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in instruct_rows(4)))
     capsys.readouterr()
+    assert main(["evaluate", f"hf:{hf_base}", "--data", str(source), "--template", "hf", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["template"] == "hf" and 0 <= scores["rouge_l"] <= 1 and scores["loss"] > 0
     assert main(["generate", f"hf:{hf_base}", "Name color 1.", "--chat", "-t", "0", "-n", "5", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["prompt"] == "Name color 1." and result["tokens"] >= 1
