@@ -20,7 +20,7 @@ from llmstages.errors import UserError
 import llmstages.interop.gpt2 as gpt2
 import llmstages.interop.llama as llama
 from llmstages.interop.hub import WeightSource, fingerprint, read_hf_config, resolve_hf
-from llmstages.model import GPT, GPTConfig
+from llmstages.model import GPT
 from llmstages.tokenizer import Tokenizer
 
 FAMILIES = {"gpt2": gpt2, **{name: llama for name in llama.FAMILY}}
