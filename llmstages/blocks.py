@@ -17,6 +17,7 @@ Shapes: B batch, T time, C = n_embd, H = n_head, Hkv = n_kv_head, D = C // H.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,9 +43,36 @@ def make_norm(config: GPTConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (T, D / 2) of the angles p * theta^(-2i / D) for each position p (T,) and pair i, in fp32."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
+                     device: torch.device | None = None) -> torch.Tensor:
+    """The D / 2 rotation frequencies theta^(-2i / D), in fp32, computed as Hugging Face does (1 / theta^x),
+    so imported models match it bit for bit; `scaling` stretches them for longer contexts:
+
+        linear  every frequency / factor (position interpolation, Chen et al. 2023)
+        llama3  Llama 3.1's scheme: wavelengths above original_max_position_embeddings / low_freq_factor
+                are divided by factor, those below .../high_freq_factor kept, the band between blended
+    """
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / theta ** exponent  # (D/2,)
+    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (T, D / 2) of the angles p * freq_i for each position p (T,) and pair i, in fp32."""
+    inv_freq = rope_frequencies(head_dim, theta, scaling, positions.device)
     angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
     return angles.cos(), angles.sin()
 
@@ -89,7 +117,8 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.n_embd // config.n_head
         self.dropout = config.dropout
         qkv = (self.n_head + 2 * self.n_kv_head) * self.head_dim
-        self.c_attn = nn.Linear(config.n_embd, qkv, bias=config.bias)  # q, k, v in one matmul
+        # q, k, v in one matmul; qkv_bias gives it a bias even without the others' (Qwen2)
+        self.c_attn = nn.Linear(config.n_embd, qkv, bias=config.bias or config.qkv_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         if config.qk_norm:  # one gain of D per layer, shared by the heads (as Qwen3's q_norm / k_norm)

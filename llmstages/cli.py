@@ -316,6 +316,8 @@ def generate(
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (1 = off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
     raw: bool = typer.Option(False, "--raw", help="Do not apply an instruction model's prompt template."),
+    as_chat: bool = typer.Option(False, "--chat", help="PROMPT is a user message: format it with the model's "
+                                 "template (its own chat template for hf: models) and stop at the end of turn."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Generate without the KV cache (slower)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
 ) -> None:
@@ -324,7 +326,8 @@ def generate(
     Examples:\n
       llmstages generate quickstart "The old man said" --temperature 0.8 --top-k 50 --seed 1\n
       llmstages generate instruct "Rewrite in passive voice: The cat ate the fish." -t 0\n
-      llmstages generate quickstart "Once upon a time" --json
+      llmstages generate quickstart "Once upon a time" --json\n
+      llmstages generate hf:HuggingFaceTB/SmolLM2-135M-Instruct "What is 2+2?" --chat -t 0
     """
     from llmstages.checkpoint import load_checkpoint
     from llmstages.runtime import set_threads
@@ -336,9 +339,19 @@ def generate(
     ckpt = load_checkpoint(model, _store())
     model_input = None
     template = ckpt.meta.get("template")
+    if as_chat and raw:
+        raise UserError("--chat and --raw contradict each other", hint="give one of them")
+    if as_chat and not template:
+        from llmstages.stages.chat import chat_template_name
+        template = chat_template_name(ckpt)
+        if template is None:
+            raise UserError(f"{model}: --chat needs a prompt template, and this model has none (no chat_template "
+                            "in its tokenizer_config.json, no template in its checkpoint)",
+                            hint="drop --chat to continue the prompt as plain text")
     if template and not raw:
-        from llmstages.templates import format_prompt
-        model_input = format_prompt(template, prompt)
+        from llmstages.templates import chat_tokenizer, format_prompt, resolve
+        ckpt.tokenizer = chat_tokenizer(template, ckpt.tokenizer)  # hf: stop at the end-of-turn token
+        model_input = format_prompt(resolve(template, ckpt.tokenizer), prompt)
     sampling = Sampling.from_checkpoint(ckpt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                         top_p=top_p, seed=seed)
     result = generate_text(ckpt, prompt, model_input=model_input, **sampling.as_kwargs(), use_cache=not no_cache,
@@ -352,7 +365,8 @@ def generate(
 
 @app.command()
 def chat(
-    model: str = typer.Argument(..., help="An instruction model: run name, run@STEP or checkpoint folder."),
+    model: str = typer.Argument(..., help="An instruction model: run name, run@STEP, checkpoint folder, or "
+                                "hf:DIR_OR_ID with a chat template."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", min=1, help="Most tokens per reply."),
     temperature: Optional[float] = typer.Option(None, "--temperature", "-t", min=0.0, help="0 = greedy."),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help="Keep the k most likely tokens (0 = off)."),

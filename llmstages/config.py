@@ -275,8 +275,9 @@ class FinetuneConfig:
     # Classification: after training, average the weights of the last N checkpoints (needs
     # train.keep_last >= N) into run `<run>-avg`, which is then the model scored on the test split (0 = off).
     average_last: int = _f(0, ge=0)
-    # Instruction: prompt template, and whether prompt tokens are left out of the loss.
-    template: str = _f("alpaca", choices=("alpaca", "chat"))
+    # Instruction: prompt template (alpaca | chat | hf), and whether prompt tokens are left out of the loss.
+    # hf = the model's own chat_template (tokenizer_config.json); its end-of-turn token ends each response.
+    template: str = _f("alpaca", choices=("alpaca", "chat", "hf"))
     mask_prompt: bool = True
     # Instruction: sample generations for fixed validation prompts printed at each eval.
     eval_samples: int = _f(2, ge=0)

@@ -1,11 +1,15 @@
 """`--dry-run`: what a training run would do, with its time and memory measured on two real steps.
 
 Nothing is trained or written: the figures come from timing a few forward/backward passes of
-the real model on real batches (no optimizer step), so the estimate reflects this machine.
+the real model on real batches (no optimizer step), so the estimate reflects this machine. Before
+that, the memory of the run is estimated from the model and the batch shape (weights, gradients,
+optimizer states, activations); when it exceeds what the device has free, a warning says so and the
+measuring steps are skipped (they would run out of memory).
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -18,12 +22,75 @@ from llmstages.runlog import summary_table
 from llmstages.runtime import autocast, peak_device_mb, peak_rss_mb, resolve_device, resolve_precision
 
 
+def memory_estimate(model: GPT, batch_shape: tuple[int, int], precision: str, trainable_layers: int) -> dict[str, float]:
+    """Bytes of a training step, by part (a rough guide, not a measurement).
+
+    weights: as stored; gradients: one per trainable weight, same type; optimizer: AdamW's two moments
+    (Muon keeps one, so this is an upper bound) in fp32; activations kept for the backward pass, per
+    token and trainable layer about 8 C + 3 F values (norm inputs, q/k/v, attention output, residuals,
+    MLP hidden and its activation), plus the logits (B, T, V) in fp32 and their gradient.
+    """
+    seen, weights, trainable = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        weights += p.numel() * p.element_size()
+        trainable += p.numel() * p.element_size() if p.requires_grad else 0
+    n_trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+    B, T = batch_shape
+    c = model.config
+    act_bytes = 2 if precision == "bf16" else 4
+    per_token = trainable_layers * (8 * c.n_embd + 3 * c.mlp_width) * act_bytes
+    outputs = c.num_classes if c.num_classes else c.vocab_size
+    activations = B * T * per_token + 2 * B * T * outputs * 4
+    return {"weights": weights, "gradients": trainable, "optimizer": 8 * n_trainable, "activations": activations}
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on `device`: the GPU's free memory, or the RAM Linux reports as available."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else None
+        return pages * os.sysconf("SC_PAGE_SIZE") if pages else None
+
+
+def trainable_layer_count(model: GPT) -> int:
+    """Blocks from the first one with a trainable weight to the last: the backward pass runs through them."""
+    blocks = model.transformer.h
+    firsts = [i for i, block in enumerate(blocks) if any(p.requires_grad for p in block.parameters())]
+    return len(blocks) - firsts[0] if firsts else 0
+
+
 def estimate(model: GPT, recipe: Recipe, task: TrainTask, console: Console) -> dict:
     cfg = recipe.train
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     accum = cfg.accumulation(world_size=1)  # the estimate is for one process
     steps = cfg.total_steps(task.examples_per_epoch)
+    first = task.batch(0)
+    parts = memory_estimate(model, tuple(first["input_ids"].shape), precision, trainable_layer_count(model))
+    need, free = sum(parts.values()), free_memory(device)
+    planned = {f"estimated {k} (MiB)": round(v / (1 << 20), 1) for k, v in parts.items()}
+    planned["estimated total (MiB)"] = round(need / (1 << 20), 1)
+    if free is not None:
+        planned[f"free on {device.type} (MiB)"] = round(free / (1 << 20), 1)
+    if free is not None and need > free:
+        console.print(f"[bold yellow]warning:[/bold yellow] this run needs about {need / (1 << 30):.1f} GiB "
+                      f"({', '.join(f'{k} {v / (1 << 30):.1f}' for k, v in parts.items())}) but {device.type} has "
+                      f"{free / (1 << 30):.1f} GiB free: it would not fit. Try finetune.trainable=lora or "
+                      "last_blocks:N, a smaller train.micro_batch_size (global_batch_size keeps the step), or "
+                      "train.precision=bf16; the measuring steps are skipped.", highlight=False)
+        figures = {"task": task.kind, "device": str(device), "precision": precision, "steps": steps,
+                   "parameters": num_params(model), "trainable parameters": num_params(model, trainable_only=True),
+                   **planned, "fits": False}
+        console.print(summary_table(f"dry run: {recipe.run} (nothing trained)", figures))
+        return figures
     model.to(device).train()
     amp = autocast(device, precision)
 
@@ -60,6 +127,7 @@ def estimate(model: GPT, recipe: Recipe, task: TrainTask, console: Console) -> d
         "estimated time (min)": round(per_micro * accum * steps / 60, 2),
         "peak memory (MiB, measured)": round(peak_device_mb(device) or peak_rss_mb(), 1),
         "optimizer state (MiB)": round(state_mb, 1),
+        **planned, "fits": True,
     }
     if task.examples_per_epoch:
         figures["epochs"] = round(steps * cfg.global_batch_size / task.examples_per_epoch, 2)

@@ -64,11 +64,16 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
+    # A bias on the q, k, v projection (c_attn) even when `bias` is off (Qwen2's attention).
+    qkv_bias: bool = False
     # The preset the block choices came from (a label: the fields below are what counts).
     arch: str = "gpt2"
     # learned (a wpe table of block_size positions) | rope (rotary, no position weights).
     pos_emb: str = "learned"
     rope_theta: float = 10000.0
+    # Rotary frequency scaling, as Hugging Face's config.json `rope_scaling` ({} = none; rope_type linear
+    # or llama3 with its factors): see blocks.rope_frequencies.
+    rope_scaling: dict = field(default_factory=dict)
     # layernorm | rmsnorm, for the block norms and ln_f.
     norm: str = "layernorm"
     norm_eps: float = 1e-5
@@ -94,6 +99,9 @@ class GPTConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=list)
+    # The Hugging Face model_type the weights came from (llama, qwen2, mistral, gpt2; "" = ours):
+    # `export --format hf` writes the same type back.
+    hf_model_type: str = ""
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -190,7 +198,7 @@ class GPT(nn.Module):
         if config.pos_emb == "learned":
             x = x + self.transformer.wpe(pos)
         else:  # cos, sin (T, D/2), a few hundred numbers: computed here, in fp32, at the right positions
-            rope = rope_tables(pos, config.n_embd // config.n_head, config.rope_theta)
+            rope = rope_tables(pos, config.n_embd // config.n_head, config.rope_theta, config.rope_scaling)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, cache)

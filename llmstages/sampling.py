@@ -57,14 +57,16 @@ def generate_tokens(model: GPT, prompt: list[int], *, max_new_tokens: int, tempe
         if not use_cache:
             context = torch.tensor([tokens[-block:]], device=device)  # (1, T)
             logits = model(context, last_only=True)[:, -1]  # (1, V)
-        elif cache is None or cache.pos >= block:
+        elif cache is None or cache.pos >= cache.max_len:
             keep = tokens[-block:] if cache is None else tokens[-(block // 2):]
-            cache = KVCache(model.config, 1, block, device, dtype)
+            # Room for this generation only: a model with a long context (Qwen2.5: 32k positions) would
+            # otherwise allocate hundreds of MB of keys and values per call.
+            cache = KVCache(model.config, 1, min(block, len(keep) + max_new_tokens), device, dtype)
             logits = model(torch.tensor([keep], device=device), cache, last_only=True)[:, -1]
         next_id = int(sample_next(logits, temperature, top_k, top_p, generator)[0])
         tokens.append(next_id)
         yield next_id
         if next_id == stop_id:
             return
-        if use_cache and cache.pos < block:
+        if use_cache and cache.pos < cache.max_len:
             logits = model(torch.tensor([[next_id]], device=device), cache, last_only=True)[:, -1]

@@ -19,36 +19,69 @@ from llmstages.errors import UserError
 EOT = "<|endoftext|>"
 
 
-class Tokenizer:
-    """A loaded tokenizer with the end-of-text id and a fingerprint of its exact definition."""
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
-    def __init__(self, inner: HFTokenizer):
+
+def special_token(config: dict, key: str) -> str | None:
+    """A special token of a Hugging Face tokenizer_config.json: a string, or {"content": ...}."""
+    value = config.get(key)
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class Tokenizer:
+    """A loaded tokenizer with the end-of-text id and a fingerprint of its exact definition.
+
+    `config` is a Hugging Face `tokenizer_config.json` when the tokenizer came with one (models loaded
+    with hf:, and their fine-tuned checkpoints, which keep it beside tokenizer.json): its `eos_token`
+    is our end-of-text token (SmolLM2's and Qwen2's `<|endoftext|>`, Llama 3's `<|end_of_text|>`,
+    an instruct model's end of turn), and its `chat_template` the model's own prompt format.
+    """
+
+    def __init__(self, inner: HFTokenizer, config: dict | None = None):
         inner.no_truncation()  # GPT-2's published tokenizer.json carries max_length 50; we never truncate here
         inner.no_padding()
         self.inner = inner
-        eot = inner.token_to_id(EOT)
+        self.config: dict = dict(config or {})
+        self.eot: str = special_token(self.config, "eos_token") or EOT
+        eot = inner.token_to_id(self.eot)
         if eot is None:
-            raise UserError(f"the tokenizer has no {EOT} token",
+            raise UserError(f"the tokenizer has no {self.eot} token",
                             hint="train one with data.tokenizer=train, or add the special token")
         self.eot_id: int = eot
+
+    def with_eot(self, token: str) -> "Tokenizer":
+        """The same tokenizer with `token` as its end-of-text (e.g. a chat template's end of turn)."""
+        return Tokenizer(self.inner, dict(self.config, eos_token=token))
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's own Jinja chat template, if its tokenizer_config.json has one."""
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # the list form: [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        return template if isinstance(template, str) else None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
         """Load `tokenizer.json` (or a folder holding one, or vocab.json + merges.txt)."""
         path = Path(path)
+        folder = path if path.is_dir() else path.parent
+        config = read_tokenizer_config(folder / TOKENIZER_CONFIG)
         if path.is_dir():
             if (path / "tokenizer.json").exists():
                 path = path / "tokenizer.json"
             elif (path / "vocab.json").exists() and (path / "merges.txt").exists():
-                return cls(gpt2_style_from_vocab_merges(path / "vocab.json", path / "merges.txt"))
+                return cls(gpt2_style_from_vocab_merges(path / "vocab.json", path / "merges.txt"), config)
             else:
                 raise UserError(f"{path}: no tokenizer.json (or vocab.json + merges.txt) in this folder")
         if not path.exists():
             raise UserError(f"{path}: tokenizer file not found")
         try:
-            return cls(HFTokenizer.from_file(str(path)))
+            inner = HFTokenizer.from_file(str(path))
         except Exception as err:  # the Rust library raises plain Exception with a parse message
             raise UserError(f"{path}: not a valid tokenizer.json ({err})") from None
+        return cls(inner, config)
 
     @property
     def vocab_size(self) -> int:
@@ -58,7 +91,11 @@ class Tokenizer:
         return self.inner.to_str()
 
     def save(self, path: str | Path) -> None:
+        """Write tokenizer.json, and beside it the tokenizer_config.json it came with (if any)."""
         Path(path).write_text(self.to_str(), encoding="utf-8")
+        if self.config:
+            (Path(path).parent / TOKENIZER_CONFIG).write_text(json.dumps(self.config, indent=2, ensure_ascii=False),
+                                                              encoding="utf-8")
 
     @property
     def fingerprint(self) -> str:
@@ -81,6 +118,19 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
         return self.inner.decode(list(ids), skip_special_tokens=skip_special)
+
+
+def read_tokenizer_config(path: Path) -> dict:
+    """A tokenizer_config.json as a dict ({} when there is none)."""
+    if not path.exists():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return config
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> list[int]:

@@ -124,11 +124,26 @@ def compute_fingerprint(recipe: Recipe, files: dict[str, list[SourceFile]], choi
         "tokenizer": choice.identity(),
         "template": recipe.finetune.template if recipe.task == "instruct" else None,
     }
+    if recipe.task == "instruct" and recipe.finetune.template == "hf":  # the model's own template and end token
+        parts["chat_template"] = [choice.tokenizer.chat_template, choice.tokenizer.eot]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def choose_tokenizer(recipe: Recipe, store: Store) -> TokenizerChoice:
-    """data.tokenizer: auto (the init_from model's, else train), train, or a tokenizer.json / folder."""
+    """data.tokenizer: auto (the init_from model's, else train), train, or a tokenizer.json / folder.
+    An instruction recipe with template hf ends responses with the chat template's end-of-turn token."""
+    choice = _choose_tokenizer(recipe, store)
+    if recipe.task == "instruct" and recipe.finetune.template == "hf":
+        if choice.tokenizer is None:
+            raise UserError("finetune.template=hf uses the chat template of the model's tokenizer, but this "
+                            "recipe trains a new tokenizer", hint="set init_from to a model with a chat_template "
+                            "(e.g. hf:HuggingFaceTB/SmolLM2-135M), or use template alpaca or chat")
+        from llmstages.templates import chat_tokenizer
+        choice.tokenizer = chat_tokenizer("hf", choice.tokenizer)
+    return choice
+
+
+def _choose_tokenizer(recipe: Recipe, store: Store) -> TokenizerChoice:
     setting = recipe.data.tokenizer.strip()
     if setting == "train" or (setting == "auto" and not recipe.init_from):
         return TokenizerChoice("train")

@@ -1,12 +1,14 @@
 """`llmstages chat`: talk to an instruction model, its replies streamed as they are generated.
 
-The prompt is built with the template stored in the checkpoint, exactly as in training:
+The prompt is built with the template stored in the checkpoint, exactly as in training (a model
+loaded with hf: that has a chat_template in its tokenizer_config.json uses that one, `hf`):
     alpaca  every message is a fresh instruction: format_prompt("alpaca", message). The Alpaca
             format has no turns, so nothing is remembered between messages.
     chat    the conversation so far (an optional system message, then user / assistant turns) is
             formatted with format_chat; the oldest turns are left out when it would not leave room
             for a reply in the context. /reset starts a new conversation.
-A reply ends at <|endoftext|> or after max_new_tokens.
+    hf      as chat, with the model's own Jinja chat template (templates.ChatTemplate).
+A reply ends at <|endoftext|> (hf: the template's end-of-turn token) or after max_new_tokens.
 
 Input: Enter sends the message; a line ending with a backslash continues on the next line.
 /reset clears the conversation, /quit (or /exit, or end of input: Ctrl-D) leaves.
@@ -22,7 +24,7 @@ from rich.console import Console
 from llmstages.checkpoint import Checkpoint
 from llmstages.errors import UserError
 from llmstages.stages.generate import Sampling, generate_text
-from llmstages.templates import TEMPLATES, format_chat, format_prompt
+from llmstages.templates import TEMPLATES, ChatTemplate, chat_tokenizer, format_chat, format_prompt, resolve
 
 QUIT = ("/quit", "/exit")
 RESET = "/reset"
@@ -34,7 +36,7 @@ HELP = ("Enter sends; end a line with \\ to continue on the next line. "
 class Conversation:
     """The history of a chat and the model input for the next user message."""
 
-    def __init__(self, ckpt: Checkpoint, template: str, system: str | None, reserve: int):
+    def __init__(self, ckpt: Checkpoint, template: str | ChatTemplate, system: str | None, reserve: int):
         self.ckpt, self.template, self.system = ckpt, template, system
         # Room kept free for the reply: the prompt may use at most block_size - reserve tokens.
         self.budget = max(1, ckpt.model.config.block_size - reserve)
@@ -48,15 +50,20 @@ class Conversation:
             return format_prompt("alpaca", message)
         head = [{"role": "system", "content": self.system}] if self.system else []
         turns = self.turns + [{"role": "user", "content": message}]
-        text = format_chat(head + turns)
+        text = format_chat(head + turns, self.template)
         while len(turns) > 1 and len(self.ckpt.tokenizer.encode(text)) > self.budget:
             turns = turns[2:]  # leave out the oldest user / assistant pair
-            text = format_chat(head + turns)
+            text = format_chat(head + turns, self.template)
         return text  # a single message longer than the context keeps its end (generate_tokens crops)
 
     def add(self, message: str, reply: str) -> None:
-        if self.template == "chat":
+        if self.template != "alpaca":
             self.turns += [{"role": "user", "content": message}, {"role": "assistant", "content": reply}]
+
+
+def chat_template_name(ckpt: Checkpoint) -> str | None:
+    """The checkpoint's template; for a model without one (hf:), `hf` when its tokenizer has a chat template."""
+    return ckpt.meta.get("template") or ("hf" if ckpt.tokenizer.chat_template else None)
 
 
 def read_message(read_line: Callable[[str], str | None], prompt: str = "> ", more: str = ". ") -> str | None:
@@ -78,15 +85,16 @@ def chat(ckpt: Checkpoint, sampling: Sampling, *, read_line: Callable[[str], str
     """The loop: read a message, stream the reply through `write`; returns the number of replies."""
     if ckpt.model.is_classifier:
         raise UserError(f"{ckpt.ref} is a classifier", hint="use `llmstages classify MODEL TEXT`")
-    template = ckpt.meta.get("template")
+    template = chat_template_name(ckpt)
     if template not in TEMPLATES:
         raise UserError(f"{ckpt.ref} is not an instruction model (its checkpoint has no prompt template)",
                         hint="fine-tune it with `llmstages finetune --task instruct`, or use `llmstages generate`")
-    if system and template != "chat":
+    if system and template == "alpaca":
         console.print("[yellow]note:[/yellow] --system is used by the chat template only; this model uses "
                       f"{template}", highlight=False)
     reserve = min(sampling.max_new_tokens, ckpt.model.config.block_size // 2)
-    conversation = Conversation(ckpt, template, system, reserve)
+    ckpt.tokenizer = chat_tokenizer(template, ckpt.tokenizer)  # hf: a reply ends at the end-of-turn token
+    conversation = Conversation(ckpt, resolve(template, ckpt.tokenizer), system, reserve)
     remembers = " (no memory between messages)" if template == "alpaca" else ""
     console.print(f"[bold]chat[/bold] with {ckpt.ref}: template {template}{remembers}, context "
                   f"{ckpt.model.config.block_size} tokens.\n{HELP}", highlight=False)

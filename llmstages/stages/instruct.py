@@ -231,16 +231,18 @@ def evaluate_instructions(ckpt: Checkpoint, paths: list[str], *, limit: int | No
     from llmstages.data.encode import encode_many
     from llmstages.data.examples import data_settings, read_examples
     from llmstages.rouge import rouge_l
-    from llmstages.templates import TEMPLATES
+    from llmstages.templates import TEMPLATES, chat_tokenizer, resolve
 
     console = console or Console(stderr=True)
     template = template or ckpt.meta.get("template")
     if template not in TEMPLATES:
         raise UserError(f"{ckpt.ref} is not an instruction model (no prompt template in its checkpoint)",
-                        hint="pass --template alpaca (or chat) to score it on instruction data with that template")
-    model, tok = ckpt.model, ckpt.tokenizer
+                        hint="pass --template alpaca (or chat, or hf: the model's own chat template) to score "
+                             "it on instruction data with that template")
+    model, tok = ckpt.model, chat_tokenizer(template, ckpt.tokenizer)  # hf: responses end at the end of turn
     block = model.config.block_size
-    examples = read_examples(paths, "instruct", data_settings(ckpt.meta), template=template, limit=limit)
+    examples = read_examples(paths, "instruct", data_settings(ckpt.meta), template=resolve(template, tok),
+                             limit=limit)
     prompts = encode_many(tok, [e.prompt for e in examples])
     responses = encode_many(tok, [e.response for e in examples])
     records = [np.concatenate([p, r, [tok.eot_id]]).astype(np.int64) for p, r in zip(prompts, responses)]

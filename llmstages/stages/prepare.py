@@ -138,11 +138,15 @@ def read_plan_examples(plan: Plan, bad: BadRecords, progress: Progress) -> dict[
     unit = "documents" if recipe.task == "pretrain" else "records"
     found: dict[str, list] = {}
     count = 0
+    template = recipe.finetune.template
+    if recipe.task == "instruct" and template == "hf":  # choose_tokenizer made sure there is one
+        from llmstages.templates import resolve
+        template = resolve(template, plan.tokenizer.tokenizer)
     for role, files in plan.files.items():
         found[role] = items = []
         for f in files:
             for item in ex.file_examples(f.path, f.display, plan.formats[f.path], recipe.task, recipe.data,
-                                         recipe.finetune.template):
+                                         template):
                 if isinstance(item, BadRecord):
                     bad.add(item)
                 else:

@@ -51,6 +51,10 @@ def check_tokenizer(tokenizer: Tokenizer, data: PreparedDataset, model_ref: str)
         raise UserError(f"tokenizer mismatch: {model_ref} uses tokenizer {tokenizer.fingerprint}, the dataset "
                         f"{data.path.name} was tokenized with {expected}",
                         hint="prepare the data with the model's tokenizer (data.tokenizer=auto with init_from)")
+    if data.manifest.get("eot_id", tokenizer.eot_id) != tokenizer.eot_id:  # e.g. a chat template's end of turn
+        raise UserError(f"end-of-text mismatch: {model_ref} ends texts with token {tokenizer.eot_id} ({tokenizer.eot}), "
+                        f"the dataset {data.path.name} with token {data.manifest['eot_id']}",
+                        hint="prepare the data with the same finetune.template as the run")
 
 
 def build_model(recipe: Recipe, store: Store, data: PreparedDataset,
