@@ -1,6 +1,9 @@
 """Train a 2-layer model on Tiny-Shakespeare-like synthetic text through the shared loop (no prepare step).
 
-    python train_synthetic.py STORE STEPS [--resume] [--allow-change] [--nan-at STEP] [KEY=VALUE ...]
+    python train_synthetic.py STORE STEPS [--resume] [--allow-change] [--nan-at STEP] [--sleep S] [KEY=VALUE ...]
+
+--sleep S: every micro-batch also sleeps S seconds, so that a step takes a steady time on a busy
+machine (tests of train.max_time).
 
 Used by tests/test_loop.py in real subprocesses (kill, resume, torchrun). Exit codes follow the CLI.
 """
@@ -34,6 +37,7 @@ def main() -> int:
     store, steps, *rest = sys.argv[1:]
     flags = {a for a in rest if a.startswith("--")}
     nan_at = int(rest[rest.index("--nan-at") + 1]) if "--nan-at" in rest else None
+    sleep = float(rest[rest.index("--sleep") + 1]) if "--sleep" in rest else 0.0
     overrides = [a for a in rest if "=" in a]
     tok = train_bpe([corpus(5000, 0)], int(rest[rest.index("--vocab") + 1]) if "--vocab" in rest else 300)
     train_ids = np.array(tok.encode(corpus(20000, 1)), dtype=np.uint16)
@@ -49,6 +53,7 @@ def main() -> int:
     def loss(m, batch):
         if "--slow" in flags:
             time.sleep(0.5)  # gives a test time to send a second signal mid-step
+        time.sleep(sleep)
         value = lm_loss(m, batch)
         return value * float("nan") if nan_at is not None and batch["index"] >= nan_at else value
 
