@@ -7,8 +7,9 @@ the training; a 10-minute run with evaluations takes a little more than 10 minut
 log.jsonl has both: `time` (wall clock, evaluations included) and `train_time` (what the budget counts).
 
 The plan, remade after every step until it is fixed (`StepPlan.update`):
-    r = the mean step time of this process, measured after its first WARMUP_STEPS steps
-        (compilation, allocator and cache warm-up make those slow)
+    r = the mean step time over the later half of this process's steps so far, its first
+        WARMUP_STEPS left out (compilation, allocator and cache warm-up make those slow): steady
+        enough to ignore one slow step, recent enough to follow a change of speed
     N = s + floor((budget - t) / r): the s steps done plus those that fit in the time left, t being
         the train_time so far
 The schedule runs against N. When the next step reaches the start of N's final `decay_frac`
@@ -52,7 +53,7 @@ class StepPlan:
         self.cfg, self.dctx, self.device = cfg, dctx, device
         self.budget = cfg.budget_seconds
         self.first_step = state.step  # this process's first step
-        self.mark: tuple[int, float] | None = None  # (step, train_time) where the step-time window starts
+        self.times: list[float] = []  # train_time after each step of this process since its warm-up
         self.notes: list[str] = []  # what the loop should tell the user
         if self.budget is None:
             self.steps: int | None = fixed_steps
@@ -83,19 +84,20 @@ class StepPlan:
             return
         spent = self._train_time(state)
         done = state.step
-        if self.mark is None and done - self.first_step >= WARMUP_STEPS:
-            self.mark = (done, spent)
+        if done - self.first_step >= WARMUP_STEPS:
+            self.times.append(spent)
         if self.end is not None:
             if spent >= self.budget and done < self.end:
                 self.notes.append(f"the time budget ran out at step {done}, before the planned {self.end} "
                                   f"(the steps got slower): stopping here, lr {self.lr_note(done)}")
                 self.end = done
             return
-        if self.mark is None or done <= self.mark[0]:
+        if len(self.times) < 2:
             if spent >= self.budget:
                 self._stop_unannealed(done)
             return
-        per_step = (spent - self.mark[1]) / (done - self.mark[0])
+        half = len(self.times) // 2  # times[half:] spans len - 1 - half steps
+        per_step = (self.times[-1] - self.times[half]) / max(1, len(self.times) - 1 - half)
         estimate = done + max(0, math.floor((self.budget - spent) / max(per_step, 1e-9)))
         if estimate <= done:
             self._stop_unannealed(done)
