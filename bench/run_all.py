@@ -29,6 +29,8 @@ BENCHES = {
     "classify": ["bench_classify.py"],
     # 5-fold cross-validation of finetune-spam vs TF-IDF baselines (needs the quickstart base and scikit-learn)
     "spam_cv": ["spam_cv.py"],
+    # About 40 minutes: the old and the new pretraining recipe at 2.5, 5 and 10 minutes each.
+    "recipes": ["bench_recipes.py"],
 }
 READS_DATA = {"prepare", "train", "classify"}
 

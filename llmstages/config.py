@@ -158,8 +158,13 @@ class TrainConfig:
     # The train.* keys the recipe or an override sets (filled by build_recipe; not a recipe key).
     given: ClassVar[frozenset[str]] = frozenset()
 
-    # Optimizer steps; see also `epochs`.
+    # Optimizer steps; see also `epochs` and `max_time`.
     max_steps: int = _f(1000, ge=1)
+    # A training-time budget instead of a step count, e.g. 90s, 10m, 1h30m ("" = off; then max_steps
+    # and epochs are not used). The steps that fit are estimated from the measured step time and the
+    # schedule decays against that estimate, so the run ends at min_lr when the budget is spent.
+    # Evaluation and checkpoint time do not count against it (llmstages/budget.py).
+    max_time: str = ""
     # If > 0, the number of passes over the training set; sets max_steps from the data size.
     epochs: float = _f(0.0, ge=0.0)
     # Peak learning rate, after warmup. With init_from, the INHERITED settings left unset come from that checkpoint.
@@ -236,6 +241,11 @@ class TrainConfig:
                             hint="make it a multiple, or change the number of processes")
         return self.global_batch_size // (self.micro_batch_size * world_size)
 
+    @property
+    def budget_seconds(self) -> float | None:
+        """train.max_time in seconds (None: the run is counted in steps)."""
+        return parse_duration(self.max_time) if self.max_time else None
+
     def total_steps(self, examples_per_epoch: int | None) -> int:
         """Optimizer steps of the run: `max_steps`, or `epochs` passes over `examples_per_epoch` examples."""
         if self.epochs > 0:
@@ -244,6 +254,25 @@ class TrainConfig:
                                 hint="use train.max_steps instead")
             return max(1, math.ceil(self.epochs * examples_per_epoch / self.global_batch_size))
         return self.max_steps
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(h|m|s)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """`90s`, `10m`, `2.5m`, `1h30m`, or a bare number of seconds -> seconds (> 0); ValueError otherwise."""
+    compact = text.strip().lower().replace(" ", "")
+    try:
+        seconds = float(compact)  # a bare number: seconds
+    except ValueError:
+        parts = _DURATION_PART.findall(compact)
+        if not parts or "".join(n + u for n, u in parts) != compact:
+            raise ValueError(f"{text!r} is not a duration; write it as e.g. 90s, 10m, 2.5m or 1h30m") from None
+        seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{text!r}: a time budget must be more than 0 seconds")
+    return seconds
 
 
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # the linear layers of a transformer block (model.py)
@@ -335,7 +364,8 @@ ALIASES = {
     "micro_batch": "train.micro_batch_size", "gradient_accumulation_steps": "train.global_batch_size",
     "warmup_iters": "train.warmup_steps", "warmup": "train.warmup_steps", "eval_interval": "train.eval_every",
     "eval_iters": "train.eval_batches", "log_interval": "train.log_every", "checkpoint_every": "train.save_every",
-    "clip": "train.grad_clip", "dtype": "train.precision", "num_epochs": "train.epochs",
+    "clip": "train.grad_clip", "time_budget": "train.max_time", "time_limit": "train.max_time",
+    "max_duration": "train.max_time", "dtype": "train.precision", "num_epochs": "train.epochs",
     "n_embed": "model.n_embd", "d_model": "model.n_embd", "hidden_size": "model.n_embd",
     "num_layers": "model.n_layer", "n_layers": "model.n_layer", "num_heads": "model.n_head",
     "n_heads": "model.n_head", "context_length": "model.block_size", "seq_len": "model.block_size",
@@ -353,6 +383,14 @@ def _cross_checks(recipe: Recipe, problems: list[tuple[str, str]]) -> None:
         problems.append(("train.global_batch_size", problem))
     if t.min_lr > t.lr:
         problems.append(("train.min_lr", f"{t.min_lr} is above train.lr={t.lr}"))
+    if t.max_time:
+        try:
+            parse_duration(t.max_time)
+        except ValueError as err:
+            problems.append(("train.max_time", str(err)))
+        if t.epochs > 0:
+            problems.append(("train.max_time", "set together with train.epochs; a run is counted in time or in "
+                             "epochs: set one of them (train.epochs=0 or train.max_time=\"\")"))
     if m.n_embd is not None and m.n_head is not None and m.n_embd % m.n_head:
         problems.append(("model.n_embd", f"{m.n_embd} is not divisible by model.n_head={m.n_head}"))
     if m.n_kv_head and m.n_head is not None and m.n_head % m.n_kv_head:

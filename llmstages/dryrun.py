@@ -72,7 +72,7 @@ def estimate(model: GPT, recipe: Recipe, task: TrainTask, console: Console) -> d
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     accum = cfg.accumulation(world_size=1)  # the estimate is for one process
-    steps = cfg.total_steps(task.examples_per_epoch)
+    steps = None if cfg.budget_seconds else cfg.total_steps(task.examples_per_epoch)  # a budget: measured below
     first = task.batch(0)
     parts = memory_estimate(model, tuple(first["input_ids"].shape), precision, trainable_layer_count(model))
     need, free = sum(parts.values()), free_memory(device)
@@ -110,6 +110,9 @@ def estimate(model: GPT, recipe: Recipe, task: TrainTask, console: Console) -> d
     if device.type == "cuda":
         torch.cuda.synchronize()
     per_micro = (time.perf_counter() - start) / 2
+    # A time budget: the steps that fit at this speed (the run measures again as it goes).
+    budget = cfg.budget_seconds
+    steps = int(budget // (per_micro * accum)) if budget else cfg.total_steps(task.examples_per_epoch)
     model.zero_grad(set_to_none=True)
     tokens_per_micro = tokens / 2
     tokens_per_step = tokens_per_micro * accum
@@ -119,7 +122,8 @@ def estimate(model: GPT, recipe: Recipe, task: TrainTask, console: Console) -> d
     state_mb = (params * 4 + trainable * 12) / (1 << 20)
     figures = {
         "task": task.kind, "device": str(device), "precision": precision, "parameters": params,
-        "trainable parameters": trainable, "steps": steps, "micro-batches per step": accum,
+        "trainable parameters": trainable, **({"time budget": cfg.max_time} if budget else {}),
+        "steps" + (" (estimated)" if budget else ""): steps, "micro-batches per step": accum,
         "tokens per step": int(tokens_per_step), "total tokens": int(tokens_per_step * steps),
         "tokens per parameter": round(tokens_per_step * steps / max(params, 1), 2),
         "FLOPs per token (train)": flops_per_token(model.config, model.config.block_size),

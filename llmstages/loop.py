@@ -33,6 +33,7 @@ import torch.nn as nn
 from rich.console import Console
 
 from llmstages import __version__
+from llmstages.budget import StepPlan
 from llmstages.checkpoint import load_for_resume, save_checkpoint
 from llmstages.config import Recipe, dump_yaml, to_dict
 from llmstages.distributed import DistContext, init_distributed
@@ -100,6 +101,7 @@ class TrainResult:
     tokens: int
     tokens_per_s: float
     stopped_early: bool = False
+    train_seconds: float = 0.0  # `seconds` without evaluation and checkpoint time (what max_time counts)
 
 
 @dataclass
@@ -119,7 +121,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     amp: object  # autocast context (or a null one)
     accum: int
-    max_steps: int
+    plan: StepPlan  # the step count: max_steps, or what fits in max_time
     log: RunLog
     progress: TrainProgress
     peak: float  # the FLOP/s MFU is measured against (nan: unknown)
@@ -175,9 +177,9 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
         console: Console) -> TrainResult:
     """The training loop; the steps are numbered 1..max_steps, `state.step` counts the finished ones."""
     cfg = recipe.train
-    accum, max_steps = cfg.accumulation(dctx.world_size), cfg.total_steps(task.examples_per_epoch)
-    precision = resolve_precision(cfg.precision, device)
+    accum, precision = cfg.accumulation(dctx.world_size), resolve_precision(cfg.precision, device)
     state, saved = start_or_resume(model, tokenizer, recipe, task, store, dctx, resume, allow_change)
+    plan = StepPlan(cfg, 0 if cfg.max_time else cfg.total_steps(task.examples_per_epoch), state, dctx, device)
 
     # --- model, optimizer ---------------------------------------------------------------------------
     model.to(device).train()
@@ -189,12 +191,14 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
         restore_rng(*saved)
     state.to(device)
     run = Run(recipe, task, store, tokenizer, dctx, device, stage, parent, model=stepped, raw_model=model,
-              optimizer=optimizer, amp=autocast(device, precision), accum=accum, max_steps=max_steps,
-              log=RunLog(store.run_dir(recipe.run)), progress=TrainProgress(console, max_steps, state.step,
+              optimizer=optimizer, amp=autocast(device, precision), accum=accum, plan=plan,
+              log=RunLog(store.run_dir(recipe.run)), progress=TrainProgress(console, plan.end, state.step,
                                                                              enabled=dctx.is_main),
               peak=peak_flops(device, precision) if dctx.is_main else float("nan"))
     run.progress.message(f"[bold]{stage}[/bold] run [cyan]{recipe.run}[/cyan]: {num_params(model):,} parameters "
-                         f"({num_params(model, trainable_only=True):,} trainable), {max_steps} steps of "
+                         f"({num_params(model, trainable_only=True):,} trainable), "
+                         + (f"{plan.end} steps" if not plan.timed else f"steps for {cfg.max_time} of training")
+                         + f" of "
                          f"{cfg.global_batch_size} sequences, {precision} on {device}"
                          + (f" x {dctx.world_size} processes" if dctx.enabled else "")
                          + (f", resuming at step {state.step}" if resume else ""))
@@ -205,17 +209,21 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
     last_ckpt = store.latest(recipe.run) if dctx.is_main else None
     stopped_early = False
     state.started = time.perf_counter()
+    plan.update(state)
     try:
         while True:
-            # 1. the learning rate of the next step
-            lr = set_lr(optimizer, state.step, cfg, max_steps)  # each param group scaled from its own base lr
+            # 1. the learning rate of the next step (each param group scaled from its own base lr)
+            lr = set_lr(optimizer, state.step, cfg, plan.horizon, end_on_last=plan.timed)
 
-            # 2. evaluate and commit a checkpoint when the step just finished asks for it
-            improved = due.eval and evaluate(run, state, window)
+            # 2. evaluate and commit a checkpoint when the step just finished asks for it (the time
+            #    they take is not training time: train.max_time does not count it)
+            with state.paused():
+                improved = due.eval and evaluate(run, state, window)
             patience_out = bool(due.any and cfg.patience and state.evals_since_best >= cfg.patience)
             if due.save or improved or patience_out:
-                last_ckpt = commit(run, state, improved)
-            if due.stop and state.step < max_steps:  # a signal during the last step: the run has finished anyway
+                with state.paused():
+                    last_ckpt = commit(run, state, improved)
+            if due.stop and state.step < plan.last:  # a signal during the last step: the run has finished anyway
                 run.progress.close()
                 run.progress.message(f"stopped at step {state.step}; checkpoint {last_ckpt}. Resume with:\n  "
                                      f"{resume_command(stage, recipe)}")
@@ -224,7 +232,7 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
                 run.progress.message(f"early stop: {cfg.best_metric} has not improved for {cfg.patience} evaluations")
                 stopped_early = True
                 break
-            if state.step >= max_steps:
+            if state.step >= plan.last:
                 break
 
             # 3. forward and backward over the micro-batches of one step (gradients summed)
@@ -235,9 +243,12 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.add_step(step_loss)
+            plan.update(state)  # a time budget: the steps that fit, from the step time so far
+            for note in plan.take_notes():
+                run.progress.message(note)
 
             # 6. log (every rank agrees on whether a signal asks to stop)
-            due = Due.after(state.step, recipe, max_steps, stop=dctx.any_true(stop.signum is not None, device))
+            due = Due.after(state.step, recipe, plan.last, stop=dctx.any_true(stop.signum is not None, device))
             if due.any:
                 check_finite(run, state, last_ckpt)
             if due.log:
@@ -248,7 +259,7 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
 
     seconds = state.elapsed
     return TrainResult(recipe.run, state.step, last_ckpt, state.metrics, state.best, seconds, state.tokens_seen,
-                       state.tokens_seen / seconds if seconds > 0 else 0.0, stopped_early)
+                       state.tokens_seen / seconds if seconds > 0 else 0.0, stopped_early, state.train_time)
 
 
 def start_or_resume(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store: Store,
@@ -319,23 +330,24 @@ def log_step(run: Run, state: RunState, window: Window, lr: float, grad_norm: to
     record = {"step": state.step, "loss": state.take_loss(), "lr": lr,
               "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens": state.tokens_seen,
               "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4) if mfu is not None else None,
-              "time": round(state.elapsed, 2)}
+              "time": round(state.elapsed, 2), "train_time": round(state.train_time, 2)}
     if run.dctx.is_main:
         run.log.write(record)
     run.progress.update(state.step, {"loss": record["loss"], "lr": lr, "tok/s": round(tps),
-                                     "mfu": f"{mfu:.1%}" if mfu is not None else None})
+                                     "mfu": f"{mfu:.1%}" if mfu is not None else None}, total=run.plan.steps)
     window.reset()
 
 
 def evaluate(run: Run, state: RunState, window: Window) -> bool:
     """Validation figures (logged, plotted, kept in `state`); True when the best metric improved."""
-    started = time.perf_counter()
+    started, train_time = time.perf_counter(), state.train_time
     metrics = _metrics(run.raw_model, run.task, run.amp)
     if run.task.on_eval is not None and run.dctx.is_main:
         metrics.update(run.task.on_eval(run.raw_model) or {})
     improved = state.record_eval(metrics, run.recipe.train.best_metric)
     if run.dctx.is_main:
-        run.log.write({"step": state.step, **{k: v for k, v in metrics.items() if _loggable(v)}})
+        run.log.write({"step": state.step, **{k: v for k, v in metrics.items() if _loggable(v)},
+                       "train_time": round(train_time, 2)})
         run.log.plot(title=run.recipe.run)
         run.progress.message(f"eval @ {state.step}: " + "  ".join(
             f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
@@ -391,6 +403,7 @@ def resume_command(stage: str, recipe: Recipe) -> str:
 def print_summary(console: Console, result: TrainResult, title: str) -> None:
     rows = {"run": result.run, "steps": result.step, "tokens": result.tokens,
             "tokens/s": round(result.tokens_per_s, 1), "time (s)": round(result.seconds, 1),
+            "training time (s)": round(result.train_seconds, 1),
             "peak memory (MiB)": round(peak_rss_mb(), 1)}
     rows.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
     if result.best:

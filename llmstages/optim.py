@@ -115,29 +115,39 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     return Optimizers(named)
 
 
-def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
-    """train.lr's value for optimizer step `step` (0-based) under `cfg.schedule`; ends at cfg.min_lr."""
+def decay_start(cfg: TrainConfig, max_steps: int) -> int:
+    """The first step (0-based) of the final `decay_frac` of a `max_steps` run: where wsd's warm-down
+    begins, and where a time-budgeted run fixes its step count (budget.py)."""
+    return max(cfg.warmup_steps, max_steps - max(1, round(cfg.decay_frac * max_steps)))
+
+
+def lr_at(step: int, cfg: TrainConfig, max_steps: int, *, end_on_last: bool = False) -> float:
+    """train.lr's value for optimizer step `step` (0-based) under `cfg.schedule`; ends at cfg.min_lr.
+
+    wsd reaches min_lr on the last step (max_steps - 1). cosine reaches it at step max_steps, one past
+    the last, as it always has for step-counted runs; `end_on_last` (time-budgeted runs) makes it
+    reach min_lr on the last step too.
+    """
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "wsd":
-        decay_steps = max(1, round(cfg.decay_frac * max_steps))
-        decay_start = max(cfg.warmup_steps, max_steps - decay_steps)
-        if step < decay_start:
+        start = decay_start(cfg, max_steps)
+        if step < start:
             return cfg.lr
-        progress = min(1.0, (step + 1 - decay_start) / max(1, max_steps - decay_start))  # 1 at the last step
+        progress = min(1.0, (step + 1 - start) / max(1, max_steps - start))  # 1 at the last step
         return cfg.lr + progress * (cfg.min_lr - cfg.lr)
-    decay_steps = max(1, max_steps - cfg.warmup_steps)
+    decay_steps = max(1, max_steps - int(end_on_last) - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def set_lr(optimizer: Optimizers, step: int, cfg: TrainConfig, max_steps: int) -> float:
+def set_lr(optimizer: Optimizers, step: int, cfg: TrainConfig, max_steps: int, *, end_on_last: bool = False) -> float:
     """Set every group's lr for step `step`: its base_lr scaled as the schedule scales train.lr.
 
     Returns train.lr's value (what the log shows). An AdamW group's base_lr is train.lr, so its lr is
     lr_at exactly (x * 1.0); a Muon group's follows the same curve from train.muon_lr.
     """
-    lr = lr_at(step, cfg, max_steps)
+    lr = lr_at(step, cfg, max_steps, end_on_last=end_on_last)
     for group in optimizer.param_groups:
         group["lr"] = lr * (group.get("base_lr", cfg.lr) / cfg.lr)
     return lr

@@ -107,7 +107,7 @@ def fmt(value: float | int | str | None, digits: int = 4) -> str:
 class TrainProgress:
     """A rich progress bar on a terminal; plain lines (one per log step) in logs and pipes."""
 
-    def __init__(self, console: Console, total: int, start: int, enabled: bool = True):
+    def __init__(self, console: Console, total: int | None, start: int, enabled: bool = True):
         self.console = console
         self.enabled = enabled
         self.live = enabled and console.is_terminal
@@ -120,12 +120,13 @@ class TrainProgress:
             self.task = self.progress.add_task("train", total=total, completed=start, info="")
             self.progress.start()
 
-    def update(self, step: int, figures: dict) -> None:
+    def update(self, step: int, figures: dict, total: int | None = None) -> None:
+        """`total`: the run's step count, when it changes as it goes (a time budget's estimate)."""
         if not self.enabled:
             return
         info = "  ".join(f"{k} {fmt(v)}" for k, v in figures.items() if v is not None)
         if self.live:
-            self.progress.update(self.task, completed=step, info=info)
+            self.progress.update(self.task, completed=step, info=info, **({"total": total} if total else {}))
         else:
             self.console.print(f"step {step}  {info}", highlight=False)
 

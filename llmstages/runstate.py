@@ -2,6 +2,9 @@
 
     step, tokens_seen               where the run is
     elapsed                         training seconds so far, over every process that ran it
+    excluded, train_time            of those, the seconds spent evaluating and committing checkpoints,
+                                    and the rest (what train.max_time counts)
+    plan                            a time-budgeted run's fixed step count, once fixed (budget.py)
     best, evals_since_best          the best evaluation so far, and the evaluations since (patience)
     metrics                         the figures of the last evaluation
     loss_sum, loss_count            the loss window: step losses summed on the device since the last log
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +33,8 @@ class RunState:
     step: int = 0
     tokens_seen: int = 0
     elapsed_before: float = 0.0  # seconds trained before this process started (a resumed run)
+    excluded: float = 0.0  # seconds of `elapsed` spent in evaluation and checkpoint commits
+    plan: dict | None = None  # {"steps": N, "budget": seconds}: a time budget's fixed step count
     best: dict | None = None  # {"step", "metric", "value"}
     evals_since_best: int = 0
     metrics: dict = field(default_factory=dict)
@@ -39,6 +46,20 @@ class RunState:
     @property
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
+
+    @property
+    def train_time(self) -> float:
+        """Seconds spent training so far, evaluation and checkpoint commits left out."""
+        return self.elapsed - self.excluded
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside is not training time (evaluation, checkpoint commits)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start
 
     def to(self, device: torch.device) -> "RunState":
         """The device-side figures moved to `device` (the hot loop never syncs with the host)."""
@@ -81,7 +102,7 @@ class RunState:
         tensors.update(optimizer=optimizer_state, loss_sum=self.loss_sum.detach().cpu())
         info = {"step": self.step, "tokens_seen": self.tokens_seen, "loss_count": self.loss_count, "best": self.best,
                 "evals_since_best": self.evals_since_best, "metrics": self.metrics, "rng": rng,
-                "elapsed": self.elapsed, "world_size": world_size,
+                "elapsed": self.elapsed, "excluded": self.excluded, "plan": self.plan, "world_size": world_size,
                 "sampler": {"kind": "indexed", "seed": seed, "next_micro_batch": self.step * accum * world_size}}
         return tensors, info
 
@@ -89,6 +110,7 @@ class RunState:
     def from_saved(cls, tensors: dict, info: dict) -> "RunState":
         """The state a checkpoint saved (the RNG states are set by `restore_rng`, once the model is built)."""
         return cls(step=info["step"], tokens_seen=info["tokens_seen"], elapsed_before=info.get("elapsed", 0.0),
+                   excluded=info.get("excluded", 0.0), plan=info.get("plan"),
                    best=info.get("best"), evals_since_best=info.get("evals_since_best", 0),
                    metrics=info.get("metrics", {}), loss_sum=tensors["loss_sum"], loss_count=info.get("loss_count", 0))
 

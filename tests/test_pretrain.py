@@ -94,6 +94,14 @@ def test_dry_run_prints_the_plan_and_writes_nothing(cli, recipe, store_dir):
     assert not (store_dir / "runs").exists()
 
 
+def test_dry_run_with_a_time_budget_estimates_the_steps(cli, recipe, store_dir):
+    result = cli("pretrain", str(recipe), "train.max_time=2m", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "time budget" in result.stderr and "steps (estimated)" in result.stderr
+    bad = cli("pretrain", str(recipe), "train.max_time=2 minutes", "--dry-run")
+    assert bad.returncode == 2 and "train.max_time" in bad.stderr and "Traceback" not in bad.stderr
+
+
 @pytest.mark.parametrize("sig,expected", [(signal.SIGTERM, 143), (signal.SIGKILL, -9)])
 def test_killed_pretrain_resumes_exactly(tmp_path, recipe, reference_run, sig, expected):
     _, reference = reference_run

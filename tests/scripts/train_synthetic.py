@@ -1,7 +1,10 @@
 """Train a 2-layer model on Tiny-Shakespeare-like synthetic text through the shared loop (no prepare step).
 
     python train_synthetic.py STORE STEPS [--resume] [--allow-change] [--nan-at STEP] [--signal SIG@MICRO[@parent]]
-                              [KEY=VALUE ...]
+                              [--sleep S] [KEY=VALUE ...]
+
+--sleep S: every micro-batch also sleeps S seconds, so that a step takes a steady time on a busy
+machine (tests of train.max_time).
 
 Used by tests/test_loop.py in real subprocesses (kill, resume, torchrun). Exit codes follow the CLI.
 `--signal TERM@31` sends SIGTERM to this process while it computes micro-batch 31 (rank 0 only; the
@@ -13,6 +16,7 @@ as a user's kill of torchrun would. Repeatable; under torchrun give it as SYN_SI
 import os
 import signal
 import sys
+import time
 
 import numpy as np
 import torch
@@ -48,6 +52,7 @@ def main() -> int:
     if os.environ.get("RANK", "0") != "0":
         signals = {}
     nan_at = int(rest[rest.index("--nan-at") + 1]) if "--nan-at" in rest else None
+    sleep = float(rest[rest.index("--sleep") + 1]) if "--sleep" in rest else 0.0
     overrides = [a for a in rest if "=" in a]
     tok = train_bpe([corpus(5000, 0)], int(rest[rest.index("--vocab") + 1]) if "--vocab" in rest else 300)
     train_ids = np.array(tok.encode(corpus(20000, 1)), dtype=np.uint16)
@@ -63,6 +68,7 @@ def main() -> int:
     def loss(m, batch):
         if batch["micro"] in signals:
             os.kill(*reversed(signals.pop(batch["micro"])))  # mid-step: after the batch is drawn, before backward
+        time.sleep(sleep)
         value = lm_loss(m, batch)
         return value * float("nan") if nan_at is not None and batch["index"] >= nan_at else value
 

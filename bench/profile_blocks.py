@@ -1,0 +1,123 @@
+"""Where a training step's CPU time goes, for the gpt2 and the modern blocks, in fp32 and bf16 (issue 12).
+
+    python bench/profile_blocks.py [--layers 2] [--width 128] [--batch 8] [--steps 3] [--quick]
+
+For each arch x precision: torch.profiler over a few forward + backward + optimizer steps of a small
+model, giving the step time, the share of self CPU time of each group of ops (matmuls, attention,
+norms, the MLP activation, rotary embeddings, embeddings + loss + soft-cap, optimizer, the rest), and the number
+of profiled op calls per step at sequence lengths T and 2T. That count is the same at both lengths
+when nothing runs once per token in Python (a per-token loop would double it). Prints one JSON object.
+Timing figures from a busy machine mean little; the op counts and shares are what this checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from contextlib import contextmanager
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+import llmstages.blocks as blocks
+from llmstages.config import build_recipe
+from llmstages.model import GPT, build_config
+from llmstages.optim import build_optimizer
+from llmstages.runtime import autocast, cpu_has_fast_bf16
+
+GROUPS = {  # op name fragments -> group (first match wins); "rope" comes from a record_function label
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
+    "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention"),
+    "norm": ("layer_norm", "rms_norm"),
+    "activation": ("gelu", "relu", "threshold_backward", "aten::pow", "aten::square"),
+    "embedding, loss, softcap": ("embedding", "cross_entropy", "log_softmax", "nll_loss", "aten::tanh"),
+    "optimizer": ("_fused_adamw", "adamw", "aten::_foreach", "muon", "aten::lerp"),
+}
+
+
+@contextmanager
+def labelled_rope():
+    """apply_rope inside a profiler range named `rope` (its ops then count as rope, not as `other`)."""
+    original = blocks.apply_rope
+
+    def labelled(x, cos, sin):
+        with record_function("rope"):
+            return original(x, cos, sin)
+
+    blocks.apply_rope = labelled
+    try:
+        yield
+    finally:
+        blocks.apply_rope = original
+
+
+def step_fn(arch: str, precision: str, args, block_size: int):
+    torch.manual_seed(0)
+    config = build_config("", vocab_size=2048, arch=arch, n_layer=args.layers, n_head=4, n_embd=args.width,
+                          block_size=block_size)
+    model = GPT(config).train()
+    train_cfg = build_recipe({"train": {"optimizer": "muon" if arch == "modern" else "adamw"}}).train
+    optimizer = build_optimizer(model, train_cfg, torch.device("cpu"))
+    amp = autocast(torch.device("cpu"), precision)
+    data = torch.randint(0, 2048, (args.batch, block_size + 1))
+
+    def step():
+        with amp:
+            loss = model(data[:, :-1], targets=data[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def profile_one(arch: str, precision: str, args, block_size: int) -> dict:
+    step = step_fn(arch, precision, args, block_size)
+    step(), step()  # warm-up: allocations, first-call dispatch
+    with labelled_rope(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = {name: 0.0 for name in [*GROUPS, "rope", "other"]}
+    rope_total = next((e.cpu_time_total for e in events if e.key == "rope"), 0.0)  # forward ops under the label
+    for e in events:
+        if e.key == "rope":
+            continue
+        group = next((g for g, keys in GROUPS.items() if any(k in e.key for k in keys)), "other")
+        shares[group] += e.self_cpu_time_total
+    shares["rope"] = rope_total
+    shares["other"] = max(0.0, shares["other"] - rope_total)  # rope's forward ops are among `other`
+    calls = sum(e.count for e in events if e.key != "rope") / args.steps
+    return {"step_ms": round(total / 1000 / args.steps, 2), "op_calls_per_step": round(calls),
+            "self_time_share": {k: round(v / total, 3) for k, v in shares.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--block", type=int, default=128, help="T; the op count is also taken at 2T")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="the smallest sizes (a smoke test)")
+    args = parser.parse_args()
+    if args.quick:
+        args.layers, args.width, args.batch, args.block, args.steps = 1, 64, 2, 32, 1
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    result = {"benchmark": "profile_blocks", "cpu_fast_bf16": cpu_has_fast_bf16(), "torch": torch.__version__,
+              "shape": {"layers": args.layers, "width": args.width, "batch": args.batch, "T": args.block},
+              "runs": {}}
+    for arch in ("gpt2", "modern"):
+        for precision in ("fp32", "bf16"):
+            figures = profile_one(arch, precision, args, args.block)
+            longer = profile_one(arch, precision, args, 2 * args.block)
+            figures["op_calls_per_step_2T"] = longer["op_calls_per_step"]
+            figures["no_python_per_token"] = longer["op_calls_per_step"] == figures["op_calls_per_step"]
+            figures["step_ms_2T"] = longer["step_ms"]
+            result["runs"][f"{arch}-{precision}"] = figures
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

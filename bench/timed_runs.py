@@ -1,0 +1,129 @@
+"""Training runs under a wall-clock budget (train.max_time), for bench_recipes.py and ablate.py.
+
+Each run is `llmstages pretrain RECIPE train.max_time=BUDGET ...` in its own process, in a store of
+its own (default ./store-bench): the data is prepared once, before anything is timed. What a run
+reports comes from its log.jsonl: the val bits/byte of every evaluation against `train_time` (the
+training seconds: evaluation and checkpoint time are not counted, so frequent evaluations do not
+shorten the training; the eval seconds are reported beside them).
+
+Not a benchmark itself: run_all.py runs bench_recipes.py (and ablate.py when asked).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DATA = Path(os.environ.get("LLMSTAGES_TEST_DATA", REPO.parent / "shared" / "data"))
+
+# --quick: a smoke test of seconds on Tiny Shakespeare with a tiny model; its figures mean nothing.
+QUICK_DATA = [f"data.source={DATA / 'tinyshakespeare.txt'}", "data.mirror=", "data.name=bench-quick",
+              "data.vocab_size=512", "data.tokenizer_sample_bytes=0", "data.strip_gutenberg=false"]
+QUICK_MODEL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64",
+               "train.micro_batch_size=4", "train.global_batch_size=4", "train.warmup_steps=2",
+               "train.eval_batches=2", "train.eval_every=3"]
+
+
+@dataclass
+class Run:
+    """One finished training run: its figures from log.jsonl."""
+
+    label: str
+    budget_s: float
+    curve: list[tuple[float, float]] = field(default_factory=list)  # (train_time s, val bits/byte) per eval
+    steps: int = 0
+    train_s: float = 0.0  # training seconds (what the budget counts)
+    wall_s: float = 0.0  # the whole process: start-up, training, evaluations, checkpoints
+    error: str | None = None
+
+    @property
+    def final_bpb(self) -> float | None:
+        return self.curve[-1][1] if self.curve else None
+
+    def as_dict(self) -> dict:
+        return {"budget_s": self.budget_s, "val_bpb": self.final_bpb, "steps": self.steps,
+                "train_s": round(self.train_s, 1), "wall_s": round(self.wall_s, 1),
+                "eval_and_startup_s": round(self.wall_s - self.train_s, 1),
+                "curve": [[round(t, 1), round(b, 4)] for t, b in self.curve], "error": self.error}
+
+
+def cli(store: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+    env.setdefault("LLMSTAGES_DATA", str(DATA))
+    return subprocess.run([sys.executable, "-m", "llmstages", "--store", str(store), *args], capture_output=True,
+                          text=True, env=env, cwd=REPO)
+
+
+def prepare(store: Path, recipe: str, overrides: list[str]) -> None:
+    """Prepare the recipe's dataset (once; a prepared one is reused) so no timed run prepares."""
+    out = cli(store, "prepare", recipe, *overrides)
+    if out.returncode != 0:
+        raise SystemExit(f"prepare {recipe} {' '.join(overrides)} failed:\n{out.stderr[-3000:]}")
+
+
+def train(store: Path, recipe: str, label: str, budget_s: float, overrides: list[str]) -> Run:
+    """Train `recipe` for `budget_s` training seconds as run `label` (replacing an earlier one)."""
+    run_dir = store / "runs" / label
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # the bench's own store: a rerun of the bench starts the run again
+    start = time.perf_counter()
+    out = cli(store, "pretrain", recipe, f"run={label}", f"train.max_time={budget_s:g}s", "train.save_every=0",
+              *overrides)
+    run = Run(label, budget_s, wall_s=time.perf_counter() - start)
+    if out.returncode != 0:
+        run.error = "\n".join(out.stderr.strip().splitlines()[-5:])
+        return run
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    run.curve = [(r["train_time"], r["val_bpb"]) for r in records if "val_bpb" in r and "train_time" in r]
+    steps = [r for r in records if "loss" in r]
+    run.steps = steps[-1]["step"] if steps else 0
+    run.train_s = steps[-1]["train_time"] if steps else 0.0
+    return run
+
+
+def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
+    """The first training time at which the val bits/byte reach `target`, linear between evaluations
+    (None: never reached)."""
+    for (t0, b0), (t1, b1) in zip([(0.0, float("inf"))] + curve, curve):
+        if b1 <= target:
+            if b0 == float("inf") or b0 == b1:
+                return t1
+            return t0 + (b0 - target) / (b0 - b1) * (t1 - t0)
+    return None
+
+
+def time_to_from_budgets(points: list[tuple[float, float]], target: float) -> float | None:
+    """The same from the (budget, final val bits/byte) of annealed runs: each point is a run that
+    ended at min_lr, so this is the time an annealed run needs (None: no budget reached it)."""
+    return time_to(sorted(points), target)
+
+
+def parse_budget(text: str) -> float:
+    from llmstages.config import parse_duration
+    return parse_duration(text)
+
+
+def machine(precision: str) -> dict:
+    """The machine (CPU model, cores, fast bf16) and the precision the runs used."""
+    sys.path.insert(0, str(HERE))
+    from run_all import machine as describe
+    import torch
+
+    from llmstages.runtime import resolve_precision
+    return dict(describe(), precision=resolve_precision(precision, torch.device("cpu")))
+
+
+def median(values: list[float]) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
