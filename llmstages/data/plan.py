@@ -23,7 +23,7 @@ from llmstages.data.prepared import FORMAT_VERSION, PreparedDataset
 from llmstages.data.readers import detect_format
 from llmstages.data.sources import SourceFile, data_root, resolve_sources
 from llmstages.errors import UserError
-from llmstages.store import RUN_NAME_RE, Store, is_committed
+from llmstages.store import RUN_NAME_RE, Store, is_committed, now_iso
 from llmstages.tokenizer import Tokenizer
 
 # Bump when prepare's output changes for the same input and settings (old datasets are then not reused).
@@ -173,3 +173,40 @@ def parent_tokenizer(ref: str, store: Store) -> Tokenizer:
             "llmstages pretrain RECIPE (with run: " + run + ")"
         raise UserError(f"init_from: {ref}: there is no trained model to fine-tune from yet ({err.message})",
                         hint=f"make it first with `{maker}`, or set data.tokenizer to a tokenizer.json") from None
+
+
+def manifest_head(plan: Plan, tokenizer: Tokenizer, tok_info: dict, dtype: str) -> dict:
+    """The fields every prepared dataset's manifest.json starts with (what was read, how, which tokenizer)."""
+    recipe = plan.recipe
+    return {
+        "format_version": FORMAT_VERSION,
+        "task": recipe.task,
+        "name": plan.name,
+        "fingerprint": plan.fingerprint,
+        "created": now_iso(),
+        "sources": [dict(f.manifest_entry(), role=role) for role, files in plan.files.items() for f in files],
+        "settings": to_dict(recipe.data),
+        "init_from": recipe.init_from,
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "dtype": dtype,
+        "tokenizer": tok_info,
+    }
+
+
+def split_stats(splits: dict, count_key: str, text_tokens: int, *, seconds: float, encode_seconds: float) -> dict:
+    """manifest.json's "stats": totals over the splits and speed. `text_tokens`: the measured split's
+    tokens without end-of-text tokens (compression is UTF-8 bytes per token of the text itself)."""
+    tokens = sum(s["tokens"] for s in splits.values())
+    measured = splits.get("val") or splits["train"]
+    return {
+        "documents": sum(s[count_key] for s in splits.values()),
+        "tokens": tokens,
+        "bytes": sum(s["bytes"] for s in splits.values()),
+        "bytes_per_token": round(measured["bytes"] / max(text_tokens, 1), 4),
+        "bytes_per_token_split": "val" if "val" in splits else "train",
+        "seconds": round(seconds, 3),
+        "encode_seconds": round(encode_seconds, 3),
+        "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+    }

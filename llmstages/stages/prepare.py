@@ -30,17 +30,17 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from llmstages.config import Recipe, to_dict
+from llmstages.config import Recipe
 from llmstages.data import examples as ex
 from llmstages.data.encode import encode_many, train_tokenizer
-from llmstages.data.plan import Plan, make_plan
-from llmstages.data.prepared import FORMAT_VERSION, PreparedDataset, token_dtype, write_labeled_split
+from llmstages.data.plan import Plan, make_plan, manifest_head, split_stats
+from llmstages.data.prepared import PreparedDataset, token_dtype, write_labeled_split
 from llmstages.data.readers import BadRecord, BadRecords
 from llmstages.data.split import split_indices
 from llmstages.distributed import is_main_process
 from llmstages.errors import UserError
 from llmstages.stages.prepare_text import prepare_pretrain
-from llmstages.store import Store, atomic_dir, is_committed, now_iso
+from llmstages.store import Store, atomic_dir, is_committed
 from llmstages.tokenizer import Tokenizer
 
 
@@ -241,39 +241,12 @@ def write_labeled(folder: Path, task: str, splits: dict[str, list], tokenizer: T
 def build_manifest(plan: Plan, tokenizer: Tokenizer, tok_info: dict, dtype: str, bad: BadRecords, splits: dict,
                    notes: dict, labels: list[str] | None, *, seconds: float, encode_seconds: float) -> dict:
     recipe = plan.recipe
-    tokens = sum(s["tokens"] for s in splits.values())
     count_key = "documents" if recipe.task == "pretrain" else "records"
     measured = splits.get("val") or splits["train"]
-    # Compression: UTF-8 bytes per token of the text itself (end-of-text tokens not counted).
     text_tokens = measured["tokens"] - (measured[count_key] if recipe.task != "classify" else 0)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "task": recipe.task,
-        "name": plan.name,
-        "fingerprint": plan.fingerprint,
-        "created": now_iso(),
-        "sources": [dict(f.manifest_entry(), role=role) for role, files in plan.files.items() for f in files],
-        "settings": to_dict(recipe.data),
-        "init_from": recipe.init_from,
-        "tokenizer_fingerprint": tokenizer.fingerprint,
-        "vocab_size": tokenizer.vocab_size,
-        "eot_id": tokenizer.eot_id,
-        "dtype": dtype,
-        "tokenizer": tok_info,
-        "bad_records": bad.to_json(),
-        "split": notes,
-        "splits": splits,
-        "stats": {
-            "documents": sum(s[count_key] for s in splits.values()),
-            "tokens": tokens,
-            "bytes": sum(s["bytes"] for s in splits.values()),
-            "bytes_per_token": round(measured["bytes"] / max(text_tokens, 1), 4),
-            "bytes_per_token_split": "val" if "val" in splits else "train",
-            "seconds": round(seconds, 3),
-            "encode_seconds": round(encode_seconds, 3),
-            "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
-        },
-    }
+    manifest = {**manifest_head(plan, tokenizer, tok_info, dtype), "bad_records": bad.to_json(), "split": notes,
+                "splits": splits, "stats": split_stats(splits, count_key, text_tokens, seconds=seconds,
+                                                       encode_seconds=encode_seconds)}
     if recipe.task == "classify":
         manifest["labels"] = labels
     else:

@@ -34,15 +34,14 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from llmstages.config import to_dict
 from llmstages.data.encode import TokenizerSample, encode_pieces
-from llmstages.data.plan import Plan
-from llmstages.data.prepared import FORMAT_VERSION, PreparedDataset, token_dtype
+from llmstages.data.plan import Plan, manifest_head, split_stats
+from llmstages.data.prepared import PreparedDataset, token_dtype
 from llmstages.data.readers import BadRecord, BadRecords
 from llmstages.data.split import DocumentSplit, Key, SplitScan, needs_pseudo_documents, pseudo_document_chars
 from llmstages.data.stream import ROLES, Position, ShardSet, Unit, read_units, write_json
 from llmstages.errors import UserError
-from llmstages.store import Store, commit_dir, is_committed, now_iso
+from llmstages.store import Store, commit_dir, is_committed
 from llmstages.tokenizer import Tokenizer
 
 # A streamed source is scanned for the tokenizer sample only, as far as this many times the sample size.
@@ -313,38 +312,16 @@ def pretrain_manifest(plan: Plan, tokenizer: Tokenizer, tok_info: dict, bad: Bad
                       stopped: bool, *, seconds: float, encode_seconds: float) -> dict:
     """manifest.json of a pretraining dataset (the same fields as the labeled datasets' where they apply)."""
     data = plan.recipe.data
-    tokens = sum(s["tokens"] for s in splits.values())
     measured = splits.get("val") or splits["train"]
     text_tokens = measured["tokens"] - measured["documents"]  # end-of-text tokens are not text
     return {
-        "format_version": FORMAT_VERSION,
-        "task": "pretrain",
-        "name": plan.name,
-        "fingerprint": plan.fingerprint,
-        "created": now_iso(),
-        "sources": [dict(f.manifest_entry(), role=role) for role, files in plan.files.items() for f in files],
-        "settings": to_dict(data),
-        "init_from": plan.recipe.init_from,
-        "tokenizer_fingerprint": tokenizer.fingerprint,
-        "vocab_size": tokenizer.vocab_size,
-        "eot_id": tokenizer.eot_id,
-        "dtype": token_dtype(tokenizer.vocab_size),
-        "tokenizer": tok_info,
+        **manifest_head(plan, tokenizer, tok_info, token_dtype(tokenizer.vocab_size)),
         "bad_records": bad.to_json(),
         "split": {"seed": data.split_seed, "method": "seeded hash of (source sha256, position) per document",
                   "carved": {k: v for k, v in scan["carve"].items() if v > 0},
                   "moved_to_fill_empty_splits": len(scan["moved"])},
         "splits": splits,
         "stopped_at_max_tokens": stopped,
-        "stats": {
-            "documents": sum(s["documents"] for s in splits.values()),
-            "tokens": tokens,
-            "bytes": sum(s["bytes"] for s in splits.values()),
-            "bytes_per_token": round(measured["bytes"] / max(text_tokens, 1), 4),
-            "bytes_per_token_split": "val" if "val" in splits else "train",
-            "seconds": round(seconds, 3),
-            "encode_seconds": round(encode_seconds, 3),
-            "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
-        },
+        "stats": split_stats(splits, "documents", text_tokens, seconds=seconds, encode_seconds=encode_seconds),
         "pseudo_documents": scan["pseudo"],
     }
