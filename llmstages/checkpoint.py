@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llmstages.errors import UserError
-from llmstages.model import GPT, GPTConfig
+from llmstages.jsonio import read_json
+from llmstages.model import GPT
 from llmstages.store import Store, manifest_fingerprint, step_name, verify
 from llmstages.tokenizer import Tokenizer
+from llmstages.weights import load_plain_tensors, load_weights, read_model_config
 
 
 @dataclass
@@ -77,16 +78,12 @@ def load_checkpoint(ref: str | Path, store: Store | None = None, *, device: str 
     path = store.resolve(ref)
     if check_hashes and (problems := verify(path)):
         raise UserError("\n".join(problems), hint="load an earlier checkpoint of the run (run@STEP)")
-    try:
-        config = GPTConfig.from_dict(json.loads((path / "model.json").read_text()))
-        meta = json.loads((path / "meta.json").read_text())
-        model = GPT(config)
-        model.load_saved_state(load_file(str(path / "model.safetensors"), device=str(device)))
-    except (json.JSONDecodeError, SafetensorError, ValueError, KeyError) as err:
-        raise UserError(f"{path}: cannot load the checkpoint ({err})") from None
+    config = read_model_config(path / "model.json")
+    meta = read_json(path / "meta.json", what="checkpoint metadata (meta.json)")
+    model = load_weights(path / "model.safetensors", config, device)  # names, shapes, finite values checked
     tokenizer = Tokenizer.from_file(path / "tokenizer.json")
     meta["fingerprint"] = manifest_fingerprint(path)
-    return Checkpoint(model.to(device), tokenizer, meta, path)
+    return Checkpoint(model, tokenizer, meta, path)
 
 
 def load_tokenizer(ref: str | Path, store: Store | None = None) -> Tokenizer:
@@ -102,8 +99,11 @@ def load_train_state(path: Path) -> tuple[dict, dict]:
     """(tensors, info) of a checkpoint's train state; refuses a checkpoint that has none."""
     if not (path / "train_state.pt").exists():
         raise UserError(f"{path}: has no train state to resume from (an exported or final-only checkpoint)")
-    tensors = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
-    info = json.loads((path / "train_state.json").read_text())
+    tensors = load_plain_tensors(path / "train_state.pt")
+    info = read_json(path / "train_state.json", what="train state")
+    if not isinstance(tensors, dict) or not isinstance(info.get("step"), int):
+        raise UserError(f"{path}: corrupt train state (train_state.pt is not a mapping, or train_state.json "
+                        "has no integer step)", hint="resume from an earlier checkpoint")
     return tensors, info
 
 
@@ -113,20 +113,20 @@ def lineage(ckpt_path: Path, store: Store) -> list[dict]:
     while path is not None and path not in seen:
         seen.add(path)
         try:
-            meta = json.loads((path / "meta.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            meta = read_json(path / "meta.json", what="checkpoint metadata (meta.json)")
+        except UserError:
             chain.append({"ref": str(path), "missing": True})
             break
         meta["ref"] = str(path)
         chain.append(meta)
         parent = meta.get("parent")
-        if not parent:
+        if not isinstance(parent, dict) or not parent:
             break
-        parent_ref = parent.get("ref", "")
+        parent_ref = str(parent.get("ref", ""))
         if parent_ref.startswith("hf:"):
             chain.append({"ref": parent_ref, "task": "pretrained (Hugging Face)"})
             break
-        candidate = Path(parent.get("path", ""))
+        candidate = Path(str(parent.get("path", "")))
         path = candidate if candidate.is_dir() else None
         if path is None:
             chain.append({"ref": parent_ref, "missing": True})

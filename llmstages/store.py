@@ -225,9 +225,10 @@ class Store:
 
     def read_best(self, run: str) -> dict | None:
         try:
-            return json.loads((self.run_dir(run) / "best.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            info = json.loads((self.run_dir(run) / "best.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
+        return info if isinstance(info, dict) and isinstance(info.get("step"), int) else None  # else corrupt
 
     def set_best(self, run: str, step: int, metric: str, value: float) -> None:
         write_json_atomic(self.run_dir(run) / "best.json", {"step": step, "metric": metric, "value": value})
@@ -312,8 +313,8 @@ class Store:
             task = "?"
             latest = self.latest(folder.name)
             if latest is not None:
-                with contextlib.suppress(OSError, json.JSONDecodeError):
-                    task = json.loads((latest / "meta.json").read_text()).get("task", "?")
+                with contextlib.suppress(OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                    task = str(json.loads((latest / "meta.json").read_text(encoding="utf-8")).get("task", "?"))
             infos.append(RunInfo(folder.name, folder, steps, task, self.read_best(folder.name),
                                  last_log_line(folder / "log.jsonl")))
         return infos
@@ -323,11 +324,13 @@ def last_log_line(path: Path) -> dict | None:
     """The last complete JSON line of a log.jsonl (a line cut by a kill is skipped)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
+    except (OSError, UnicodeDecodeError):
         return None
     for line in reversed(lines):
         with contextlib.suppress(json.JSONDecodeError):
-            return json.loads(line)
+            record = json.loads(line)
+            if isinstance(record, dict):
+                return record
     return None
 
 
