@@ -19,6 +19,7 @@ import math
 import os
 import json
 import random
+import shlex
 import signal
 import sys
 import time
@@ -390,8 +391,8 @@ def _train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, st
                 dctx.barrier()
             if stop_now and step < max_steps:  # a signal during the last step: the run has finished anyway
                 progress.close()
-                progress.message(f"stopped at step {step}; checkpoint {last_ckpt}. Resume with:\n  "
-                                 f"{resume_command(stage, recipe)}")
+                progress.raw(f"stopped at step {step}; checkpoint {last_ckpt}. Resume with:\n  "
+                             f"{resume_command(stage, recipe)}")
                 raise StopTraining(stop.signum or signal.SIGTERM)
             if patience_out:
                 progress.message(f"early stop: {cfg.best_metric} has not improved for {cfg.patience} evaluations")
@@ -421,7 +422,7 @@ def _evaluate(model: GPT, task: TrainTask, amp) -> dict:
 
 
 def resume_command(stage: str, recipe: Recipe) -> str:
-    args = " ".join(a for a in sys.argv[1:] if a not in ("--resume",))
+    args = shlex.join(a for a in sys.argv[1:] if a not in ("--resume",))  # quoted: pasted into a shell
     return f"llmstages {args} --resume" if args else f"llmstages {stage} {recipe.run} --resume"
 
 

@@ -9,6 +9,8 @@ its checkpoint: format, columns, field names), so the same kind of file works wi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from rich.console import Console
@@ -16,7 +18,7 @@ from rich.console import Console
 from llmstages.checkpoint import Checkpoint, load_checkpoint
 from llmstages.config import DataConfig
 from llmstages.data.examples import convert
-from llmstages.data.readers import BadRecord, detect_format, read_records
+from llmstages.data.readers import SUFFIX_FORMATS, BadRecord, detect_format, read_records
 from llmstages.data.sources import local_paths
 from llmstages.data.windows import fixed_windows
 from llmstages.errors import UserError
@@ -34,13 +36,19 @@ def data_settings(ckpt: Checkpoint) -> DataConfig:
     return DataConfig(**{k: v for k, v in saved.items() if k in known})
 
 
+def file_format(path: Path, trained_format: str) -> str:
+    """The format of an evaluation file: its extension says it (a .json file is JSON even when the model
+    was trained on TSV); the training data's format only for files without a known extension."""
+    return SUFFIX_FORMATS.get(path.suffix.lower()) or detect_format(path, trained_format)
+
+
 def read_examples(paths: list[str], task: str, cfg: DataConfig, *, template: str = "alpaca",
                   limit: int | None = None) -> list:
     """Examples of `task` from local files/folders/globs; every bad record is reported (exit 2)."""
     examples, bad = [], []
     for spec in paths:
         for path in local_paths(spec, cfg.format):
-            for record in read_records(path, str(path), detect_format(path, cfg.format), cfg):
+            for record in read_records(path, str(path), file_format(path, cfg.format), cfg):
                 item = record if isinstance(record, BadRecord) else convert(task, record, cfg, template)
                 (bad if isinstance(item, BadRecord) else examples).append(item)
     if bad:
