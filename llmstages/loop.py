@@ -185,6 +185,17 @@ def _check_resume(run_dir: Path, recipe: Recipe, allow_change: bool, latest: Pat
                         hint="resume on the same files, or pass --allow-change to continue on the new data")
 
 
+def check_run_start(store: Store, run: str, resume: bool) -> None:
+    """A resume needs a checkpoint; a fresh start must not mix with an existing run's checkpoints.
+    Stages call this before they prepare data, so a refused start writes nothing (`_train` checks again)."""
+    if resume and store.latest(run) is None:
+        raise UserError(f"run {run!r} has no checkpoint to resume from",
+                        hint=f"start it without --resume (store: {store.root})")
+    if not resume and store.checkpoints(run):
+        raise UserError(f"run {run!r} already has checkpoints in {store.run_dir(run)}",
+                        hint="continue it with --resume, or start a new run with run=NEW_NAME")
+
+
 def train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store: Store, *,
           stage: str, parent: dict | None = None, resume: bool = False, allow_change: bool = False,
           console: Console | None = None) -> TrainResult:
