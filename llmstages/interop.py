@@ -113,13 +113,18 @@ def read_hf_config(folder: Path) -> dict:
 
 
 # config.json keys read below, by the type they must have (anything else would fail deep inside).
-HF_INT_KEYS = ("vocab_size", "n_positions", "n_ctx", "n_layer", "n_head", "n_embd", "n_inner")
+HF_INT_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd")
+HF_OPTIONAL_INT_KEYS = ("n_positions", "n_ctx", "n_inner")  # null = the default
 HF_FLOAT_KEYS = ("layer_norm_epsilon", "resid_pdrop")
 
 
 def _check_hf_types(hf: dict, where: str) -> None:
-    problems = [f"{k}={hf[k]!r:.40} (expected an integer)" for k in HF_INT_KEYS
-                if hf.get(k) is not None and (not isinstance(hf[k], int) or isinstance(hf[k], bool))]
+    def not_int(value) -> bool:
+        return not isinstance(value, int) or isinstance(value, bool)
+
+    problems = [f"{k}={hf[k]!r:.40} (expected an integer)" for k in HF_INT_KEYS if k in hf and not_int(hf[k])]
+    problems += [f"{k}={hf[k]!r:.40} (expected an integer or null)" for k in HF_OPTIONAL_INT_KEYS
+                 if hf.get(k) is not None and not_int(hf[k])]
     problems += [f"{k}={hf[k]!r:.40} (expected a number)" for k in HF_FLOAT_KEYS
                  if k in hf and (not isinstance(hf[k], (int, float)) or isinstance(hf[k], bool))]
     if not isinstance(hf.get("id2label") or {}, dict) or not isinstance(hf.get("architectures") or [], list):

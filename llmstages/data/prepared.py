@@ -155,7 +155,7 @@ def manifest_problems(path: Path, m: dict) -> list[str]:
         return isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..") \
             and (path / name).is_file()
 
-    task = m.get("task")
+    task = m.get("task") if isinstance(m.get("task"), str) else repr(m.get("task"))
     problems = [] if task in SPLIT_FILES else [f"task: {task!r:.40} is not pretrain, classify or instruct"]
     for key in ("fingerprint", "tokenizer_fingerprint"):
         if not isinstance(m.get(key), str):
