@@ -80,10 +80,39 @@ def load_checkpoint(ref: str | Path, store: Store | None = None, *, device: str 
         raise UserError("\n".join(problems), hint="load an earlier checkpoint of the run (run@STEP)")
     config = read_model_config(path / "model.json")
     meta = read_json(path / "meta.json", what="checkpoint metadata (meta.json)")
+    check_meta(meta, path / "meta.json")
     model = load_weights(path / "model.safetensors", config, device)  # names, shapes, finite values checked
     tokenizer = Tokenizer.from_file(path / "tokenizer.json")
     meta["fingerprint"] = manifest_fingerprint(path)
     return Checkpoint(model, tokenizer, meta, path)
+
+
+def check_meta(meta: dict, where: Path) -> None:
+    """Refuse a meta.json whose fields the stages use (task, template, sampling defaults, data settings)
+    hold values llmstages never writes; unknown keys (older or newer versions) are ignored."""
+    import dataclasses
+
+    from llmstages.config import PARSER, DataConfig, GenerateConfig
+    from llmstages.templates import TEMPLATES
+
+    problems = []
+    if not isinstance(meta.get("task", ""), str):
+        problems.append(("task", "expected a string"))
+    template = meta.get("template")
+    if template is not None and not (isinstance(template, str) and template in TEMPLATES):
+        problems.append(("template", f"{template!r:.40} is not one of {', '.join(TEMPLATES)}"))
+    sections = {}
+    for key, section, cls in (("generate", "generate", GenerateConfig), ("data_settings", "data", DataConfig)):
+        value = meta.get(key)
+        if value is not None and not isinstance(value, dict):
+            problems.append((key, "expected an object"))
+        elif value:
+            known = {f.name for f in dataclasses.fields(cls)}
+            sections[section] = {k: v for k, v in value.items() if k in known}
+    problems += [(p.replace("data.", "data_settings.", 1), m) for p, m in PARSER.parse(sections)[1]]
+    if problems:
+        raise UserError(f"{where}: corrupt checkpoint metadata:\n  " + "\n  ".join(f"{p}: {m}" for p, m in problems),
+                        hint="load another checkpoint of the run")
 
 
 def load_tokenizer(ref: str | Path, store: Store | None = None) -> Tokenizer:

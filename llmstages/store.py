@@ -99,6 +99,8 @@ def read_manifest(folder: Path) -> dict[str, tuple[str, int]] | None:
         parts = line.split("  ", 2)
         if len(parts) != 3 or not re.fullmatch(r"[0-9a-f]{64}", parts[0]) or not parts[1].isdigit():
             return None
+        if Path(parts[2]).is_absolute() or ".." in Path(parts[2]).parts:  # names a file outside the folder
+            return None
         entries[parts[2]] = (parts[0], int(parts[1]))
     return entries or None
 

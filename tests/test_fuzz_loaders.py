@@ -252,15 +252,26 @@ def test_checkpoint_json_files_of_random_bytes(checkpoint, data, name):
     clean(load_checkpoint, "r", store)
 
 
+meta_values = st.fixed_dictionaries({}, optional={
+    "task": st.sampled_from(["pretrain", "classify", "instruct"]) | plain, "template": plain, "parent": plain,
+    "generate": st.dictionaries(st.sampled_from(["max_new_tokens", "temperature", "top_k", "top_p"]), plain),
+    "data_settings": st.dictionaries(st.sampled_from(["format", "columns", "text_field", "label_field"]), plain)})
+
+
 @FUZZ
-@given(meta=plain)
+@given(meta=meta_values | plain)
 def test_meta_json_of_random_structure(checkpoint, meta):
+    """meta.json is read by load_checkpoint, lineage (show), generate's defaults and evaluate's file settings."""
+    from llmstages.checkpoint import lineage
+    from llmstages.stages.evaluate import data_settings
+    from llmstages.stages.generate import Sampling
     store = checkpoint[0]
     corrupt_checkpoint(checkpoint, "meta.json", json.dumps(meta).encode())
     ckpt = clean(load_checkpoint, "r", store)
     if ckpt is not None:
-        from llmstages.checkpoint import lineage
         lineage(ckpt.path, store)
+        Sampling.from_checkpoint(ckpt)
+        data_settings(ckpt)
 
 
 # ---------------------------------------------------------------------------------------------------
