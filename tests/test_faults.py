@@ -164,11 +164,6 @@ def test_a_run_or_dataset_name_override_that_leaves_the_store_is_refused(overrid
         build_recipe({}, [override])
 
 
-def test_the_store_never_builds_a_run_folder_outside_runs(tmp_path):
-    with pytest.raises(UserError, match="not a valid run name"):
-        Store(tmp_path).run_dir("..")
-
-
 # ---------------------------------------------------------------------------------------------------
 # point 7: what a fine-tune cannot honour, refused before anything is written
 # ---------------------------------------------------------------------------------------------------

@@ -78,8 +78,8 @@ def check_data_tokenizer(recipe: Recipe, store: Store, tokenizer: Tokenizer) -> 
 
     choice = choose_tokenizer(recipe, store)
     if choice.kind == "train":
-        raise UserError(f"data.tokenizer={recipe.data.tokenizer} would train a new tokenizer, but the model "
-                        f"{recipe.init_from} has its own; nothing was prepared",
+        raise UserError(f"tokenizer mismatch: data.tokenizer={recipe.data.tokenizer} would train a new tokenizer, "
+                        f"but the model {recipe.init_from} has its own; nothing was prepared",
                         hint="use data.tokenizer=auto (the model's tokenizer)")
     if choice.tokenizer.fingerprint != tokenizer.fingerprint:
         raise UserError(f"tokenizer mismatch: data.tokenizer={choice.ref} has fingerprint "
