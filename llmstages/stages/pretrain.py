@@ -12,8 +12,9 @@ import time
 import torch
 from rich.console import Console
 
-from llmstages.checkpoint import load_checkpoint, load_tokenizer
+from llmstages.checkpoint import load_checkpoint
 from llmstages.config import ModelConfig, Recipe
+from llmstages.data.plan import parent_tokenizer
 from llmstages.data.prepared import PreparedDataset, find_prepared
 from llmstages.data.windows import WindowSampler, fixed_windows
 from llmstages.distributed import is_main_process
@@ -123,8 +124,8 @@ def pretrain(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
                         hint=f"use `llmstages finetune --task ... RECIPE` for {recipe.task}")
     if not dry_run:  # refusals that need no data come before it is prepared
         check_run_start(store, recipe.run, resume)
-    if recipe.init_from:
-        check_data_tokenizer(recipe, store, load_tokenizer(recipe.init_from, store))
+    if recipe.init_from:  # parent_tokenizer: a missing base says which command makes it
+        check_data_tokenizer(recipe, store, parent_tokenizer(recipe.init_from, store))
     data = prepared_data(recipe, store, console)
     model, tokenizer, parent = build_model(recipe, store, data)
     task = pretrain_task(model, tokenizer, data, recipe)
