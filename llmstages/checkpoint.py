@@ -21,14 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llmstages.config import Recipe, read_yaml, recipe_diff, to_dict
 from llmstages.errors import UserError
-from llmstages.model import GPT, GPTConfig
+from llmstages.jsonio import read_json
+from llmstages.model import GPT
 from llmstages.store import Store, manifest_fingerprint, step_name, verify
 from llmstages.tokenizer import Tokenizer
+from llmstages.weights import load_plain_tensors, load_weights, load_weights_into, read_model_config
 
 WEIGHTS, CONFIG, TOKENIZER, META = "model.safetensors", "model.json", "tokenizer.json", "meta.json"
 STATE_TENSORS, STATE_INFO = "train_state.pt", "train_state.json"
@@ -85,16 +86,40 @@ def load_checkpoint(ref: str | Path, store: Store | None = None, *, device: str 
     path = store.resolve(ref)
     if check_hashes and (problems := verify(path)):
         raise UserError("\n".join(problems), hint="load an earlier checkpoint of the run (run@STEP)")
-    try:
-        config = GPTConfig.from_dict(read_model_config(path))
-        meta = read_meta(path)
-        model = GPT(config)
-        model.load_saved_state(load_file(str(path / WEIGHTS), device=str(device)))
-    except (json.JSONDecodeError, SafetensorError, ValueError, KeyError) as err:
-        raise UserError(f"{path}: cannot load the checkpoint ({err})") from None
+    config = read_model_config(path / CONFIG)
+    meta = read_meta(path)
+    model = load_weights(path / WEIGHTS, config, device)  # names, shapes, finite values checked
     tokenizer = Tokenizer.from_file(path / TOKENIZER)
     meta["fingerprint"] = manifest_fingerprint(path)
-    return Checkpoint(model.to(device), tokenizer, meta, path)
+    return Checkpoint(model, tokenizer, meta, path)
+
+
+def check_meta(meta: dict, where: Path) -> None:
+    """Refuse a meta.json whose fields the stages use (task, template, sampling defaults, data settings)
+    hold values llmstages never writes; unknown keys (older or newer versions) are ignored."""
+    import dataclasses
+
+    from llmstages.config import PARSER, DataConfig, GenerateConfig
+    from llmstages.templates import TEMPLATES
+
+    problems = []
+    if not isinstance(meta.get("task", ""), str):
+        problems.append(("task", "expected a string"))
+    template = meta.get("template")
+    if template is not None and not (isinstance(template, str) and template in TEMPLATES):
+        problems.append(("template", f"{template!r:.40} is not one of {', '.join(TEMPLATES)}"))
+    sections = {}
+    for key, section, cls in (("generate", "generate", GenerateConfig), ("data_settings", "data", DataConfig)):
+        value = meta.get(key)
+        if value is not None and not isinstance(value, dict):
+            problems.append((key, "expected an object"))
+        elif value:
+            known = {f.name for f in dataclasses.fields(cls)}
+            sections[section] = {k: v for k, v in value.items() if k in known}
+    problems += [(p.replace("data.", "data_settings.", 1), m) for p, m in PARSER.parse(sections)[1]]
+    if problems:
+        raise UserError(f"{where}: corrupt checkpoint metadata:\n  " + "\n  ".join(f"{p}: {m}" for p, m in problems),
+                        hint="load another checkpoint of the run")
 
 
 def load_tokenizer(ref: str | Path, store: Store | None = None) -> Tokenizer:
@@ -110,19 +135,25 @@ def load_train_state(path: Path) -> tuple[dict, dict]:
     """(tensors, info) of a checkpoint's train state; refuses a checkpoint that has none."""
     if not (path / STATE_TENSORS).exists():
         raise UserError(f"{path}: has no train state to resume from (an exported or final-only checkpoint)")
-    tensors = torch.load(path / STATE_TENSORS, map_location="cpu", weights_only=True)
-    info = json.loads((path / STATE_INFO).read_text())
+    tensors = load_plain_tensors(path / STATE_TENSORS)
+    info = read_json(path / STATE_INFO, what="train state")
+    if not isinstance(tensors, dict) or not isinstance(info.get("step"), int):
+        raise UserError(f"{path}: corrupt train state ({STATE_TENSORS} is not a mapping, or {STATE_INFO} "
+                        "has no integer step)", hint="resume from an earlier checkpoint")
     return tensors, info
 
 
 def read_meta(path: Path) -> dict:
-    """A checkpoint's meta.json (stage, step, metrics, parent, fingerprints, template, data settings)."""
-    return json.loads((path / META).read_text())
+    """A checkpoint's meta.json (stage, step, metrics, parent, fingerprints, template, data settings),
+    its fields checked (exit 2 naming the file when corrupt)."""
+    meta = read_json(path / META, what="checkpoint metadata (meta.json)")
+    check_meta(meta, path / META)
+    return meta
 
 
-def read_model_config(path: Path) -> dict:
-    """A checkpoint's model.json as plain data."""
-    return json.loads((path / CONFIG).read_text())
+def read_model_json(path: Path) -> dict:
+    """A checkpoint's model.json as plain data, unchecked (what `show` prints)."""
+    return read_json(path / CONFIG, what="model config (model.json)")
 
 
 def parent_info(ref: str, ckpt: Checkpoint) -> dict:
@@ -155,7 +186,7 @@ def load_for_resume(store: Store, recipe: Recipe, model: GPT, tokenizer: Tokeniz
     _check_resume(store.run_dir(recipe.run), recipe, allow_change, latest, data_fingerprint, tokenizer)
     if problems := verify(latest):
         raise UserError("\n".join(problems), hint="delete that checkpoint folder to resume from the one before it")
-    model.load_saved_state(load_file(str(latest / WEIGHTS)))
+    load_weights_into(model, latest / WEIGHTS)  # names, shapes, finite values checked
     return load_train_state(latest)
 
 
@@ -190,20 +221,20 @@ def lineage(ckpt_path: Path, store: Store) -> list[dict]:
     while path is not None and path not in seen:
         seen.add(path)
         try:
-            meta = read_meta(path)
-        except (OSError, json.JSONDecodeError):
+            meta = read_json(path / META, what="checkpoint metadata (meta.json)")
+        except UserError:
             chain.append({"ref": str(path), "missing": True})
             break
         meta["ref"] = str(path)
         chain.append(meta)
         parent = meta.get("parent")
-        if not parent:
+        if not isinstance(parent, dict) or not parent:
             break
-        parent_ref = parent.get("ref", "")
+        parent_ref = str(parent.get("ref", ""))
         if parent_ref.startswith("hf:"):
             chain.append({"ref": parent_ref, "task": "pretrained (Hugging Face)"})
             break
-        candidate = Path(parent.get("path", ""))
+        candidate = Path(str(parent.get("path", "")))
         path = candidate if candidate.is_dir() else None
         if path is None:
             chain.append({"ref": parent_ref, "missing": True})

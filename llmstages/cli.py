@@ -6,7 +6,7 @@ without a traceback.
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import sys
 from pathlib import Path
@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmstages.errors import StopTraining, UserError
+from llmstages.jsonio import dumps
 
 app = typer.Typer(
     name="llmstages",
@@ -222,7 +223,7 @@ def evaluate(
     set_threads()
     result = run_evaluate(model, data, _store(), limit=limit, console=err_console, template=template)
     if as_json:
-        print(json.dumps(result))
+        print(dumps(result))
     elif "per_class" in result:
         from llmstages.stages.classify import print_metrics
         print_metrics(console, f"evaluate {model} ({result['examples']:,} texts)", result)
@@ -275,7 +276,7 @@ def classify(
                             hint=f'e.g. llmstages classify {model} "some text"')
     predictions = classify_texts(ckpt, texts, batch_size=batch_size)
     if as_json:
-        print(json.dumps({"model": ckpt.ref, "labels": ckpt.model.config.class_names, "predictions": predictions}))
+        print(dumps({"model": ckpt.ref, "labels": ckpt.model.config.class_names, "predictions": predictions}))
         return
     table = Table(title=f"classify {model}", title_justify="left")
     table.add_column("#", justify="right", no_wrap=True)
@@ -333,7 +334,7 @@ def generate(
     result = generate_text(ckpt, prompt, model_input=model_input, **sampling.as_kwargs(), use_cache=not no_cache,
                            on_text=None if as_json else stream_to_stdout)
     if as_json:
-        print(json.dumps(result.to_json()))
+        print(dumps(result.to_json()))
     else:
         sys.stdout.write("\n")
         err_console.print(f"[dim]{result.tokens} tokens, {result.tokens_per_s:.1f} tokens/s[/dim]")
@@ -437,10 +438,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = app(args=argv, standalone_mode=False)
     except UserError as err:
-        err_console.print(f"[bold red]error:[/bold red] {escape(err.message)}", highlight=False)
+        # soft_wrap: a message holds paths and commands to copy; a pipe or log must get them unbroken.
+        err_console.print(f"[bold red]error:[/bold red] {escape(err.message)}", highlight=False, soft_wrap=True)
         if err.hint:
-            err_console.print(f"[yellow]fix:[/yellow] {escape(err.hint)}", highlight=False)
+            err_console.print(f"[yellow]fix:[/yellow] {escape(err.hint)}", highlight=False, soft_wrap=True)
         return err.exit_code
+    except _OutputClosed:
+        return _quiet_stdout()
     except StopTraining as stop:
         return 128 + stop.signum  # 130 after SIGINT, 143 after SIGTERM: a clean stop with a checkpoint
     except KeyboardInterrupt:
@@ -457,7 +461,40 @@ def main(argv: list[str] | None = None) -> int:
             err.show()
             return err.exit_code
         raise
+    try:
+        sys.stdout.flush()  # here, not at interpreter exit, where a closed pipe would print a warning
+    except BrokenPipeError:
+        return _quiet_stdout()
     return code if isinstance(code, int) else 0
+
+
+class _OutputClosed(Exception):
+    """The reader of stdout went away (`llmstages generate ... | head -1`): how pipes end, not an error."""
+
+
+def _stop_quietly_when_output_closes(callback):
+    """Wrap a command so that a BrokenPipeError from its output reaches `main` as `_OutputClosed`.
+
+    Click turns a broken pipe inside a command into exit code 1 on its own; a plain exception class
+    passes through it untouched.
+    """
+    @functools.wraps(callback)
+    def command(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except BrokenPipeError:
+            raise _OutputClosed() from None
+    return command
+
+
+def _quiet_stdout() -> int:
+    """Point stdout at /dev/null so no later flush fails again (Python docs, "Note on SIGPIPE"); exit 0."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+for _info in app.registered_commands:
+    _info.callback = _stop_quietly_when_output_closes(_info.callback)
 
 
 if __name__ == "__main__":

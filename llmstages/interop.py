@@ -30,9 +30,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llmstages.errors import UserError
+from llmstages.jsonio import read_json
 from llmstages.model import GPT, GPTConfig
 from llmstages.store import atomic_dir, hash_file
 from llmstages.tokenizer import EOT, Tokenizer
+from llmstages.weights import check_finite, config_from_mapping, load_plain_tensors
 
 # HF GPT-2's Conv1D layers: weight (in, out) there, (out, in) here.
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -127,16 +129,35 @@ def _download(repo_id: str, *, weights: bool) -> Path:
 # config.json <-> GPTConfig
 # ---------------------------------------------------------------------------------------------------
 def read_hf_config(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{folder / 'config.json'}: not valid JSON ({err})") from None
+    if not (folder / "config.json").exists():
+        raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    return read_json(folder / "config.json", what="model config (config.json)")
+
+
+# config.json keys read below, by the type they must have (anything else would fail deep inside).
+HF_INT_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd")
+HF_OPTIONAL_INT_KEYS = ("n_positions", "n_ctx", "n_inner")  # null = the default
+HF_FLOAT_KEYS = ("layer_norm_epsilon", "resid_pdrop")
+
+
+def _check_hf_types(hf: dict, where: str) -> None:
+    def not_int(value) -> bool:
+        return not isinstance(value, int) or isinstance(value, bool)
+
+    problems = [f"{k}={hf[k]!r:.40} (expected an integer)" for k in HF_INT_KEYS if k in hf and not_int(hf[k])]
+    problems += [f"{k}={hf[k]!r:.40} (expected an integer or null)" for k in HF_OPTIONAL_INT_KEYS
+                 if hf.get(k) is not None and not_int(hf[k])]
+    problems += [f"{k}={hf[k]!r:.40} (expected a number)" for k in HF_FLOAT_KEYS
+                 if k in hf and (not isinstance(hf[k], (int, float)) or isinstance(hf[k], bool))]
+    if not isinstance(hf.get("id2label") or {}, dict) or not isinstance(hf.get("architectures") or [], list):
+        problems.append("id2label must be an object and architectures a list")
+    if problems:
+        raise UserError(f"{where}: corrupt config.json:\n  " + "\n  ".join(problems))
 
 
 def config_from_hf(hf: dict, num_classes: int, where: str) -> GPTConfig:
     """Our GPTConfig for an HF GPT-2 config; refuses settings our model would compute differently."""
+    _check_hf_types(hf, where)
     problems = []
 
     def expect(key: str, ok: bool, ours: str) -> None:
@@ -157,15 +178,15 @@ def config_from_hf(hf: dict, num_classes: int, where: str) -> GPTConfig:
                         hint="only standard GPT-2 configurations are supported (the logits would be wrong)")
     class_names: list[str] = []
     if num_classes:
-        id2label = {int(k): str(v) for k, v in (hf.get("id2label") or {}).items()}
+        id2label = {int(k): str(v) for k, v in (hf.get("id2label") or {}).items() if str(k).isdigit()}
         class_names = [id2label.get(i, f"LABEL_{i}") for i in range(num_classes)]
-    return GPTConfig(
+    return config_from_mapping(dict(
         vocab_size=hf.get("vocab_size", 50257),
         block_size=hf.get("n_positions") or hf.get("n_ctx") or 1024,
         n_layer=hf.get("n_layer", 12), n_head=n_head, n_embd=n_embd,
         dropout=float(hf.get("resid_pdrop", 0.0)),  # GPT-2 uses one rate everywhere (0.1 in the originals)
         bias=True, num_classes=num_classes, class_names=class_names,
-    )
+    ), where)
 
 
 def hf_config(config: GPTConfig, eot_id: int, dtype: torch.dtype = torch.float32) -> dict:
@@ -241,20 +262,18 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _shards(index: Path) -> list[str]:
-    try:
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, AttributeError) as err:
-        raise UserError(f"{index}: not a valid shard index ({err})") from None
+    """The weight files an index names: plain file names in the same folder (never a path out of it)."""
+    weight_map = read_json(index, what="shard index").get("weight_map")
+    names = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else None
+    if not names or not all(isinstance(n, str) and n == Path(n).name and n not in (".", "..") for n in names):
+        raise UserError(f"{index}: not a valid shard index (weight_map must map tensor names to file names "
+                        "in this folder)")
+    return names
 
 
 def _load_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
     """A pytorch_model.bin, with PyTorch's restricted unpickler: tensors and plain containers only."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for forbidden objects; others for truncated files
-        raise UserError(f"{path}: refused to load: it is not plain tensor data ({str(err).splitlines()[0]})",
-                        hint="convert it to model.safetensors on a trusted machine, or get the safetensors "
-                             "version of the model") from None
+    state = load_plain_tensors(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a state dict of tensors")
     return state
@@ -309,6 +328,8 @@ def load_hf(dir_or_id: str, device: str | torch.device = "cpu") -> HFModel:
     hf = read_hf_config(folder)
     hf_state = read_hf_weights(folder)
     score = hf_state.get("score.weight")
+    if score is not None and score.dim() != 2:
+        raise UserError(f"{where}: score.weight has shape {list(score.shape)}, expected (classes, n_embd)")
     if score is None and any("ForSequenceClassification" in a for a in hf.get("architectures") or []):
         raise UserError(f"{where}: config.json says sequence classifier, but there is no score.weight")
     config = config_from_hf(hf, score.shape[0] if score is not None else 0, where)
@@ -316,8 +337,10 @@ def load_hf(dir_or_id: str, device: str | torch.device = "cpu") -> HFModel:
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{config.vocab_size} embeddings (tokenizer files of another model?)")
+    state = hf_to_ours(hf_state, config, where)  # names and shapes checked before anything is allocated
+    check_finite(state, where)
     model = GPT(config)
-    model.load_saved_state(hf_to_ours(hf_state, config, where))
+    model.load_saved_state(state)
     # `ref` is what a fine-tuned run records as its parent: a local folder as an absolute path.
     local = Path(dir_or_id).expanduser().is_dir()
     meta = {

@@ -21,6 +21,7 @@ is written after it.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
 import time
@@ -217,8 +218,8 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
                 last_ckpt = commit(run, state, improved)
             if due.stop and state.step < max_steps:  # a signal during the last step: the run has finished anyway
                 run.progress.close()
-                run.progress.message(f"stopped at step {state.step}; checkpoint {last_ckpt}. Resume with:\n  "
-                                     f"{resume_command(stage, recipe)}")
+                run.progress.raw(f"stopped at step {state.step}; checkpoint {last_ckpt}. Resume with:\n  "
+                                 f"{resume_command(stage, recipe)}")
                 raise StopTraining(stop.signum or signal.SIGTERM)
             if patience_out:
                 run.progress.message(f"early stop: {cfg.best_metric} has not improved for {cfg.patience} evaluations")
@@ -256,12 +257,10 @@ def start_or_resume(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: Trai
     """A fresh RunState, or the one of the run's latest checkpoint (its weights loaded into `model`),
     with the saved train state (tensors, info) that the optimizer and the RNGs are restored from."""
     run, run_dir = recipe.run, store.run_dir(recipe.run)
+    check_run_start(store, run, resume)
     saved = None
     if resume:
         saved = load_for_resume(store, recipe, model, tokenizer, task.data_fingerprint, allow_change=allow_change)
-    elif store.checkpoints(run):
-        raise UserError(f"run {run!r} already has checkpoints in {run_dir}",
-                        hint="continue it with --resume, or start a new run with run=NEW_NAME")
     state = RunState.from_saved(*saved) if saved is not None else RunState()
     if dctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -276,6 +275,18 @@ def start_or_resume(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: Trai
             (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))
     dctx.barrier()
     return state, saved
+
+
+def check_run_start(store: Store, run: str, resume: bool) -> None:
+    """A resume needs a checkpoint; a fresh start must not mix with an existing run's checkpoints.
+    Stages call this before they prepare data, so a refused start writes nothing; `start_or_resume`
+    calls it again (the store may have changed while the data was prepared)."""
+    if resume and store.latest(run) is None:
+        raise UserError(f"run {run!r} has no checkpoint to resume from",
+                        hint=f"start it without --resume (store: {store.root})")
+    if not resume and store.checkpoints(run):
+        raise UserError(f"run {run!r} already has checkpoints in {store.run_dir(run)}",
+                        hint="continue it with --resume, or start a new run with run=NEW_NAME")
 
 
 def micro_steps(run: Run, state: RunState, window: Window) -> torch.Tensor:
@@ -384,7 +395,7 @@ def _metrics(model: GPT, task: TrainTask, amp) -> dict:
 
 
 def resume_command(stage: str, recipe: Recipe) -> str:
-    args = " ".join(a for a in sys.argv[1:] if a not in ("--resume",))
+    args = shlex.join(a for a in sys.argv[1:] if a not in ("--resume",))  # quoted: pasted into a shell
     return f"llmstages {args} --resume" if args else f"llmstages {stage} {recipe.run} --resume"
 
 

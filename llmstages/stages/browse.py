@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import json
 
 from rich.console import Console
 from rich.table import Table
 
-from llmstages.checkpoint import lineage, read_meta, read_model_config
+from llmstages.checkpoint import lineage, read_meta, read_model_json
 from llmstages.config import builtin_recipes, read_yaml
+from llmstages.errors import UserError
+from llmstages.jsonio import dumps
+from llmstages.runlog import fmt
 from llmstages.store import Store
 
 LOG_FIGURES = ("step", "loss", "val_loss", "val_bpb", "f1")  # the last-log columns `runs` shows
@@ -35,7 +37,7 @@ def print_runs(console: Console, store: Store) -> None:
     for col in ("run", "task", "checkpoints", "last step", "best", "last log"):
         table.add_column(col)
     for info in infos:
-        best = f"{info.best['metric']}={info.best['value']:.4g} @ {info.best['step']}" if info.best else "-"
+        best = f"{info.best.get('metric')}={_figure(info.best.get('value'))} @ {info.best['step']}" if info.best else "-"
         log = ""
         if info.last_log:
             log = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -47,18 +49,22 @@ def print_runs(console: Console, store: Store) -> None:
 def _task(store: Store, run: str) -> str:
     """The task of a run's latest checkpoint ("?" when it has none or its meta cannot be read)."""
     latest = store.latest(run)
-    with contextlib.suppress(OSError, json.JSONDecodeError):
-        return read_meta(latest).get("task", "?") if latest is not None else "?"
+    with contextlib.suppress(UserError):
+        return str(read_meta(latest).get("task", "?")) if latest is not None else "?"
     return "?"
+
+
+def _figure(value) -> str:
+    return fmt(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
 def print_checkpoint(console: Console, store: Store, model: str, *, as_json: bool = False) -> None:
     """Model config, the metrics stored with the checkpoint, and its lineage (newest first)."""
     path = store.resolve(model)
-    config = read_model_config(path)
+    config = read_model_json(path)
     chain = lineage(path, store)
-    if as_json:
-        console.print_json(json.dumps({"path": str(path), "config": config, "lineage": chain}, default=str))
+    if as_json:  # plain print: valid JSON (null for NaN), never wrapped or highlighted
+        print(dumps({"path": str(path), "config": config, "lineage": chain}, default=str))
         return
     meta = chain[0]
     console.print(f"[bold]{path}[/bold]  task={meta.get('task')}  step={meta.get('step')}")
@@ -67,7 +73,7 @@ def print_checkpoint(console: Console, store: Store, model: str, *, as_json: boo
         if value not in (None, [], 0) or key in ("n_layer", "n_head"):
             table.add_row(key, str(value))
     console.print(table)
-    if meta.get("metrics"):
+    if isinstance(meta.get("metrics"), dict) and meta["metrics"]:
         metrics = Table(title="metrics", show_header=False)
         for key, value in meta["metrics"].items():
             if not isinstance(value, (int, float, str)):
