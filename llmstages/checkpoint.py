@@ -15,12 +15,16 @@ train state holds is RunState's business (runstate.py); here it is only written 
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from llmstages.config import Recipe, read_yaml, recipe_diff, to_dict
@@ -66,12 +70,59 @@ def write_train_state(folder: Path, tensors: dict[str, Any], info: dict) -> None
 
 def save_checkpoint(store: Store, run: str, step: int, model: GPT, tokenizer: Tokenizer, meta: dict,
                     train_state: tuple[dict, dict] | None = None) -> Path:
-    """Commit one checkpoint of `run` at `step`; returns its folder."""
-    with store.commit(run, step) as tmp:
-        write_model_files(tmp, model, tokenizer, dict(meta, run=run, step=step))
-        if train_state is not None:
-            write_train_state(tmp, *train_state)
+    """Commit one checkpoint of `run` at `step`; returns its folder. A full disk is a DiskFull error
+    (exit 3): the temporary folder is removed by store.commit and the committed checkpoints are untouched."""
+    try:
+        with store.commit(run, step) as tmp:
+            write_model_files(tmp, model, tokenizer, dict(meta, run=run, step=step))
+            if train_state is not None:
+                write_train_state(tmp, *train_state)
+    except (OSError, SafetensorError, RuntimeError) as err:
+        if not is_disk_full(err):
+            raise
+        raise DiskFull(f"no space left on the device of {store.run_dir(run)} while writing {step_name(step)} "
+                       f"(about {checkpoint_bytes(model) / 2**20:.1f} MiB needed, {free_bytes(store.root) / 2**20:.1f} "
+                       "MiB free); nothing was committed or pruned, the earlier checkpoints are intact",
+                       hint="free some space (or move the store with --store), then resume with --resume") from None
     return store.run_dir(run) / step_name(step)
+
+
+class DiskFull(UserError):
+    """The store's disk filled up: its own exit code, 3 (documented in the README)."""
+
+    exit_code = 3
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC as an OSError, or as the text of safetensors' / torch's own write errors."""
+    return getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err)
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem of `path` (or of its nearest parent)."""
+    path = Path(path).resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def checkpoint_bytes(model: GPT) -> int:
+    """An upper estimate of one checkpoint of `model` on disk: the weights, two fp32 optimizer moments per
+    trainable value (AdamW; Muon keeps one), and 1 MiB for the tokenizer and the JSON files."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_for_saving().values())
+    moments = 2 * 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return weights + moments + (1 << 20)
+
+
+def check_disk(store: Store, run: str, model: GPT) -> None:
+    """Before step 1: refuse a run whose store cannot hold two checkpoints (the new one is written
+    before the old one is pruned)."""
+    needed, free = 2 * checkpoint_bytes(model), free_bytes(store.run_dir(run))
+    if free < needed:
+        raise UserError(f"{store.run_dir(run)}: {free:,} bytes free, two checkpoints of this model need about "
+                        f"{needed:,} bytes; nothing was trained",
+                        hint="free some space, or put the store on a larger disk (--store DIR or $LLMSTAGES_STORE)")
 
 
 def load_checkpoint(ref: str | Path, store: Store | None = None, *, device: str | torch.device = "cpu",
@@ -176,18 +227,79 @@ FIXED_ON_RESUME = ("model.size", "model.n_layer", "model.n_head", "model.n_embd"
 
 
 def load_for_resume(store: Store, recipe: Recipe, model: GPT, tokenizer: Tokenizer, data_fingerprint: str, *,
-                    allow_change: bool) -> tuple[dict, dict]:
-    """The latest checkpoint of `recipe.run`, checked (recipe, shapes, tokenizer, data, every sha256),
-    its weights loaded into `model`; returns its train state (tensors, info) for RunState."""
-    latest = store.latest(recipe.run)
-    if latest is None:
+                    allow_change: bool, warn: Callable[[str], None] = print) -> tuple[dict, dict]:
+    """The newest checkpoint of `recipe.run` that verifies (every sha256, finite weights of the right shapes,
+    a readable train state), checked against the recipe, data and tokenizer, its weights loaded into
+    `model`; returns its train state (tensors, info) for RunState, info["loaded_from"] naming the folder.
+
+    A newer checkpoint that fails verification is skipped with a warning naming the bad file: a resume
+    never continues from (and so never commits on top of) unverified state."""
+    found = store.checkpoints(recipe.run)
+    if not found:
         raise UserError(f"run {recipe.run!r} has no checkpoint to resume from",
                         hint=f"start it without --resume (store: {store.root})")
-    _check_resume(store.run_dir(recipe.run), recipe, allow_change, latest, data_fingerprint, tokenizer)
-    if problems := verify(latest):
-        raise UserError("\n".join(problems), hint="delete that checkpoint folder to resume from the one before it")
-    load_weights_into(model, latest / WEIGHTS)  # names, shapes, finite values checked
-    return load_train_state(latest)
+    rejected = []
+    for path in reversed(found):
+        try:
+            return _load_verified(store, recipe, model, tokenizer, data_fingerprint, allow_change, path)
+        except CorruptCheckpoint as err:
+            rejected.append(err.message)
+            warn(f"warning: skipping {path.name} of {recipe.run}, it does not verify:\n{err.message}")
+    raise UserError(f"no checkpoint of run {recipe.run!r} verifies:\n" + "\n".join(rejected),
+                    hint="start the run again without --resume (after deleting its folder), or restore the files")
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint whose files fail verification (a resume falls back to an older one)."""
+
+
+def verify_checkpoint(path: Path) -> list[str]:
+    """Every problem of a committed checkpoint folder: sha256 against MANIFEST, then model.json, the
+    weights (names, shapes, finite values) and the train state (readable, finite). Empty = it verifies."""
+    if problems := verify(path):
+        return problems
+    try:
+        model = load_weights(path / WEIGHTS, read_model_config(path / CONFIG))
+        del model
+        if (path / STATE_TENSORS).exists():
+            tensors, _ = load_train_state(path)
+            if bad := nonfinite(tensors):
+                return [f"{path / STATE_TENSORS}: refused: non-finite values in {', '.join(bad[:5])}"]
+    except UserError as err:
+        return [err.message]
+    return []
+
+
+def nonfinite(value: Any, prefix: str = "") -> list[str]:
+    """Names of the floating tensors inside nested dicts/lists of `value` that hold NaN or inf."""
+    if torch.is_tensor(value):
+        return [prefix or "tensor"] if value.is_floating_point() and not bool(torch.isfinite(value).all()) else []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    return [name for key, v in items for name in nonfinite(v, f"{prefix}.{key}" if prefix else str(key))]
+
+
+def _load_verified(store: Store, recipe: Recipe, model: GPT, tokenizer: Tokenizer, data_fingerprint: str,
+                   allow_change: bool, path: Path) -> tuple[dict, dict]:
+    if problems := verify(path):
+        raise CorruptCheckpoint("\n".join(problems))
+    _check_resume(store.run_dir(recipe.run), recipe, allow_change, path, data_fingerprint, tokenizer)
+    tensors, info = load_state(path, model, verified=True)
+    return tensors, dict(info, loaded_from=str(path))
+
+
+def load_state(path: Path, model: GPT, *, verified: bool = False) -> tuple[dict, dict]:
+    """Load checkpoint `path`'s weights into `model` and return its train state (tensors, info), every
+    file checked first (sha256 unless `verified`, shapes, finite values); CorruptCheckpoint if not."""
+    if not verified and (problems := verify(path)):
+        raise CorruptCheckpoint("\n".join(problems))
+    try:
+        load_weights_into(model, path / WEIGHTS)  # names, shapes, finite values checked
+        tensors, info = load_train_state(path)
+    except UserError as err:
+        raise CorruptCheckpoint(err.message) from None
+    if bad := nonfinite(tensors):
+        raise CorruptCheckpoint(f"{path / STATE_TENSORS}: refused: non-finite values in {', '.join(bad[:5])}")
+    return tensors, info
 
 
 def _check_resume(run_dir: Path, recipe: Recipe, allow_change: bool, latest: Path, data_fingerprint: str,

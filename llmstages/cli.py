@@ -86,6 +86,18 @@ def show(model: str = typer.Argument(..., help="Run name, run@STEP, or checkpoin
     print_checkpoint(console, _store(), model, as_json=as_json)
 
 
+@app.command()
+def verify(run: Optional[str] = typer.Argument(None, help="A run name; default: every run and dataset of the store.")) -> None:
+    """Check every checkpoint of a run (or of the whole store, with its datasets): sha256 against MANIFEST,
+    weights finite and of the right shapes, train state readable and finite. Exit 2 when any file is bad.
+
+    Example: llmstages verify quickstart
+    """
+    from llmstages.stages.browse import verify_store
+    if not verify_store(console, _store(), run):
+        raise typer.Exit(2)
+
+
 # ---------------------------------------------------------------------------------------------------
 # prepare
 # ---------------------------------------------------------------------------------------------------
@@ -455,6 +467,16 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         return 130
     except Exception as err:
+        from llmstages.checkpoint import is_disk_full
+
+        if is_disk_full(err):  # e.g. prepare writing shards: a clear message and its own exit code
+            where = getattr(err, "filename", None)
+            err_console.print(f"[bold red]error:[/bold red] no space left on the device{f' writing {where}' if where else ''}"
+                              " (a prepare goes on from its last finished shard when run again)",
+                              highlight=False, soft_wrap=True)
+            err_console.print("[yellow]fix:[/yellow] free some space or use another --store, then run the same "
+                              "command again", highlight=False, soft_wrap=True)
+            return 3
         # Usage errors (bad option values, missing arguments) carry their own message and exit code 2.
         # They are click's exceptions, which newer typer versions vendor, so recognise them by shape.
         if callable(getattr(err, "show", None)) and isinstance(getattr(err, "exit_code", None), int):

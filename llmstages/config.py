@@ -185,6 +185,15 @@ class TrainConfig:
     beta2: float = _f(0.95, ge=0.0, le=1.0)
     # Clip the global gradient norm to this (0 = off).
     grad_clip: float = _f(1.0, ge=0.0)
+    # A loss spike: a step loss above spike_threshold x the median of the last spike_window step losses
+    # (checked once spike_min_steps losses are in the window). warn: log it | skip: drop that step's
+    # update | rollback: go back to the last checkpoint and skip that step's micro-batches. skip and
+    # rollback stop the run after spike_max spikes in a row.
+    spike: str = _f("warn", choices=("warn", "skip", "rollback"))
+    spike_threshold: float = _f(3.0, gt=1.0)
+    spike_window: int = _f(50, ge=1)
+    spike_min_steps: int = _f(2, ge=1)
+    spike_max: int = _f(5, ge=1)
     # Sequences per forward/backward pass on one process.
     micro_batch_size: int = _f(16, ge=1)
     # Sequences per optimizer step over all processes (gradient accumulation makes up the rest).

@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 from rich.console import Console
 
-from llmstages import __version__
-from llmstages.checkpoint import load_for_resume, save_checkpoint
+from llmstages import __version__, spikes
+from llmstages.checkpoint import check_disk, load_for_resume, nonfinite, save_checkpoint
 from llmstages.config import Recipe, dump_yaml, to_dict
 from llmstages.distributed import DistContext, init_distributed
 from llmstages.errors import StopTraining, UserError
@@ -43,7 +43,7 @@ from llmstages.optim import build_optimizer, set_lr
 from llmstages.runlog import RunLog, TrainProgress, summary_table
 from llmstages.runstate import RunState, restore_rng
 from llmstages.runtime import autocast, peak_flops, peak_rss_mb, resolve_device, resolve_precision
-from llmstages.store import Store, now_iso
+from llmstages.store import STEP_RE, Store, now_iso
 from llmstages.tokenizer import Tokenizer
 
 Batch = dict  # str -> tensor, plus "n_tokens": int (tokens in the batch, padding excluded)
@@ -203,7 +203,7 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
     stop = StopFlag()
     stop.install()
     window, due = Window(seq_len=model.config.block_size), Due()
-    last_ckpt = store.latest(recipe.run) if dctx.is_main else None
+    last_ckpt = Path(saved[1]["loaded_from"]) if saved is not None and dctx.is_main else None  # verified
     stopped_early = False
     state.started = time.perf_counter()
     try:
@@ -215,7 +215,7 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
             improved = due.eval and evaluate(run, state, window)
             patience_out = bool(due.any and cfg.patience and state.evals_since_best >= cfg.patience)
             if due.save or improved or patience_out:
-                last_ckpt = commit(run, state, improved)
+                last_ckpt = commit(run, state, improved, last_ckpt) or last_ckpt
             if due.stop and state.step < max_steps:  # a signal during the last step: the run has finished anyway
                 run.progress.close()
                 run.progress.raw(f"stopped at step {state.step}; checkpoint {last_ckpt}. Resume with:\n  "
@@ -229,11 +229,17 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
                 break
 
             # 3. forward and backward over the micro-batches of one step (gradients summed)
-            step_loss = micro_steps(run, state, window)
+            step_loss = micro_steps(run, state, window)  # None: a rollback skips this step's micro-batches
 
-            # 4. clip, 5. step
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else None
-            optimizer.step()
+            # 4. clip, 5. step, unless the spike policy (train.spike) drops this update or rolls back
+            action, grad_norm = spike_action(run, state, step_loss), None
+            if action == "rollback":
+                optimizer.zero_grad(set_to_none=True)
+                state, due = spikes.roll_back(store.latest(recipe.run), state, model, optimizer, device), Due()
+                continue
+            if action == "step":
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else None
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.add_step(step_loss)
 
@@ -241,6 +247,8 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
             due = Due.after(state.step, recipe, max_steps, stop=dctx.any_true(stop.signum is not None, device))
             if due.any:
                 check_finite(run, state, last_ckpt)
+                for spike in spikes.flush(cfg, dctx, state):  # train.spike=warn
+                    say_spike(run, spike, "warning only (train.spike=warn)")
             if due.log:
                 log_step(run, state, window, lr, grad_norm)
     finally:
@@ -260,8 +268,10 @@ def start_or_resume(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: Trai
     check_run_start(store, run, resume)
     saved = None
     if resume:
-        saved = load_for_resume(store, recipe, model, tokenizer, task.data_fingerprint, allow_change=allow_change)
+        saved = load_for_resume(store, recipe, model, tokenizer, task.data_fingerprint, allow_change=allow_change,
+                                warn=lambda text: dctx.is_main and print(text, file=sys.stderr))
     state = RunState.from_saved(*saved) if saved is not None else RunState()
+    check_disk(store, run, model)
     if dctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         store.clean_partial(run)
@@ -289,9 +299,11 @@ def check_run_start(store: Store, run: str, resume: bool) -> None:
                         hint="continue it with --resume, or start a new run with run=NEW_NAME")
 
 
-def micro_steps(run: Run, state: RunState, window: Window) -> torch.Tensor:
+def micro_steps(run: Run, state: RunState, window: Window) -> torch.Tensor | None:
     """Forward and backward of this process's `accum` micro-batches; returns their mean loss, a () tensor."""
     dctx, seed = run.dctx, run.recipe.train.seed
+    if state.step + 1 in state.spikes.skip_steps:
+        return None
     step_loss = torch.zeros((), device=run.device)
     for micro in range(run.accum):
         index = (state.step * run.accum + micro) * dctx.world_size + dctx.rank
@@ -307,6 +319,37 @@ def micro_steps(run: Run, state: RunState, window: Window) -> torch.Tensor:
         state.tokens_seen += n_tokens
         window.seq_len = batch["input_ids"].shape[1]
     return step_loss / run.accum
+
+
+def spike_action(run: Run, state: RunState, step_loss: torch.Tensor | None) -> str:
+    """What to do with the step just computed: "step" (take it), "skip" (drop its update; also a step a
+    rollback skips), or "rollback" (to the last checkpoint). See spikes.py."""
+    cfg = run.recipe.train
+    if step_loss is None:
+        return "skip"
+    if cfg.spike == "warn":
+        state.spikes.pending.append((state.step + 1, step_loss))  # checked at the next log step
+        return "step"
+    spike = spikes.check_now(cfg, run.dctx, state, step_loss)
+    if spike is None:
+        return "step"
+    target = run.store.latest(run.recipe.run) if cfg.spike == "rollback" else None
+    if target is None:  # skip, or a rollback before the first checkpoint
+        state.spikes.skipped += 1
+        say_spike(run, spike, f"update skipped ({state.spikes.skipped} so far)")
+        return "skip"
+    state.spikes.skip_steps.append(spike.step)
+    spikes.check_rollbacks(cfg, state, spike)
+    if run.dctx.is_main:  # the steps after the checkpoint are trained again: their log lines go, as on resume
+        run.log.truncate_after(int(STEP_RE.fullmatch(target.name).group(1)))
+    say_spike(run, spike, f"rolled back to {target.name}; this step's micro-batches will be skipped")
+    return "rollback"
+
+
+def say_spike(run: Run, spike: spikes.Spike, action: str) -> None:
+    if run.dctx.is_main:
+        run.log.write(spike.record())
+        run.progress.message(spike.text(action))
 
 
 def check_finite(run: Run, state: RunState, last_ckpt: Path | None) -> None:
@@ -330,6 +373,7 @@ def log_step(run: Run, state: RunState, window: Window, lr: float, grad_norm: to
     record = {"step": state.step, "loss": state.take_loss(), "lr": lr,
               "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens": state.tokens_seen,
               "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4) if mfu is not None else None,
+              "skipped": state.spikes.skipped + len(state.spikes.skip_steps),
               "time": round(state.elapsed, 2)}
     if run.dctx.is_main:
         run.log.write(record)
@@ -354,10 +398,19 @@ def evaluate(run: Run, state: RunState, window: Window) -> bool:
     return improved
 
 
-def commit(run: Run, state: RunState, improved: bool) -> Path | None:
+def commit(run: Run, state: RunState, improved: bool, last_ckpt: Path | None) -> Path | None:
     """Every rank joins (the saved loss window is the mean over ranks, as a log step takes it); rank 0
-    commits the checkpoint, records the best and prunes. Returns the new checkpoint on rank 0."""
+    commits the checkpoint, records the best and prunes. Returns the new checkpoint on rank 0.
+
+    Weights and optimizer state are checked finite first (every rank holds the same ones): a diverged
+    update is never committed, so `last_ckpt` is always a finite checkpoint to go back to."""
     recipe, store, dctx = run.recipe, run.store, run.dctx
+    if bad := nonfinite({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict()}):
+        where = f"the last finite checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
+        raise TrainingDiverged(f"the weights or optimizer state became non-finite (nan/inf) by step {state.step} "
+                               f"({len(bad)} tensors, e.g. {', '.join(bad[:3])}); not saved, {where}",
+                               hint="lower train.lr or train.weight_decay, raise train.warmup_steps; "
+                                    "then resume with --resume --allow-change")
     dctx.mean_(state.loss_sum)
     path = None
     if dctx.is_main:

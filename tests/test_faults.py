@@ -7,6 +7,7 @@ it writes anything, recipe problems come in one pass, and the small CLI holes st
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -272,3 +273,204 @@ def test_generate_into_a_closed_pipe_exits_0_quietly(store):
     proc.stdout.close()  # as `| head -c 1` does
     assert proc.wait(timeout=120) == 0
     assert b"Traceback" not in proc.stderr.read()
+
+
+# ---------------------------------------------------------------------------------------------------
+# points 1-4: verified resume, finite checkpoints, loss spikes, a full disk (tests/scripts/train_synthetic.py)
+# ---------------------------------------------------------------------------------------------------
+SCRIPT = Path(__file__).parent / "scripts" / "train_synthetic.py"
+SYN_ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def synthetic(store: Path, steps: int, *args: str, prelude: str = "") -> subprocess.CompletedProcess:
+    """train_synthetic.py in a subprocess; `prelude` is Python run first in that process (to fake a full disk)."""
+    code = (f"import runpy, sys\n{prelude}\nsys.argv = {[str(SCRIPT), str(store), str(steps), *args]!r}\n"
+            f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=SYN_ENV, timeout=300)
+
+
+def syn_checkpoints(store: Path) -> list[Path]:
+    return sorted((store / "runs" / "syn").glob("step-*"))
+
+
+def all_verify(store: Path) -> list[str]:
+    from llmstages.checkpoint import verify_checkpoint
+    return [problem for path in syn_checkpoints(store) for problem in verify_checkpoint(path)]
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size: only the sha256 can tell
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory):
+    """An uninterrupted 6-step run with a checkpoint every 2 steps (the reference of the resume tests)."""
+    store = tmp_path_factory.mktemp("six")
+    result = synthetic(store, 6, "train.save_every=2", "train.keep_last=5")
+    assert result.returncode == 0, result.stderr
+    return store
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["model.safetensors", "train_state.pt"])
+def test_resume_skips_a_corrupted_checkpoint_and_never_launders_it(tmp_path, six_steps, name):
+    """Point 1: before the fix --resume trained on from the flipped byte and committed it under a valid MANIFEST."""
+    store = tmp_path / "store"
+    shutil.copytree(six_steps, store)
+    flip_byte(store / "runs/syn/step-000006" / name)
+    result = synthetic(store, 6, "--resume", "train.save_every=2", "train.keep_last=5")
+    assert result.returncode == 0, result.stderr
+    assert "skipping step-000006 of syn" in result.stderr and f"step-000006/{name}" in result.stderr
+    assert "resuming at step 4" in result.stderr
+    assert all_verify(store) == []
+    # step 6 was trained again from step 4: the uninterrupted run's weights exactly
+    new, ref = (load_file(str(s / "runs/syn/step-000006/model.safetensors")) for s in (store, six_steps))
+    assert all(torch.equal(new[k], ref[k]) for k in ref)
+
+
+@pytest.mark.slow
+def test_resume_with_no_checkpoint_that_verifies_is_a_clear_error(tmp_path, six_steps):
+    store = tmp_path / "store"
+    shutil.copytree(six_steps, store)
+    for path in syn_checkpoints(store):
+        flip_byte(path / "model.safetensors")
+    result = synthetic(store, 6, "--resume", "train.save_every=2", "train.keep_last=5")
+    assert result.returncode == 2, result.stderr
+    assert "no checkpoint of run 'syn' verifies" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_verify_command_reports_each_bad_file(tmp_path, six_steps, cli):
+    store = tmp_path / "store"
+    shutil.copytree(six_steps, store)
+    good = cli("--store", str(store), "verify")
+    assert good.returncode == 0 and "3 folders checked, 0 bad" in good.stdout, good.stdout + good.stderr
+    flip_byte(store / "runs/syn/step-000002/model.safetensors")
+    poison(store / "runs/syn/step-000004/model.safetensors", "transformer.ln_f.weight")
+    (store / "runs/syn/step-000004/MANIFEST").unlink()
+    write_manifest(store / "runs/syn/step-000004")  # a re-signed NaN checkpoint: the sha256 alone passes it
+    bad = cli("--store", str(store), "verify", "syn")
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    out = " ".join(bad.stdout.split())
+    assert "BAD syn/step-000002" in out and "step-000002/model.safetensors: contents do not match" in out
+    assert "BAD syn/step-000004" in out and "transformer.ln_f.weight" in out
+    assert "ok syn/step-000006" in out and "3 folders checked, 2 bad" in out
+    missing = cli("--store", str(store), "verify", "nosuchrun")
+    assert missing.returncode == 2 and "no run 'nosuchrun'" in missing.stderr
+
+
+@pytest.mark.slow
+def test_non_finite_weights_are_never_committed(tmp_path):
+    """Point 2: the loss stays finite while the update makes the weights NaN; before the fix step-000004
+    was committed full of NaN and named 'the last good checkpoint'."""
+    result = synthetic(tmp_path, 10, "--nan-grad-at", "3", "train.save_every=1", "train.keep_last=10")
+    assert result.returncode == 1, result.stderr
+    message = " ".join(result.stderr.split())
+    assert "became non-finite" in message and "not saved" in message
+    assert "the last finite checkpoint is" in message and message.split("last finite checkpoint is ")[1].startswith(
+        str(tmp_path / "runs/syn/step-000003"))
+    assert [p.name for p in syn_checkpoints(tmp_path)] == ["step-000001", "step-000002", "step-000003"]
+    assert all_verify(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_the_issues_lr_and_weight_decay_leave_only_finite_checkpoints(tmp_path):
+    """Point 2 as reported: lr=1.0 weight_decay=1000 save_every=1; whatever step it stops at, every
+    committed checkpoint verifies (finite weights and optimizer state)."""
+    result = synthetic(tmp_path, 10, "train.lr=1.0", "train.min_lr=0.1", "train.warmup_steps=0",
+                       "train.weight_decay=1000", "train.save_every=1", "train.keep_last=10")
+    assert result.returncode == 1 and "non-finite" in result.stderr, result.stderr
+    assert syn_checkpoints(tmp_path) and all_verify(tmp_path) == []
+
+
+def syn_log(store: Path) -> list[dict]:
+    return [json.loads(line) for line in (store / "runs/syn/log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_loss_spike_warns_by_default(tmp_path):
+    """Point 3: with lr=1.0 and no clipping the loss jumps ~5x; before the fix nothing was said."""
+    result = synthetic(tmp_path, 8, "train.lr=1.0", "train.min_lr=0.1", "train.grad_clip=0")
+    assert result.returncode == 0, result.stderr
+    assert "loss spike at step 3" in " ".join(result.stderr.split())
+    assert any(r.get("spike") for r in syn_log(tmp_path))
+
+
+@pytest.mark.slow
+def test_spike_skip_drops_the_update_and_stops_after_k_in_a_row(tmp_path):
+    one = synthetic(tmp_path / "one", 8, "--spike-at", "4", "train.spike=skip", "train.save_every=4")
+    assert one.returncode == 0, one.stderr
+    assert "update skipped (1 so far)" in " ".join(one.stderr.split())
+    assert any(r.get("skipped") == 1 for r in syn_log(tmp_path / "one"))  # counted in the log
+    info = json.loads((tmp_path / "one/runs/syn/step-000008/train_state.json").read_text())
+    assert info["spikes"]["skipped"] == 1  # in RunState: a resumed run knows it
+    many = synthetic(tmp_path / "many", 12, "train.lr=1.0", "train.min_lr=0.1", "train.grad_clip=0",
+                     "train.spike=skip", "train.spike_max=3")
+    assert many.returncode == 1 and "3 loss spikes in a row" in many.stderr, many.stderr
+
+
+@pytest.mark.slow
+def test_spike_rollback_returns_to_the_checkpoint_and_skips_the_bad_batch(tmp_path):
+    result = synthetic(tmp_path, 12, "--spike-at", "7", "train.spike=rollback", "train.save_every=2",
+                       "train.log_every=1")
+    assert result.returncode == 0, result.stderr
+    assert "rolled back to step-000006" in " ".join(result.stderr.split())
+    steps = [r["step"] for r in syn_log(tmp_path) if r.get("loss") is not None]
+    assert steps == sorted(set(steps)) and 8 not in steps  # step 8 was skipped; no duplicate of a replayed step
+    info = json.loads((tmp_path / "runs/syn/step-000012/train_state.json").read_text())
+    assert info["spikes"]["skip_steps"] == [8]
+    assert all_verify(tmp_path) == []
+
+
+FULL_DISK = "import os, collections\nos.statvfs = lambda p: collections.namedtuple('s', 'f_bavail f_frsize')(10, 4096)"
+ENOSPC_ON_SECOND = """
+import errno, llmstages.checkpoint as ck
+real, calls = ck.save_file, []
+def save_file(state, path, **kw):
+    calls.append(path)
+    if len(calls) == 2:
+        open(path, 'wb').write(b'partial')
+        raise OSError(errno.ENOSPC, 'No space left on device', path)
+    return real(state, path, **kw)
+ck.save_file = save_file
+"""
+
+
+@pytest.mark.slow
+def test_a_store_without_room_for_two_checkpoints_is_refused_before_step_1(tmp_path):
+    result = synthetic(tmp_path, 4, prelude=FULL_DISK)
+    assert result.returncode == 2, result.stderr
+    message = " ".join(result.stderr.split())
+    assert "40,960 bytes free" in message and str(tmp_path / "runs/syn") in message and "bytes" in message
+    assert "step 1 " not in result.stdout + result.stderr and not syn_checkpoints(tmp_path)
+
+
+@pytest.mark.slow
+def test_disk_full_mid_write_is_exit_3_removes_the_temp_folder_and_prunes_nothing(tmp_path):
+    """Point 4: before the fix a raw SafetensorError/OSError traceback with exit 1."""
+    result = synthetic(tmp_path, 6, "train.save_every=2", "train.keep_last=1", prelude=ENOSPC_ON_SECOND)
+    assert result.returncode == 3, result.stderr
+    assert "no space left" in result.stderr and "Traceback" not in result.stderr
+    run_dir = tmp_path / "runs/syn"
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith((".tmp", "step-"))] == ["step-000002"]
+    assert all_verify(tmp_path) == []
+
+
+def test_prepare_on_a_full_disk_is_a_clear_error(tmp_path, store_dir, monkeypatch, capsys):
+    import errno
+
+    import llmstages.store as store_module
+    from llmstages.cli import main
+
+    (tmp_path / "docs.txt").write_text("".join(f"Document number {i}.\n<|endoftext|>\n" for i in range(30)))
+    (tmp_path / "r.yaml").write_text("task: pretrain\ndata:\n  source: [docs.txt]\n  delimiter: <|endoftext|>\n")
+
+    def full(folder):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "MANIFEST"))
+
+    monkeypatch.setattr(store_module, "write_manifest", full)
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare", "r.yaml", "data.vocab_size=300"]) == 3
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no space left on the device writing" in err and "MANIFEST" in err

@@ -7,12 +7,13 @@ import contextlib
 from rich.console import Console
 from rich.table import Table
 
-from llmstages.checkpoint import lineage, read_meta, read_model_json
+from llmstages.checkpoint import lineage, read_meta, read_model_json, verify_checkpoint
 from llmstages.config import builtin_recipes, read_yaml
 from llmstages.errors import UserError
 from llmstages.jsonio import dumps
 from llmstages.runlog import fmt
-from llmstages.store import Store
+from llmstages.store import STEP_RE, Store, is_committed
+from llmstages.store import verify as verify_folder
 
 LOG_FIGURES = ("step", "loss", "val_loss", "val_bpb", "f1")  # the last-log columns `runs` shows
 
@@ -84,3 +85,28 @@ def print_checkpoint(console: Console, store: Store, model: str, *, as_json: boo
     for depth, item in enumerate(chain):
         what = "(not found)" if item.get("missing") else f"task={item.get('task')} step={item.get('step')}"
         console.print(f"  {'  ' * depth}{'└─ ' if depth else ''}{item['ref']}  {what}")
+
+
+def verify_store(console: Console, store: Store, run: str | None = None) -> bool:
+    """Check every checkpoint of `run` (default: of every run, and every prepared dataset) and print one
+    line per folder, each problem under it. True when everything verifies."""
+    if run is not None and not store.run_dir(run).is_dir():
+        raise UserError(f"no run {run!r} in {store.root}", hint="`llmstages runs` lists the runs")
+    runs = [run] if run is not None else [info.name for info in store.runs()]
+    # every step-N folder, also one that no longer looks committed (a truncated file, a lost MANIFEST):
+    # commits are one rename, so such a folder was damaged after it was written
+    folders = [(f"{name}/{path.name}", path, verify_checkpoint) for name in runs
+               for path in sorted(store.run_dir(name).iterdir()) if STEP_RE.fullmatch(path.name)]
+    data_root = store.data_dir("x").parent
+    if run is None and data_root.is_dir():
+        folders += [(f"data/{p.name}", p, verify_folder) for p in sorted(data_root.iterdir())
+                    if p.is_dir() and not p.name.startswith(".") and is_committed(p)]
+    bad = 0
+    for label, path, check in folders:
+        problems = check(path)
+        bad += bool(problems)
+        console.print(f"{'[red]BAD[/red]' if problems else '[green]ok[/green] '}  {label}", highlight=False)
+        for problem in problems:
+            console.print(f"      {problem}", highlight=False, soft_wrap=True)
+    console.print(f"{len(folders)} folders checked, {bad} bad", highlight=False)
+    return bad == 0

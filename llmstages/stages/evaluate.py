@@ -9,7 +9,6 @@ its checkpoint: format, columns, field names), so the same kind of file works wi
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from rich.console import Console

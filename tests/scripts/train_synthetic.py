@@ -1,6 +1,11 @@
 """Train a 2-layer model on Tiny-Shakespeare-like synthetic text through the shared loop (no prepare step).
 
-    python train_synthetic.py STORE STEPS [--resume] [--allow-change] [--nan-at STEP] [KEY=VALUE ...]
+    python train_synthetic.py STORE STEPS [--resume] [--allow-change] [--nan-at STEP] [--nan-grad-at STEP]
+                              [--spike-at STEP] [KEY=VALUE ...]
+
+--nan-at: the loss is NaN from step index STEP on; --nan-grad-at: the loss stays finite but its
+gradient is NaN from STEP on (the update makes the weights NaN before any loss shows it);
+--spike-at: the loss of step index STEP only is 50x (a bad batch).
 
 Used by tests/test_loop.py in real subprocesses (kill, resume, torchrun). Exit codes follow the CLI.
 """
@@ -34,6 +39,8 @@ def main() -> int:
     store, steps, *rest = sys.argv[1:]
     flags = {a for a in rest if a.startswith("--")}
     nan_at = int(rest[rest.index("--nan-at") + 1]) if "--nan-at" in rest else None
+    nan_grad_at = int(rest[rest.index("--nan-grad-at") + 1]) if "--nan-grad-at" in rest else None
+    spike_at = int(rest[rest.index("--spike-at") + 1]) if "--spike-at" in rest else None
     overrides = [a for a in rest if "=" in a]
     tok = train_bpe([corpus(5000, 0)], int(rest[rest.index("--vocab") + 1]) if "--vocab" in rest else 300)
     train_ids = np.array(tok.encode(corpus(20000, 1)), dtype=np.uint16)
@@ -50,6 +57,11 @@ def main() -> int:
         if "--slow" in flags:
             time.sleep(0.5)  # gives a test time to send a second signal mid-step
         value = lm_loss(m, batch)
+        if nan_grad_at is not None and batch["index"] >= nan_grad_at:
+            # sqrt(0) is 0 forward, its gradient is inf: 0 * inf = NaN reaches every weight, the loss stays finite
+            value = value + 0 * sum((p * 0).sum() for p in m.parameters()).sqrt()
+        if spike_at is not None and batch["index"] == spike_at:
+            value = value * 50
         return value * float("nan") if nan_at is not None and batch["index"] >= nan_at else value
 
     def batch(index):
