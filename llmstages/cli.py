@@ -87,7 +87,7 @@ def show(model: str = typer.Argument(..., help="Run name, run@STEP, or checkpoin
 
 
 @app.command()
-def verify(run: Optional[str] = typer.Argument(None, help="A run name; default: every run and dataset of the store.")) -> None:
+def verify(run: Optional[str] = typer.Argument(None, help="A run name; default: every run and dataset.")) -> None:
     """Check every checkpoint of a run (or of the whole store, with its datasets): sha256 against MANIFEST,
     weights finite and of the right shapes, train state readable and finite. Exit 2 when any file is bad.
 
@@ -470,8 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         from llmstages.checkpoint import is_disk_full
 
         if is_disk_full(err):  # e.g. prepare writing shards: a clear message and its own exit code
-            where = getattr(err, "filename", None)
-            err_console.print(f"[bold red]error:[/bold red] no space left on the device{f' writing {where}' if where else ''}"
+            where = f" writing {escape(str(err.filename))}" if getattr(err, "filename", None) else ""
+            err_console.print(f"[bold red]error:[/bold red] no space left on the device{where}"
                               " (a prepare goes on from its last finished shard when run again)",
                               highlight=False, soft_wrap=True)
             err_console.print("[yellow]fix:[/yellow] free some space or use another --store, then run the same "
