@@ -43,7 +43,7 @@ from llmstages.optim import build_optimizer, set_lr
 from llmstages.runlog import RunLog, TrainProgress, summary_table
 from llmstages.runstate import RunState, restore_rng
 from llmstages.runtime import autocast, peak_flops, peak_rss_mb, resolve_device, resolve_precision
-from llmstages.store import STEP_RE, Store, now_iso
+from llmstages.store import Store, now_iso
 from llmstages.tokenizer import Tokenizer
 
 Batch = dict  # str -> tensor, plus "n_tokens": int (tokens in the batch, padding excluded)
@@ -232,7 +232,7 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
             step_loss = micro_steps(run, state, window)  # None: a rollback skips this step's micro-batches
 
             # 4. clip, 5. step, unless the spike policy (train.spike) drops this update or rolls back
-            action, grad_norm = spike_action(run, state, step_loss), None
+            action, grad_norm = spikes.action(run, state, step_loss), None
             if action == "rollback":
                 optimizer.zero_grad(set_to_none=True)
                 state, due = spikes.roll_back(store.latest(recipe.run), state, model, optimizer, device), Due()
@@ -248,7 +248,7 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
             if due.any:
                 check_finite(run, state, last_ckpt)
                 for spike in spikes.flush(cfg, dctx, state):  # train.spike=warn
-                    say_spike(run, spike, "warning only (train.spike=warn)")
+                    spikes.say(run, spike, "warning only (train.spike=warn)")
             if due.log:
                 log_step(run, state, window, lr, grad_norm)
     finally:
@@ -319,37 +319,6 @@ def micro_steps(run: Run, state: RunState, window: Window) -> torch.Tensor | Non
         state.tokens_seen += n_tokens
         window.seq_len = batch["input_ids"].shape[1]
     return step_loss / run.accum
-
-
-def spike_action(run: Run, state: RunState, step_loss: torch.Tensor | None) -> str:
-    """What to do with the step just computed: "step" (take it), "skip" (drop its update; also a step a
-    rollback skips), or "rollback" (to the last checkpoint). See spikes.py."""
-    cfg = run.recipe.train
-    if step_loss is None:
-        return "skip"
-    if cfg.spike == "warn":
-        state.spikes.pending.append((state.step + 1, step_loss))  # checked at the next log step
-        return "step"
-    spike = spikes.check_now(cfg, run.dctx, state, step_loss)
-    if spike is None:
-        return "step"
-    target = run.store.latest(run.recipe.run) if cfg.spike == "rollback" else None
-    if target is None:  # skip, or a rollback before the first checkpoint
-        state.spikes.skipped += 1
-        say_spike(run, spike, f"update skipped ({state.spikes.skipped} so far)")
-        return "skip"
-    state.spikes.skip_steps.append(spike.step)
-    spikes.check_rollbacks(cfg, state, spike)
-    if run.dctx.is_main:  # the steps after the checkpoint are trained again: their log lines go, as on resume
-        run.log.truncate_after(int(STEP_RE.fullmatch(target.name).group(1)))
-    say_spike(run, spike, f"rolled back to {target.name}; this step's micro-batches will be skipped")
-    return "rollback"
-
-
-def say_spike(run: Run, spike: spikes.Spike, action: str) -> None:
-    if run.dctx.is_main:
-        run.log.write(spike.record())
-        run.progress.message(spike.text(action))
 
 
 def check_finite(run: Run, state: RunState, last_ckpt: Path | None) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +28,10 @@ from llmstages.config import TrainConfig
 from llmstages.distributed import DistContext
 from llmstages.errors import UserError
 from llmstages.runstate import RunState, restore_rng
+from llmstages.store import STEP_RE
+
+if TYPE_CHECKING:  # annotations only: loop.py imports this module
+    from llmstages.loop import Run
 
 
 class TooManySpikes(UserError):
@@ -42,9 +47,9 @@ class Spike:
     def record(self) -> dict:
         return {"step": self.step, "spike": self.loss, "median": self.median}
 
-    def text(self, action: str) -> str:
+    def text(self, what: str) -> str:
         return (f"loss spike at step {self.step}: {self.loss:.4g} is {self.loss / self.median:.1f}x the median "
-                f"{self.median:.4g} of the recent steps; {action}")
+                f"{self.median:.4g} of the recent steps; {what}")
 
 
 def observe(cfg: TrainConfig, state: RunState, step: int, loss: float) -> Spike | None:
@@ -98,3 +103,35 @@ def roll_back(path: Path, state: RunState, model: torch.nn.Module, optimizer, de
     new.spikes.in_a_row, new.spikes.skipped = state.spikes.in_a_row, state.spikes.skipped
     new.elapsed_before, new.started = state.elapsed_before, state.started  # time spent is not rolled back
     return new.to(device)
+
+
+def action(run: Run, state: RunState, step_loss: torch.Tensor | None) -> str:
+    """What to do with the step just computed: "step" (take it), "skip" (drop its update; also a step a
+    rollback skips), or "rollback" (to the last checkpoint), as train.spike says (module docstring)."""
+    cfg = run.recipe.train
+    if step_loss is None:
+        return "skip"
+    if cfg.spike == "warn":
+        state.spikes.pending.append((state.step + 1, step_loss))  # checked at the next log step
+        return "step"
+    spike = check_now(cfg, run.dctx, state, step_loss)
+    if spike is None:
+        return "step"
+    target = run.store.latest(run.recipe.run) if cfg.spike == "rollback" else None
+    if target is None:  # skip, or a rollback before the first checkpoint
+        state.spikes.skipped += 1
+        say(run, spike, f"update skipped ({state.spikes.skipped} so far)")
+        return "skip"
+    state.spikes.skip_steps.append(spike.step)
+    check_rollbacks(cfg, state, spike)
+    if run.dctx.is_main:  # the steps after the checkpoint are trained again: their log lines go, as on resume
+        run.log.truncate_after(int(STEP_RE.fullmatch(target.name).group(1)))
+    say(run, spike, f"rolled back to {target.name}; this step's micro-batches will be skipped")
+    return "rollback"
+
+
+def say(run: Run, spike: Spike, what: str) -> None:
+    """A spike into log.jsonl and onto the console, on rank 0, with what was done about it."""
+    if run.dctx.is_main:
+        run.log.write(spike.record())
+        run.progress.message(spike.text(what))
