@@ -15,21 +15,25 @@ train state holds is RunState's business (runstate.py); here it is only written 
 
 from __future__ import annotations
 
+import errno
 import json
-import pickle
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llmstages.config import Recipe, read_yaml, recipe_diff, to_dict
 from llmstages.errors import UserError
-from llmstages.model import GPT, GPTConfig
+from llmstages.jsonio import read_json
+from llmstages.model import GPT
 from llmstages.store import Store, manifest_fingerprint, step_name, verify
 from llmstages.tokenizer import Tokenizer
+from llmstages.weights import load_plain_tensors, load_weights, load_weights_into, read_model_config
 
 WEIGHTS, CONFIG, TOKENIZER, META = "model.safetensors", "model.json", "tokenizer.json", "meta.json"
 STATE_TENSORS, STATE_INFO = "train_state.pt", "train_state.json"
@@ -66,12 +70,59 @@ def write_train_state(folder: Path, tensors: dict[str, Any], info: dict) -> None
 
 def save_checkpoint(store: Store, run: str, step: int, model: GPT, tokenizer: Tokenizer, meta: dict,
                     train_state: tuple[dict, dict] | None = None) -> Path:
-    """Commit one checkpoint of `run` at `step`; returns its folder."""
-    with store.commit(run, step) as tmp:
-        write_model_files(tmp, model, tokenizer, dict(meta, run=run, step=step))
-        if train_state is not None:
-            write_train_state(tmp, *train_state)
+    """Commit one checkpoint of `run` at `step`; returns its folder. A full disk is a DiskFull error
+    (exit 3): the temporary folder is removed by store.commit and the committed checkpoints are untouched."""
+    try:
+        with store.commit(run, step) as tmp:
+            write_model_files(tmp, model, tokenizer, dict(meta, run=run, step=step))
+            if train_state is not None:
+                write_train_state(tmp, *train_state)
+    except (OSError, SafetensorError, RuntimeError) as err:
+        if not is_disk_full(err):
+            raise
+        raise DiskFull(f"no space left on the device of {store.run_dir(run)} while writing {step_name(step)} "
+                       f"(about {checkpoint_bytes(model) / 2**20:.1f} MiB needed, {free_bytes(store.root) / 2**20:.1f} "
+                       "MiB free); nothing was committed or pruned, the earlier checkpoints are intact",
+                       hint="free some space (or move the store with --store), then resume with --resume") from None
     return store.run_dir(run) / step_name(step)
+
+
+class DiskFull(UserError):
+    """The store's disk filled up: its own exit code, 3 (documented in the README)."""
+
+    exit_code = 3
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC as an OSError, or as the text of safetensors' / torch's own write errors."""
+    return getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err)
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem of `path` (or of its nearest parent)."""
+    path = Path(path).resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def checkpoint_bytes(model: GPT) -> int:
+    """An upper estimate of one checkpoint of `model` on disk: the weights, two fp32 optimizer moments per
+    trainable value (AdamW; Muon keeps one), and 1 MiB for the tokenizer and the JSON files."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_for_saving().values())
+    moments = 2 * 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return weights + moments + (1 << 20)
+
+
+def check_disk(store: Store, run: str, model: GPT) -> None:
+    """Before step 1: refuse a run whose store cannot hold two checkpoints (the new one is written
+    before the old one is pruned)."""
+    needed, free = 2 * checkpoint_bytes(model), free_bytes(store.run_dir(run))
+    if free < needed:
+        raise UserError(f"{store.run_dir(run)}: {free:,} bytes free, two checkpoints of this model need about "
+                        f"{needed:,} bytes; nothing was trained",
+                        hint="free some space, or put the store on a larger disk (--store DIR or $LLMSTAGES_STORE)")
 
 
 def load_checkpoint(ref: str | Path, store: Store | None = None, *, device: str | torch.device = "cpu",
@@ -86,16 +137,40 @@ def load_checkpoint(ref: str | Path, store: Store | None = None, *, device: str 
     path = store.resolve(ref)
     if check_hashes and (problems := verify(path)):
         raise UserError("\n".join(problems), hint="load an earlier checkpoint of the run (run@STEP)")
-    try:
-        config = GPTConfig.from_dict(read_model_config(path))
-        meta = read_meta(path)
-        model = GPT(config)
-        model.load_saved_state(load_file(str(path / WEIGHTS), device=str(device)))
-    except (json.JSONDecodeError, SafetensorError, ValueError, KeyError) as err:
-        raise UserError(f"{path}: cannot load the checkpoint ({err})") from None
+    config = read_model_config(path / CONFIG)
+    meta = read_meta(path)
+    model = load_weights(path / WEIGHTS, config, device)  # names, shapes, finite values checked
     tokenizer = Tokenizer.from_file(path / TOKENIZER)
     meta["fingerprint"] = manifest_fingerprint(path)
-    return Checkpoint(model.to(device), tokenizer, meta, path)
+    return Checkpoint(model, tokenizer, meta, path)
+
+
+def check_meta(meta: dict, where: Path) -> None:
+    """Refuse a meta.json whose fields the stages use (task, template, sampling defaults, data settings)
+    hold values llmstages never writes; unknown keys (older or newer versions) are ignored."""
+    import dataclasses
+
+    from llmstages.config import PARSER, DataConfig, GenerateConfig
+    from llmstages.templates import TEMPLATES
+
+    problems = []
+    if not isinstance(meta.get("task", ""), str):
+        problems.append(("task", "expected a string"))
+    template = meta.get("template")
+    if template is not None and not (isinstance(template, str) and template in TEMPLATES):
+        problems.append(("template", f"{template!r:.40} is not one of {', '.join(TEMPLATES)}"))
+    sections = {}
+    for key, section, cls in (("generate", "generate", GenerateConfig), ("data_settings", "data", DataConfig)):
+        value = meta.get(key)
+        if value is not None and not isinstance(value, dict):
+            problems.append((key, "expected an object"))
+        elif value:
+            known = {f.name for f in dataclasses.fields(cls)}
+            sections[section] = {k: v for k, v in value.items() if k in known}
+    problems += [(p.replace("data.", "data_settings.", 1), m) for p, m in PARSER.parse(sections)[1]]
+    if problems:
+        raise UserError(f"{where}: corrupt checkpoint metadata:\n  " + "\n  ".join(f"{p}: {m}" for p, m in problems),
+                        hint="load another checkpoint of the run")
 
 
 def load_tokenizer(ref: str | Path, store: Store | None = None) -> Tokenizer:
@@ -111,25 +186,25 @@ def load_train_state(path: Path) -> tuple[dict, dict]:
     """(tensors, info) of a checkpoint's train state; refuses a checkpoint that has none."""
     if not (path / STATE_TENSORS).exists():
         raise UserError(f"{path}: has no train state to resume from (an exported or final-only checkpoint)")
-    try:
-        tensors = torch.load(path / STATE_TENSORS, map_location="cpu", weights_only=True)
-        info = json.loads((path / STATE_INFO).read_text())
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, json.JSONDecodeError) as err:
-        # weights_only refuses anything but tensors and plain containers: say so in our words, not torch's
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path / STATE_TENSORS}: cannot load the train state ({first})",
-                        hint="resume from an earlier checkpoint of the run, or start the run again") from None
+    tensors = load_plain_tensors(path / STATE_TENSORS)
+    info = read_json(path / STATE_INFO, what="train state")
+    if not isinstance(tensors, dict) or not isinstance(info.get("step"), int):
+        raise UserError(f"{path}: corrupt train state ({STATE_TENSORS} is not a mapping, or {STATE_INFO} "
+                        "has no integer step)", hint="resume from an earlier checkpoint")
     return tensors, info
 
 
 def read_meta(path: Path) -> dict:
-    """A checkpoint's meta.json (stage, step, metrics, parent, fingerprints, template, data settings)."""
-    return json.loads((path / META).read_text())
+    """A checkpoint's meta.json (stage, step, metrics, parent, fingerprints, template, data settings),
+    its fields checked (exit 2 naming the file when corrupt)."""
+    meta = read_json(path / META, what="checkpoint metadata (meta.json)")
+    check_meta(meta, path / META)
+    return meta
 
 
-def read_model_config(path: Path) -> dict:
-    """A checkpoint's model.json as plain data."""
-    return json.loads((path / CONFIG).read_text())
+def read_model_json(path: Path) -> dict:
+    """A checkpoint's model.json as plain data, unchecked (what `show` prints)."""
+    return read_json(path / CONFIG, what="model config (model.json)")
 
 
 def parent_info(ref: str, ckpt: Checkpoint) -> dict:
@@ -152,18 +227,79 @@ FIXED_ON_RESUME = ("model.size", "model.n_layer", "model.n_head", "model.n_embd"
 
 
 def load_for_resume(store: Store, recipe: Recipe, model: GPT, tokenizer: Tokenizer, data_fingerprint: str, *,
-                    allow_change: bool) -> tuple[dict, dict]:
-    """The latest checkpoint of `recipe.run`, checked (recipe, shapes, tokenizer, data, every sha256),
-    its weights loaded into `model`; returns its train state (tensors, info) for RunState."""
-    latest = store.latest(recipe.run)
-    if latest is None:
+                    allow_change: bool, warn: Callable[[str], None] = print) -> tuple[dict, dict]:
+    """The newest checkpoint of `recipe.run` that verifies (every sha256, finite weights of the right shapes,
+    a readable train state), checked against the recipe, data and tokenizer, its weights loaded into
+    `model`; returns its train state (tensors, info) for RunState, info["loaded_from"] naming the folder.
+
+    A newer checkpoint that fails verification is skipped with a warning naming the bad file: a resume
+    never continues from (and so never commits on top of) unverified state."""
+    found = store.checkpoints(recipe.run)
+    if not found:
         raise UserError(f"run {recipe.run!r} has no checkpoint to resume from",
                         hint=f"start it without --resume (store: {store.root})")
-    _check_resume(store.run_dir(recipe.run), recipe, allow_change, latest, data_fingerprint, tokenizer)
-    if problems := verify(latest):
-        raise UserError("\n".join(problems), hint="delete that checkpoint folder to resume from the one before it")
-    model.load_saved_state(load_file(str(latest / WEIGHTS)))
-    return load_train_state(latest)
+    rejected = []
+    for path in reversed(found):
+        try:
+            return _load_verified(store, recipe, model, tokenizer, data_fingerprint, allow_change, path)
+        except CorruptCheckpoint as err:
+            rejected.append(err.message)
+            warn(f"warning: skipping {path.name} of {recipe.run}, it does not verify:\n{err.message}")
+    raise UserError(f"no checkpoint of run {recipe.run!r} verifies:\n" + "\n".join(rejected),
+                    hint="start the run again without --resume (after deleting its folder), or restore the files")
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint whose files fail verification (a resume falls back to an older one)."""
+
+
+def verify_checkpoint(path: Path) -> list[str]:
+    """Every problem of a committed checkpoint folder: sha256 against MANIFEST, then model.json, the
+    weights (names, shapes, finite values) and the train state (readable, finite). Empty = it verifies."""
+    if problems := verify(path):
+        return problems
+    try:
+        model = load_weights(path / WEIGHTS, read_model_config(path / CONFIG))
+        del model
+        if (path / STATE_TENSORS).exists():
+            tensors, _ = load_train_state(path)
+            if bad := nonfinite(tensors):
+                return [f"{path / STATE_TENSORS}: refused: non-finite values in {', '.join(bad[:5])}"]
+    except UserError as err:
+        return [err.message]
+    return []
+
+
+def nonfinite(value: Any, prefix: str = "") -> list[str]:
+    """Names of the floating tensors inside nested dicts/lists of `value` that hold NaN or inf."""
+    if torch.is_tensor(value):
+        return [prefix or "tensor"] if value.is_floating_point() and not bool(torch.isfinite(value).all()) else []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    return [name for key, v in items for name in nonfinite(v, f"{prefix}.{key}" if prefix else str(key))]
+
+
+def _load_verified(store: Store, recipe: Recipe, model: GPT, tokenizer: Tokenizer, data_fingerprint: str,
+                   allow_change: bool, path: Path) -> tuple[dict, dict]:
+    if problems := verify(path):
+        raise CorruptCheckpoint("\n".join(problems))
+    _check_resume(store.run_dir(recipe.run), recipe, allow_change, path, data_fingerprint, tokenizer)
+    tensors, info = load_state(path, model, verified=True)
+    return tensors, dict(info, loaded_from=str(path))
+
+
+def load_state(path: Path, model: GPT, *, verified: bool = False) -> tuple[dict, dict]:
+    """Load checkpoint `path`'s weights into `model` and return its train state (tensors, info), every
+    file checked first (sha256 unless `verified`, shapes, finite values); CorruptCheckpoint if not."""
+    if not verified and (problems := verify(path)):
+        raise CorruptCheckpoint("\n".join(problems))
+    try:
+        load_weights_into(model, path / WEIGHTS)  # names, shapes, finite values checked
+        tensors, info = load_train_state(path)
+    except UserError as err:
+        raise CorruptCheckpoint(err.message) from None
+    if bad := nonfinite(tensors):
+        raise CorruptCheckpoint(f"{path / STATE_TENSORS}: refused: non-finite values in {', '.join(bad[:5])}")
+    return tensors, info
 
 
 def _check_resume(run_dir: Path, recipe: Recipe, allow_change: bool, latest: Path, data_fingerprint: str,
@@ -197,20 +333,20 @@ def lineage(ckpt_path: Path, store: Store) -> list[dict]:
     while path is not None and path not in seen:
         seen.add(path)
         try:
-            meta = read_meta(path)
-        except (OSError, json.JSONDecodeError):
+            meta = read_json(path / META, what="checkpoint metadata (meta.json)")
+        except UserError:
             chain.append({"ref": str(path), "missing": True})
             break
         meta["ref"] = str(path)
         chain.append(meta)
         parent = meta.get("parent")
-        if not parent:
+        if not isinstance(parent, dict) or not parent:
             break
-        parent_ref = parent.get("ref", "")
+        parent_ref = str(parent.get("ref", ""))
         if parent_ref.startswith("hf:"):
             chain.append({"ref": parent_ref, "task": "pretrained (Hugging Face)"})
             break
-        candidate = Path(parent.get("path", ""))
+        candidate = Path(str(parent.get("path", "")))
         path = candidate if candidate.is_dir() else None
         if path is None:
             chain.append({"ref": parent_ref, "missing": True})

@@ -6,7 +6,7 @@ without a traceback.
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import sys
 from pathlib import Path
@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmstages.errors import StopTraining, UserError
+from llmstages.jsonio import dumps
 
 app = typer.Typer(
     name="llmstages",
@@ -83,6 +84,18 @@ def show(model: str = typer.Argument(..., help="Run name, run@STEP, or checkpoin
     """
     from llmstages.stages.browse import print_checkpoint
     print_checkpoint(console, _store(), model, as_json=as_json)
+
+
+@app.command()
+def verify(run: Optional[str] = typer.Argument(None, help="A run name; default: every run and dataset.")) -> None:
+    """Check every checkpoint of a run (or of the whole store, with its datasets): sha256 against MANIFEST,
+    weights finite and of the right shapes, train state readable and finite. Exit 2 when any file is bad.
+
+    Example: llmstages verify quickstart
+    """
+    from llmstages.stages.browse import verify_store
+    if not verify_store(console, _store(), run):
+        raise typer.Exit(2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -228,7 +241,7 @@ def evaluate(
     result = run_evaluate(model, data, _store(), limit=limit, console=err_console, template=template,
                           threshold=threshold)
     if as_json:
-        print(json.dumps(result))
+        print(dumps(result))
     elif "per_class" in result:
         from llmstages.stages.classify import print_metrics
         print_metrics(console, f"evaluate {model} ({result['examples']:,} texts)", result)
@@ -286,7 +299,7 @@ def classify(
                             hint=f'e.g. llmstages classify {model} "some text"')
     predictions = classify_texts(ckpt, texts, batch_size=batch_size, threshold=threshold)
     if as_json:
-        print(json.dumps({"model": ckpt.ref, "labels": ckpt.model.config.class_names, "predictions": predictions}))
+        print(dumps({"model": ckpt.ref, "labels": ckpt.model.config.class_names, "predictions": predictions}))
         return
     table = Table(title=f"classify {model}", title_justify="left")
     table.add_column("#", justify="right", no_wrap=True)
@@ -357,7 +370,7 @@ def generate(
     result = generate_text(ckpt, prompt, model_input=model_input, **sampling.as_kwargs(), use_cache=not no_cache,
                            on_text=None if as_json else stream_to_stdout)
     if as_json:
-        print(json.dumps(result.to_json()))
+        print(dumps(result.to_json()))
     else:
         sys.stdout.write("\n")
         err_console.print(f"[dim]{result.tokens} tokens, {result.tokens_per_s:.1f} tokens/s[/dim]")
@@ -462,10 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = app(args=argv, standalone_mode=False)
     except UserError as err:
-        err_console.print(f"[bold red]error:[/bold red] {escape(err.message)}", highlight=False)
+        # soft_wrap: a message holds paths and commands to copy; a pipe or log must get them unbroken.
+        err_console.print(f"[bold red]error:[/bold red] {escape(err.message)}", highlight=False, soft_wrap=True)
         if err.hint:
-            err_console.print(f"[yellow]fix:[/yellow] {escape(err.hint)}", highlight=False)
+            err_console.print(f"[yellow]fix:[/yellow] {escape(err.hint)}", highlight=False, soft_wrap=True)
         return err.exit_code
+    except _OutputClosed:
+        return _quiet_stdout()
     except StopTraining as stop:
         return 128 + stop.signum  # 130 after SIGINT, 143 after SIGTERM: a clean stop with a checkpoint
     except KeyboardInterrupt:
@@ -476,13 +492,56 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         return 130
     except Exception as err:
+        from llmstages.checkpoint import is_disk_full
+
+        if is_disk_full(err):  # e.g. prepare writing shards: a clear message and its own exit code
+            where = f" writing {escape(str(err.filename))}" if getattr(err, "filename", None) else ""
+            err_console.print(f"[bold red]error:[/bold red] no space left on the device{where}"
+                              " (a prepare goes on from its last finished shard when run again)",
+                              highlight=False, soft_wrap=True)
+            err_console.print("[yellow]fix:[/yellow] free some space or use another --store, then run the same "
+                              "command again", highlight=False, soft_wrap=True)
+            return 3
         # Usage errors (bad option values, missing arguments) carry their own message and exit code 2.
         # They are click's exceptions, which newer typer versions vendor, so recognise them by shape.
         if callable(getattr(err, "show", None)) and isinstance(getattr(err, "exit_code", None), int):
             err.show()
             return err.exit_code
         raise
+    try:
+        sys.stdout.flush()  # here, not at interpreter exit, where a closed pipe would print a warning
+    except BrokenPipeError:
+        return _quiet_stdout()
     return code if isinstance(code, int) else 0
+
+
+class _OutputClosed(Exception):
+    """The reader of stdout went away (`llmstages generate ... | head -1`): how pipes end, not an error."""
+
+
+def _stop_quietly_when_output_closes(callback):
+    """Wrap a command so that a BrokenPipeError from its output reaches `main` as `_OutputClosed`.
+
+    Click turns a broken pipe inside a command into exit code 1 on its own; a plain exception class
+    passes through it untouched.
+    """
+    @functools.wraps(callback)
+    def command(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except BrokenPipeError:
+            raise _OutputClosed() from None
+    return command
+
+
+def _quiet_stdout() -> int:
+    """Point stdout at /dev/null so no later flush fails again (Python docs, "Note on SIGPIPE"); exit 0."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+for _info in app.registered_commands:
+    _info.callback = _stop_quietly_when_output_closes(_info.callback)
 
 
 if __name__ == "__main__":

@@ -190,6 +190,15 @@ class TrainConfig:
     beta2: float = _f(0.95, ge=0.0, le=1.0)
     # Clip the global gradient norm to this (0 = off).
     grad_clip: float = _f(1.0, ge=0.0)
+    # A loss spike: a step loss above spike_threshold x the median of the last spike_window step losses
+    # (checked once spike_min_steps losses are in the window). warn: log it | skip: drop that step's
+    # update | rollback: go back to the last checkpoint and skip that step's micro-batches. skip and
+    # rollback stop the run after spike_max spikes in a row.
+    spike: str = _f("warn", choices=("warn", "skip", "rollback"))
+    spike_threshold: float = _f(3.0, gt=1.0)
+    spike_window: int = _f(50, ge=1)
+    spike_min_steps: int = _f(2, ge=1)
+    spike_max: int = _f(5, ge=1)
     # Sequences per forward/backward pass on one process.
     micro_batch_size: int = _f(16, ge=1)
     # Sequences per optimizer step over all processes (gradient accumulation makes up the rest).
@@ -378,10 +387,17 @@ PARSER = RecipeParser(Recipe, ALIASES)
 
 
 def _cross_checks(recipe: Recipe, problems: list[tuple[str, str]]) -> None:
-    t, m, ft = recipe.train, recipe.model, recipe.finetune
-    if problem := t.batch_problem():
+    """Checks across fields, appended to `problems`. A check whose fields already have a problem of their own
+    is skipped: the value there is a default, not what the user wrote."""
+    bad = {path for path, _ in problems}
+
+    def ok(*paths: str) -> bool:  # none of these fields (or their sections) has a problem yet
+        return not any(p == b or p.startswith(b + ".") for p in paths for b in bad)
+
+    t, m, ft, d = recipe.train, recipe.model, recipe.finetune, recipe.data
+    if ok("train.global_batch_size", "train.micro_batch_size") and (problem := t.batch_problem()):
         problems.append(("train.global_batch_size", problem))
-    if t.min_lr > t.lr:
+    if ok("train.min_lr", "train.lr") and t.min_lr > t.lr:
         problems.append(("train.min_lr", f"{t.min_lr} is above train.lr={t.lr}"))
     if t.max_time:
         try:
@@ -391,44 +407,55 @@ def _cross_checks(recipe: Recipe, problems: list[tuple[str, str]]) -> None:
         if t.epochs > 0:
             problems.append(("train.max_time", "set together with train.epochs; a run is counted in time or in "
                              "epochs: set one of them (train.epochs=0 or train.max_time=\"\")"))
-    if m.n_embd is not None and m.n_head is not None and m.n_embd % m.n_head:
+    if ok("model.n_embd", "model.n_head") and m.n_embd is not None and m.n_head is not None and m.n_embd % m.n_head:
         problems.append(("model.n_embd", f"{m.n_embd} is not divisible by model.n_head={m.n_head}"))
-    if m.n_kv_head and m.n_head is not None and m.n_head % m.n_kv_head:
+    if ok("model.n_kv_head", "model.n_head") and m.n_kv_head and m.n_head is not None and m.n_head % m.n_kv_head:
         problems.append(("model.n_kv_head", f"{m.n_kv_head} does not divide model.n_head={m.n_head}"))
-    if m.size == "custom" and None in (m.n_layer, m.n_head, m.n_embd, m.block_size):
+    if ok("model") and m.size == "custom" and None in (m.n_layer, m.n_head, m.n_embd, m.block_size):
         problems.append(("model.size", "custom needs model.n_layer, n_head, n_embd and block_size"))
-    unknown_targets = sorted(set(ft.lora_targets) - set(LORA_TARGETS))
-    if ft.trainable == "lora" and not ft.lora_targets:
+    if ok("data.val_fraction", "data.test_fraction") and d.val_fraction + d.test_fraction >= 1.0:
+        problems.append(("data.val_fraction", f"{d.val_fraction} + data.test_fraction={d.test_fraction} "
+                         "leaves no training data"))
+    if ok("finetune.trainable", "finetune.lora_targets") and ft.trainable == "lora" and not ft.lora_targets:
         problems.append(("finetune.lora_targets", f"empty: LoRA needs some of {', '.join(LORA_TARGETS)}"))
-    if unknown_targets:
+    unknown_targets = sorted(set(ft.lora_targets) - set(LORA_TARGETS))
+    if ok("finetune.lora_targets") and unknown_targets:
         problems.append(("finetune.lora_targets", f"{', '.join(unknown_targets)}: not a linear layer of the "
                          f"model; use some of {', '.join(LORA_TARGETS)}"))
-    if not re.fullmatch(r"all|head|lora|last_blocks:\d+", ft.trainable):
+    if ok("finetune.trainable") and not re.fullmatch(r"all|head|lora|last_blocks:\d+", ft.trainable):
         problems.append(("finetune.trainable", f"{ft.trainable!r} is not all, head, lora or last_blocks:N"))
     if ft.average_last > t.keep_last:
         problems.append(("finetune.average_last", f"{ft.average_last} is more than train.keep_last={t.keep_last} "
                          "checkpoints kept; raise train.keep_last"))
-    if recipe.run is not None and not RUN_NAME_RE.fullmatch(recipe.run):
-        problems.append(("run", f"{recipe.run!r}: use letters, digits, '.', '_' and '-'"))
+    for key, name in (("run", recipe.run), ("data.name", d.name)):  # each names a folder in the store
+        if ok(key) and name is not None and not RUN_NAME_RE.fullmatch(name):
+            problems.append((key, f"{name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit"))
     for key in ("sha256", "mirror"):
-        given = getattr(recipe.data, key)
-        if given and len(given) != len(recipe.data.source):
-            problems.append((f"data.{key}", f"{len(given)} entries for {len(recipe.data.source)} sources; "
-                             "give one per source (\"\" where unknown)"))
+        given = getattr(d, key)
+        if ok(f"data.{key}", "data.source") and given and len(given) != len(d.source):
+            problems.append((f"data.{key}", f"{len(given)} entries for {len(d.source)} sources; give one per "
+                             "source (\"\" where unknown)"))
 
 
 def build_recipe(raw: dict, overrides: list[str] = (), *, source: str = "<recipe>", stem: str | None = None) -> Recipe:
-    """Build a checked Recipe from a raw mapping plus KEY=VALUE overrides; raise RecipeError listing all problems."""
+    """Build a checked Recipe from a raw mapping plus KEY=VALUE overrides; raise RecipeError listing all problems.
+
+    Field problems (unknown keys, types, bounds) and cross-field problems are reported in one pass. The
+    run's name defaults to the recipe file's `stem`, which must then be a valid name too.
+    """
     recipe, problems = PARSER.parse(raw, overrides)
-    if not problems:
-        _cross_checks(recipe, problems)
+    if recipe.run is None and stem and not any(path == "run" for path, _ in problems):
+        if not RUN_NAME_RE.fullmatch(stem):
+            problems.append(("run", f"the recipe file's name gives the run name {stem!r}, which cannot name a "
+                             "run in the store; set `run: NAME` in the recipe (or run=NAME), or rename the file"))
+        else:
+            recipe.run = stem
+    _cross_checks(recipe, problems)
     if problems:
         raise RecipeError(source, problems)
     train = raw.get("train")
     recipe.train.given = frozenset((train if isinstance(train, dict) else {}).keys()) | frozenset(
         text.split("=", 1)[0].strip().removeprefix("train.") for text in overrides if text.strip().startswith("train."))
-    if recipe.run is None and stem:
-        recipe.run = stem
     if recipe.data.name is None:
         recipe.data.name = recipe.run
     return recipe

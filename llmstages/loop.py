@@ -21,6 +21,7 @@ is written after it.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
 import time
@@ -32,9 +33,9 @@ import torch
 import torch.nn as nn
 from rich.console import Console
 
-from llmstages import __version__
+from llmstages import __version__, spikes
 from llmstages.budget import StepPlan
-from llmstages.checkpoint import load_for_resume, save_checkpoint
+from llmstages.checkpoint import check_disk, load_for_resume, nonfinite, save_checkpoint
 from llmstages.config import Recipe, dump_yaml, to_dict
 from llmstages.distributed import DistContext, init_distributed
 from llmstages.errors import StopTraining, UserError
@@ -206,7 +207,7 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
     stop = StopFlag()
     stop.install()
     window, due = Window(seq_len=model.config.block_size), Due()
-    last_ckpt = store.latest(recipe.run) if dctx.is_main else None
+    last_ckpt = Path(saved[1]["loaded_from"]) if saved is not None and dctx.is_main else None  # verified
     stopped_early = False
     state.started = time.perf_counter()
     plan.update(state)
@@ -222,11 +223,11 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
             patience_out = bool(due.any and cfg.patience and state.evals_since_best >= cfg.patience)
             if due.save or improved or patience_out:
                 with state.paused():
-                    last_ckpt = commit(run, state, improved)
+                    last_ckpt = commit(run, state, improved, last_ckpt) or last_ckpt
             if due.stop and state.step < plan.last:  # a signal during the last step: the run has finished anyway
                 run.progress.close()
-                run.progress.message(f"stopped at step {state.step}; checkpoint {last_ckpt}. Resume with:\n  "
-                                     f"{resume_command(stage, recipe)}")
+                run.progress.raw(f"stopped at step {state.step}; checkpoint {last_ckpt}. Resume with:\n  "
+                                 f"{resume_command(stage, recipe)}")
                 raise StopTraining(stop.signum or signal.SIGTERM)
             if patience_out:
                 run.progress.message(f"early stop: {cfg.best_metric} has not improved for {cfg.patience} evaluations")
@@ -236,11 +237,17 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
                 break
 
             # 3. forward and backward over the micro-batches of one step (gradients summed)
-            step_loss = micro_steps(run, state, window)
+            step_loss = micro_steps(run, state, window)  # None: a rollback skips this step's micro-batches
 
-            # 4. clip, 5. step
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else None
-            optimizer.step()
+            # 4. clip, 5. step, unless the spike policy (train.spike) drops this update or rolls back
+            action, grad_norm = spikes.action(run, state, step_loss), None
+            if action == "rollback":
+                optimizer.zero_grad(set_to_none=True)
+                state, due = spikes.roll_back(store.latest(recipe.run), state, model, optimizer, device), Due()
+                continue
+            if action == "step":
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else None
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.add_step(step_loss)
             plan.update(state)  # a time budget: the steps that fit, from the step time so far
@@ -251,6 +258,8 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
             due = Due.after(state.step, recipe, plan.last, stop=dctx.any_true(stop.signum is not None, device))
             if due.any:
                 check_finite(run, state, last_ckpt)
+                for spike in spikes.flush(cfg, dctx, state):  # train.spike=warn
+                    spikes.say(run, spike, "warning only (train.spike=warn)")
             if due.log:
                 log_step(run, state, window, lr, grad_norm)
     finally:
@@ -267,13 +276,13 @@ def start_or_resume(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: Trai
     """A fresh RunState, or the one of the run's latest checkpoint (its weights loaded into `model`),
     with the saved train state (tensors, info) that the optimizer and the RNGs are restored from."""
     run, run_dir = recipe.run, store.run_dir(recipe.run)
+    check_run_start(store, run, resume)
     saved = None
     if resume:
-        saved = load_for_resume(store, recipe, model, tokenizer, task.data_fingerprint, allow_change=allow_change)
-    elif store.checkpoints(run):
-        raise UserError(f"run {run!r} already has checkpoints in {run_dir}",
-                        hint="continue it with --resume, or start a new run with run=NEW_NAME")
+        saved = load_for_resume(store, recipe, model, tokenizer, task.data_fingerprint, allow_change=allow_change,
+                                warn=lambda text: dctx.is_main and print(text, file=sys.stderr))
     state = RunState.from_saved(*saved) if saved is not None else RunState()
+    check_disk(store, run, model)
     if dctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         store.clean_partial(run)
@@ -289,9 +298,23 @@ def start_or_resume(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: Trai
     return state, saved
 
 
-def micro_steps(run: Run, state: RunState, window: Window) -> torch.Tensor:
+def check_run_start(store: Store, run: str, resume: bool) -> None:
+    """A resume needs a checkpoint; a fresh start must not mix with an existing run's checkpoints.
+    Stages call this before they prepare data, so a refused start writes nothing; `start_or_resume`
+    calls it again (the store may have changed while the data was prepared)."""
+    if resume and store.latest(run) is None:
+        raise UserError(f"run {run!r} has no checkpoint to resume from",
+                        hint=f"start it without --resume (store: {store.root})")
+    if not resume and store.checkpoints(run):
+        raise UserError(f"run {run!r} already has checkpoints in {store.run_dir(run)}",
+                        hint="continue it with --resume, or start a new run with run=NEW_NAME")
+
+
+def micro_steps(run: Run, state: RunState, window: Window) -> torch.Tensor | None:
     """Forward and backward of this process's `accum` micro-batches; returns their mean loss, a () tensor."""
     dctx, seed = run.dctx, run.recipe.train.seed
+    if state.step + 1 in state.spikes.skip_steps:
+        return None
     step_loss = torch.zeros((), device=run.device)
     for micro in range(run.accum):
         index = (state.step * run.accum + micro) * dctx.world_size + dctx.rank
@@ -330,6 +353,7 @@ def log_step(run: Run, state: RunState, window: Window, lr: float, grad_norm: to
     record = {"step": state.step, "loss": state.take_loss(), "lr": lr,
               "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens": state.tokens_seen,
               "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4) if mfu is not None else None,
+              "skipped": state.spikes.skipped + len(state.spikes.skip_steps),
               "time": round(state.elapsed, 2), "train_time": round(state.train_time, 2)}
     if run.dctx.is_main:
         run.log.write(record)
@@ -355,10 +379,19 @@ def evaluate(run: Run, state: RunState, window: Window) -> bool:
     return improved
 
 
-def commit(run: Run, state: RunState, improved: bool) -> Path | None:
+def commit(run: Run, state: RunState, improved: bool, last_ckpt: Path | None) -> Path | None:
     """Every rank joins (the saved loss window is the mean over ranks, as a log step takes it); rank 0
-    commits the checkpoint, records the best and prunes. Returns the new checkpoint on rank 0."""
+    commits the checkpoint, records the best and prunes. Returns the new checkpoint on rank 0.
+
+    Weights and optimizer state are checked finite first (every rank holds the same ones): a diverged
+    update is never committed, so `last_ckpt` is always a finite checkpoint to go back to."""
     recipe, store, dctx = run.recipe, run.store, run.dctx
+    if bad := nonfinite({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict()}):
+        where = f"the last finite checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
+        raise TrainingDiverged(f"the weights or optimizer state became non-finite (nan/inf) by step {state.step} "
+                               f"({len(bad)} tensors, e.g. {', '.join(bad[:3])}); not saved, {where}",
+                               hint="lower train.lr or train.weight_decay, raise train.warmup_steps; "
+                                    "then resume with --resume --allow-change")
     dctx.mean_(state.loss_sum)
     path = None
     if dctx.is_main:
@@ -396,7 +429,7 @@ def _metrics(model: GPT, task: TrainTask, amp) -> dict:
 
 
 def resume_command(stage: str, recipe: Recipe) -> str:
-    args = " ".join(a for a in sys.argv[1:] if a not in ("--resume",))
+    args = shlex.join(a for a in sys.argv[1:] if a not in ("--resume",))  # quoted: pasted into a shell
     return f"llmstages {args} --resume" if args else f"llmstages {stage} {recipe.run} --resume"
 
 

@@ -134,6 +134,11 @@ class TrainProgress:
         if self.enabled:
             self.console.print(text, highlight=False)
 
+    def raw(self, text: str) -> None:
+        """Text printed exactly as given: no markup, no wrapping (a command to copy and paste)."""
+        if self.enabled:
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()

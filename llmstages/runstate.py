@@ -9,6 +9,8 @@
     metrics                         the figures of the last evaluation
     loss_sum, loss_count            the loss window: step losses summed on the device since the last log
     bad_step                        the first step whose loss was not finite (-1: none), on the device
+    spikes                          the loss-spike policy's memory (SpikeGuard): recent losses, spikes
+                                    in a row, steps skipped, steps whose micro-batches a rollback skips
     RNG states                      taken when saved, set again on resume (torch, CUDA, Python, NumPy)
 
 `to_saved` / `from_saved` are the one place that turns a RunState into a checkpoint's train state
@@ -18,7 +20,9 @@ files themselves.
 
 from __future__ import annotations
 
+import math
 import random
+import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +30,43 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+
+@dataclass
+class SpikeGuard:
+    """Loss spikes: a step loss above `threshold` x the median of the recent step losses (train.spike).
+
+    `window` holds the last step losses that were not spikes (host floats, oldest first); `pending`
+    the (step, loss on the device) pairs a `warn` policy checks later, at the next log step, so that
+    training needs no host sync per step. `skip_steps` are the steps whose micro-batches a rollback
+    skips (1-based step numbers)."""
+
+    window: list[float] = field(default_factory=list)
+    in_a_row: int = 0
+    skipped: int = 0
+    skip_steps: list[int] = field(default_factory=list)
+    pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # not saved: empty at a commit
+
+    def observe(self, loss: float, threshold: float, size: int, min_steps: int) -> float | None:
+        """Take one step loss; the median it is a spike against, or None when it is none (kept then)."""
+        if len(self.window) >= min_steps and math.isfinite(loss):
+            median = statistics.median(self.window)
+            if loss > threshold * median:
+                self.in_a_row += 1
+                return median
+        self.in_a_row = 0
+        self.window = (self.window + [loss])[-size:]
+        return None
+
+    def to_saved(self) -> dict:
+        return {"window": self.window, "in_a_row": self.in_a_row, "skipped": self.skipped,
+                "skip_steps": self.skip_steps}
+
+    @classmethod
+    def from_saved(cls, info: dict | None) -> "SpikeGuard":
+        info = info or {}
+        return cls(window=list(info.get("window", [])), in_a_row=info.get("in_a_row", 0),
+                   skipped=info.get("skipped", 0), skip_steps=list(info.get("skip_steps", [])))
 
 
 @dataclass
@@ -41,6 +82,7 @@ class RunState:
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # () on the training device
     loss_count: int = 0
     bad_step: torch.Tensor = field(default_factory=lambda: torch.full((), -1, dtype=torch.long))  # ()
+    spikes: SpikeGuard = field(default_factory=SpikeGuard)
     started: float = field(default_factory=time.perf_counter)  # this process's start (not saved)
 
     @property
@@ -66,16 +108,21 @@ class RunState:
         self.loss_sum, self.bad_step = self.loss_sum.to(device), self.bad_step.to(device)
         return self
 
-    def add_step(self, step_loss: torch.Tensor) -> None:
-        """Count one optimizer step with its mean loss (a () tensor on the device; no host sync)."""
+    def add_step(self, step_loss: torch.Tensor | None) -> None:
+        """Count one optimizer step with its mean loss (a () tensor on the device; no host sync); None for
+        a step whose micro-batches a rollback skips."""
+        if step_loss is None:
+            self.step += 1
+            return
         self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(step_loss), self.step + 1, self.bad_step)
         self.loss_sum += step_loss
         self.loss_count += 1
         self.step += 1
 
-    def take_loss(self) -> float:
-        """The mean loss of the window since the last log (syncs with the device), and a new window."""
-        loss = float(self.loss_sum) / self.loss_count
+    def take_loss(self) -> float | None:
+        """The mean loss of the window since the last log (syncs with the device), and a new window
+        (None when every step of the window was skipped by a rollback)."""
+        loss = float(self.loss_sum) / self.loss_count if self.loss_count else None
         self.loss_sum.zero_()
         self.loss_count = 0
         return loss
@@ -103,6 +150,7 @@ class RunState:
         info = {"step": self.step, "tokens_seen": self.tokens_seen, "loss_count": self.loss_count, "best": self.best,
                 "evals_since_best": self.evals_since_best, "metrics": self.metrics, "rng": rng,
                 "elapsed": self.elapsed, "excluded": self.excluded, "plan": self.plan, "world_size": world_size,
+                "spikes": self.spikes.to_saved(),
                 "sampler": {"kind": "indexed", "seed": seed, "next_micro_batch": self.step * accum * world_size}}
         return tensors, info
 
@@ -112,7 +160,8 @@ class RunState:
         return cls(step=info["step"], tokens_seen=info["tokens_seen"], elapsed_before=info.get("elapsed", 0.0),
                    excluded=info.get("excluded", 0.0), plan=info.get("plan"),
                    best=info.get("best"), evals_since_best=info.get("evals_since_best", 0),
-                   metrics=info.get("metrics", {}), loss_sum=tensors["loss_sum"], loss_count=info.get("loss_count", 0))
+                   metrics=info.get("metrics", {}), loss_sum=tensors["loss_sum"], loss_count=info.get("loss_count", 0),
+                   spikes=SpikeGuard.from_saved(info.get("spikes")))
 
 
 def restore_rng(tensors: dict, info: dict) -> None:

@@ -103,6 +103,8 @@ def read_manifest(folder: Path) -> dict[str, tuple[str, int]] | None:
         parts = line.split("  ", 2)
         if len(parts) != 3 or not re.fullmatch(r"[0-9a-f]{64}", parts[0]) or not parts[1].isdigit():
             return None
+        if Path(parts[2]).is_absolute() or ".." in Path(parts[2]).parts:  # names a file outside the folder
+            return None
         entries[parts[2]] = (parts[0], int(parts[1]))
     return entries or None
 
@@ -238,9 +240,10 @@ class Store:
 
     def read_best(self, run: str) -> dict | None:
         try:
-            return json.loads((self.run_dir(run) / "best.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            info = json.loads((self.run_dir(run) / "best.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
+        return info if isinstance(info, dict) and isinstance(info.get("step"), int) else None  # else corrupt
 
     def set_best(self, run: str, step: int, metric: str, value: float) -> None:
         write_json_atomic(self.run_dir(run) / "best.json", {"step": step, "metric": metric, "value": value})
@@ -331,11 +334,13 @@ def last_log_line(path: Path) -> dict | None:
     """The last complete JSON line of a log.jsonl (a line cut by a kill is skipped)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
+    except (OSError, UnicodeDecodeError):
         return None
     for line in reversed(lines):
         with contextlib.suppress(json.JSONDecodeError):
-            return json.loads(line)
+            record = json.loads(line)
+            if isinstance(record, dict):
+                return record
     return None
 
 

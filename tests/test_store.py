@@ -145,10 +145,11 @@ def test_train_state_loads_without_executing_code(tmp_path):
     torch.save({"x": Evil()}, folder / "train_state.pt")
     with pytest.raises(UserError) as err:  # our message naming the file, not torch's exception
         load_train_state(folder)
-    assert str(err.value).startswith(f"{folder / 'train_state.pt'}: cannot load the train state")
+    assert str(err.value).startswith(f"{folder / 'train_state.pt'}: refused: not plain tensor data")
+    assert "weights_only=False" not in str(err.value) + (err.value.hint or "")  # no advice to run the file's code
     assert not (tmp_path / "pwned").exists()
     (folder / "train_state.pt").write_bytes(b"not a torch file")  # plain corruption: the same clear error
-    with pytest.raises(UserError, match="cannot load the train state"):
+    with pytest.raises(UserError, match="train_state.pt: refused: not plain tensor data .*unreadable or truncated"):
         load_train_state(folder)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from llmstages import templates
 from llmstages.config import DataConfig
-from llmstages.data.readers import BadRecord, Record, detect_format, read_records
+from llmstages.data.readers import SUFFIX_FORMATS, BadRecord, Record, detect_format, read_records
 from llmstages.data.sources import local_paths
 from llmstages.errors import UserError, listed
 
@@ -176,13 +176,19 @@ def file_examples(path: Path, display: str, fmt: str, task: str, cfg: DataConfig
         yield record if isinstance(record, BadRecord) else convert(task, record, cfg, template)
 
 
+def file_format(path: Path, trained_format: str) -> str:
+    """The format of an evaluation file: its extension says it (a .json file is JSON even when the model
+    was trained on TSV); the training data's format only for files without a known extension."""
+    return SUFFIX_FORMATS.get(path.suffix.lower()) or detect_format(path, trained_format)
+
+
 def read_examples(paths: list[str], task: str, cfg: DataConfig, *, template: str = "alpaca",
                   limit: int | None = None) -> list:
     """Examples of `task` from local files/folders/globs; every bad record is reported (exit 2)."""
     examples, bad = [], []
     for spec in paths:
         for path in local_paths(spec, cfg.format):
-            for item in file_examples(path, str(path), detect_format(path, cfg.format), task, cfg, template):
+            for item in file_examples(path, str(path), file_format(path, cfg.format), task, cfg, template):
                 (bad if isinstance(item, BadRecord) else examples).append(item)
     if bad:
         raise UserError(f"{len(bad)} bad record{'s' if len(bad) > 1 else ''} in the evaluation data:\n"

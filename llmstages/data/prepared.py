@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from llmstages.errors import UserError
+from llmstages.jsonio import read_json
 from llmstages.store import MANIFEST, is_committed
 from llmstages.tokenizer import Tokenizer
 
@@ -162,6 +163,55 @@ def _memmap(path: Path, dtype: str) -> np.ndarray:
     return np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
 
 
+SPLIT_FILES = {"pretrain": (), "classify": ("tokens", "offsets", "text", "labels"),
+               "instruct": ("tokens", "offsets", "text", "prompt_lens")}
+
+
+def manifest_problems(path: Path, m: dict) -> list[str]:
+    """What in a dataset's manifest.json the readers could not use (empty = fine).
+
+    Checks the fields the stages read and that every file a split names is a plain file name in this
+    folder (a hand-edited `../x` must not make a reader open files elsewhere).
+    """
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def is_file(name) -> bool:
+        return isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..") \
+            and (path / name).is_file()
+
+    task = m.get("task") if isinstance(m.get("task"), str) else repr(m.get("task"))
+    problems = [] if task in SPLIT_FILES else [f"task: {task!r:.40} is not pretrain, classify or instruct"]
+    for key in ("fingerprint", "tokenizer_fingerprint"):
+        if not isinstance(m.get(key), str):
+            problems.append(f"{key}: expected a string")
+    if m.get("dtype") not in ("uint16", "uint32"):
+        problems.append(f"dtype: {m.get('dtype')!r:.40} is not uint16 or uint32")
+    if not is_int(m.get("eot_id")):
+        problems.append("eot_id: expected a token id")
+    if task == "classify" and not (isinstance(m.get("labels"), list) and all(isinstance(x, str) for x in m["labels"])):
+        problems.append("labels: expected a list of class names")
+    if task == "instruct" and not isinstance(m.get("template"), str):
+        problems.append("template: expected a template name")
+    splits = m.get("splits")
+    if not isinstance(splits, dict) or "train" not in splits:
+        return problems + ["splits: expected an object with at least a train split"]
+    for name, split in splits.items():
+        if not isinstance(split, dict) or not is_int(split.get("tokens")):
+            problems.append(f"splits.{name}: expected an object with a token count")
+        elif task == "pretrain":
+            shards = split.get("shards")
+            if not isinstance(shards, list) or not all(is_file(f) for f in shards):
+                problems.append(f"splits.{name}.shards: expected the names of shard files in this folder")
+        elif task in SPLIT_FILES:
+            files = split.get("files")
+            needed = SPLIT_FILES[task]
+            if not is_int(split.get("records")) or not isinstance(files, dict) \
+                    or not all(is_file(files.get(k)) for k in needed):
+                problems.append(f"splits.{name}: expected a record count and the files {', '.join(needed)}")
+    return problems
+
+
 class PreparedDataset:
     """A committed prepared dataset folder, read through its manifest.json."""
 
@@ -178,13 +228,13 @@ class PreparedDataset:
         if not is_committed(path):
             raise UserError(f"{path}: not a complete prepared dataset (no valid {MANIFEST}; an interrupted write?)",
                             hint="prepare it again with `llmstages prepare RECIPE --force`")
-        try:
-            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise UserError(f"{path}: unreadable manifest.json ({err})") from None
+        manifest = read_json(path / "manifest.json", what="dataset manifest")
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{path}: prepared with format_version {manifest.get('format_version')}, "
+            raise UserError(f"{path}: prepared with format_version {manifest.get('format_version')!r:.20}, "
                             f"this llmstages reads {FORMAT_VERSION}", hint="prepare it again with --force")
+        if problems := manifest_problems(path, manifest):
+            raise UserError(f"{path / 'manifest.json'}: corrupt dataset manifest:\n  " + "\n  ".join(problems[:10]),
+                            hint="prepare it again with `llmstages prepare RECIPE --force`")
         return cls(path, manifest)
 
     @property
@@ -224,9 +274,14 @@ class PreparedDataset:
         if self.task == "pretrain":
             raise UserError(f"{self.path}: a pretraining dataset has token shards, not records (use .shards())")
         files = self._split(split)["files"]
-        load = lambda key: np.load(self.path / files[key], allow_pickle=False) if key in files else None  # noqa: E731
-        return LabeledSplit(tokens=_memmap(self.path / files["tokens"], self.dtype), offsets=load("offsets"),
-                            labels=load("labels"), prompt_lens=load("prompt_lens"), text_path=self.path / files["text"])
+        try:
+            load = lambda key: np.load(self.path / files[key], allow_pickle=False) if key in files else None  # noqa: E731
+            return LabeledSplit(tokens=_memmap(self.path / files["tokens"], self.dtype), offsets=load("offsets"),
+                                labels=load("labels"), prompt_lens=load("prompt_lens"),
+                                text_path=self.path / files["text"])
+        except (OSError, ValueError, EOFError) as err:  # a hand-edited or damaged .npy / .bin file
+            raise UserError(f"{self.path}: corrupt {split} split ({err})",
+                            hint="prepare it again with `llmstages prepare RECIPE --force`") from None
 
     def __repr__(self) -> str:
         return f"PreparedDataset({str(self.path)!r}, task={self.task!r})"

@@ -387,10 +387,14 @@ def read_parquet(path: Path, display: str) -> Iterator[Record | BadRecord]:
         yield BadRecord(f"{display}:1", f"not a readable Parquet file ({err})")
         return
     row = 0
-    for batch in table_file.iter_batches(batch_size=4096):
-        for fields in batch.to_pylist():
-            row += 1
-            yield Record(f"{display}:{row}", fields)
+    try:
+        for batch in table_file.iter_batches(batch_size=4096):
+            for fields in batch.to_pylist():
+                row += 1
+                yield Record(f"{display}:{row}", fields)
+    except (pa.ArrowException, OSError, ValueError) as err:  # a damaged row group: the rows before it were read
+        yield BadRecord(f"{display}:{row + 1}", f"unreadable Parquet data ({err})")
+        return
     if row == 0:
         yield BadRecord(f"{display}:1", "no rows")
 

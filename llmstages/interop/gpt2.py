@@ -18,6 +18,7 @@ import torch
 from llmstages.errors import UserError
 from llmstages.interop.hub import WeightSource
 from llmstages.model import GPT, GPTConfig
+from llmstages.weights import config_from_mapping
 
 PREFIX = "transformer."
 # HF GPT-2's Conv1D layers: weight (in, out) there, (out, in) here.
@@ -28,8 +29,30 @@ IGNORED = re.compile(r"h\.\d+\.(attn\.bias|attn\.masked_bias|crossattention\.bia
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 
 
+# config.json keys read below, by the type they must have (anything else would fail deep inside).
+HF_INT_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd")
+HF_OPTIONAL_INT_KEYS = ("n_positions", "n_ctx", "n_inner")  # null = the default
+HF_FLOAT_KEYS = ("layer_norm_epsilon", "resid_pdrop")
+
+
+def _check_types(hf: dict, where: str) -> None:
+    def not_int(value) -> bool:
+        return not isinstance(value, int) or isinstance(value, bool)
+
+    problems = [f"{k}={hf[k]!r:.40} (expected an integer)" for k in HF_INT_KEYS if k in hf and not_int(hf[k])]
+    problems += [f"{k}={hf[k]!r:.40} (expected an integer or null)" for k in HF_OPTIONAL_INT_KEYS
+                 if hf.get(k) is not None and not_int(hf[k])]
+    problems += [f"{k}={hf[k]!r:.40} (expected a number)" for k in HF_FLOAT_KEYS
+                 if k in hf and (not isinstance(hf[k], (int, float)) or isinstance(hf[k], bool))]
+    if not isinstance(hf.get("id2label") or {}, dict) or not isinstance(hf.get("architectures") or [], list):
+        problems.append("id2label must be an object and architectures a list")
+    if problems:
+        raise UserError(f"{where}: corrupt config.json:\n  " + "\n  ".join(problems))
+
+
 def config_from_hf(hf: dict, num_classes: int, where: str) -> GPTConfig:
     """Our GPTConfig for an HF GPT-2 config.json; refuses settings our model would compute differently."""
+    _check_types(hf, where)
     problems = []
 
     def expect(key: str, ok: bool, ours: str) -> None:
@@ -49,15 +72,15 @@ def config_from_hf(hf: dict, num_classes: int, where: str) -> GPTConfig:
                         hint="only standard GPT-2 configurations are supported (the logits would be wrong)")
     class_names: list[str] = []
     if num_classes:
-        id2label = {int(k): str(v) for k, v in (hf.get("id2label") or {}).items()}
+        id2label = {int(k): str(v) for k, v in (hf.get("id2label") or {}).items() if str(k).isdigit()}
         class_names = [id2label.get(i, f"LABEL_{i}") for i in range(num_classes)]
-    return GPTConfig(
+    return config_from_mapping(dict(  # every field type-checked and bounded before anything is allocated
         vocab_size=hf.get("vocab_size", 50257),
         block_size=hf.get("n_positions") or hf.get("n_ctx") or 1024,
         n_layer=hf.get("n_layer", 12), n_head=n_head, n_embd=n_embd,
         dropout=float(hf.get("resid_pdrop", 0.0)),  # GPT-2 uses one rate everywhere (0.1 in the originals)
         bias=True, num_classes=num_classes, class_names=class_names,
-    )
+    ), where)
 
 
 def hf_config(config: GPTConfig, eot_id: int, dtype: torch.dtype = torch.float32) -> dict:

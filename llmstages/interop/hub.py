@@ -11,14 +11,15 @@ time (memory-mapped), so converting a model never holds the file's copy and ours
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from llmstages.errors import UserError
+from llmstages.jsonio import read_json
 from llmstages.store import hash_file
+from llmstages.weights import load_plain_tensors
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"]
 SAFETENSORS_FILES = ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
@@ -78,12 +79,9 @@ def _download(repo_id: str, *, weights: bool) -> Path:
 
 
 def read_hf_config(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{folder / 'config.json'}: not valid JSON ({err})") from None
+    if not (folder / "config.json").exists():
+        raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    return read_json(folder / "config.json", what="model config (config.json)")
 
 
 class WeightSource:
@@ -136,20 +134,18 @@ class WeightSource:
 
 
 def _shards(index: Path) -> list[str]:
-    try:
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, AttributeError) as err:
-        raise UserError(f"{index}: not a valid shard index ({err})") from None
+    """The weight files an index names: plain file names in the same folder (never a path out of it)."""
+    weight_map = read_json(index, what="shard index").get("weight_map")
+    names = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else None
+    if not names or not all(isinstance(n, str) and n == Path(n).name and n not in (".", "..") for n in names):
+        raise UserError(f"{index}: not a valid shard index (weight_map must map tensor names to file names "
+                        "in this folder)")
+    return names
 
 
 def _load_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
     """A pytorch_model.bin, with PyTorch's restricted unpickler: tensors and plain containers only."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for forbidden objects; others for truncated files
-        raise UserError(f"{path}: refused to load: it is not plain tensor data ({str(err).splitlines()[0]})",
-                        hint="convert it to model.safetensors on a trusted machine, or get the safetensors "
-                             "version of the model") from None
+    state = load_plain_tensors(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a state dict of tensors")
     return state

@@ -29,6 +29,7 @@ import torch
 from llmstages.errors import UserError
 from llmstages.interop.hub import WeightSource
 from llmstages.model import GPT, GPTConfig
+from llmstages.weights import config_from_mapping
 from llmstages.tokenizer import Tokenizer, special_token
 
 PREFIX = ""
@@ -82,16 +83,16 @@ def config_from_hf(hf: dict, num_classes: int, where: str) -> tuple[GPTConfig, l
         block = window
     class_names: list[str] = []
     if num_classes:
-        id2label = {int(k): str(v) for k, v in (hf.get("id2label") or {}).items()}
+        id2label = {int(k): str(v) for k, v in (hf.get("id2label") or {}).items() if str(k).isdigit()}
         class_names = [id2label.get(i, f"LABEL_{i}") for i in range(num_classes)]
-    config = GPTConfig(
+    config = config_from_mapping(dict(  # every field type-checked and bounded before anything is allocated
         vocab_size=hf.get("vocab_size", 32000), block_size=block, n_layer=hf.get("num_hidden_layers", 32),
         n_head=H, n_embd=C, n_kv_head=Hkv if Hkv != H else 0, dropout=float(hf.get("attention_dropout", 0.0)),
         bias=attention_bias, qkv_bias=model_type == "qwen2", arch="modern", pos_emb="rope", rope_theta=theta,
         rope_scaling=scaling, norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), mlp="swiglu",
         mlp_hidden=hf.get("intermediate_size", 11008), qk_norm=False,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), logit_softcap=0.0,
-        num_classes=num_classes, class_names=class_names, hf_model_type=model_type)
+        num_classes=num_classes, class_names=class_names, hf_model_type=model_type), where)
     return config, notes
 
 

@@ -21,6 +21,7 @@ import llmstages.interop.gpt2 as gpt2
 import llmstages.interop.llama as llama
 from llmstages.interop.hub import WeightSource, fingerprint, read_hf_config, resolve_hf
 from llmstages.model import GPT
+from llmstages.weights import check_finite
 from llmstages.tokenizer import Tokenizer
 
 FAMILIES = {"gpt2": gpt2, **{name: llama for name in llama.FAMILY}}
@@ -78,6 +79,7 @@ def assign_weights(model: GPT, tensors: Iterator[tuple[str, torch.Tensor]], dtyp
             raise UserError(f"{where}: tensor {name} of shape {tuple(tensor.shape)} does not fit the model "
                             f"(expected {expected.get(name)})")
         state[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    check_finite(state, where)  # NaN/inf weights make no model (issue 15)
     missing = sorted(set(expected) - set(state) - ({"lm_head.weight"} if model.head_is_tied else set()))
     if missing:
         raise UserError(f"{where}: no weights for {missing[:5]}")
@@ -97,6 +99,9 @@ def load_hf(dir_or_id: str, device: str | torch.device = "cpu", dtype: torch.dty
     hf = read_hf_config(folder)
     family = family_of(hf, where)
     source = WeightSource(folder, strip=family.PREFIX)
+    if "score.weight" in source and len(source.shape("score.weight")) != 2:
+        raise UserError(f"{where}: score.weight has shape {list(source.shape('score.weight'))}, "
+                        "expected (classes, n_embd)")
     num_classes = source.shape("score.weight")[0] if "score.weight" in source else 0
     if not num_classes and any("ForSequenceClassification" in a for a in hf.get("architectures") or []):
         raise UserError(f"{where}: config.json says sequence classifier, but there is no score.weight")

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import json
 
 from rich.console import Console
 from rich.table import Table
 
-from llmstages.checkpoint import lineage, read_meta, read_model_config
+from llmstages.checkpoint import lineage, read_meta, read_model_json, verify_checkpoint
 from llmstages.config import builtin_recipes, read_yaml
-from llmstages.store import Store
+from llmstages.errors import UserError
+from llmstages.jsonio import dumps
+from llmstages.runlog import fmt
+from llmstages.store import STEP_RE, Store, is_committed
+from llmstages.store import verify as verify_folder
 
 LOG_FIGURES = ("step", "loss", "val_loss", "val_bpb", "f1")  # the last-log columns `runs` shows
 
@@ -35,7 +38,7 @@ def print_runs(console: Console, store: Store) -> None:
     for col in ("run", "task", "checkpoints", "last step", "best", "last log"):
         table.add_column(col)
     for info in infos:
-        best = f"{info.best['metric']}={info.best['value']:.4g} @ {info.best['step']}" if info.best else "-"
+        best = f"{info.best.get('metric')}={_figure(info.best.get('value'))} @ {info.best['step']}" if info.best else "-"
         log = ""
         if info.last_log:
             log = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -47,18 +50,22 @@ def print_runs(console: Console, store: Store) -> None:
 def _task(store: Store, run: str) -> str:
     """The task of a run's latest checkpoint ("?" when it has none or its meta cannot be read)."""
     latest = store.latest(run)
-    with contextlib.suppress(OSError, json.JSONDecodeError):
-        return read_meta(latest).get("task", "?") if latest is not None else "?"
+    with contextlib.suppress(UserError):
+        return str(read_meta(latest).get("task", "?")) if latest is not None else "?"
     return "?"
+
+
+def _figure(value) -> str:
+    return fmt(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
 def print_checkpoint(console: Console, store: Store, model: str, *, as_json: bool = False) -> None:
     """Model config, the metrics stored with the checkpoint, and its lineage (newest first)."""
     path = store.resolve(model)
-    config = read_model_config(path)
+    config = read_model_json(path)
     chain = lineage(path, store)
-    if as_json:
-        console.print_json(json.dumps({"path": str(path), "config": config, "lineage": chain}, default=str))
+    if as_json:  # plain print: valid JSON (null for NaN), never wrapped or highlighted
+        print(dumps({"path": str(path), "config": config, "lineage": chain}, default=str))
         return
     meta = chain[0]
     console.print(f"[bold]{path}[/bold]  task={meta.get('task')}  step={meta.get('step')}")
@@ -67,7 +74,7 @@ def print_checkpoint(console: Console, store: Store, model: str, *, as_json: boo
         if value not in (None, [], 0) or key in ("n_layer", "n_head"):
             table.add_row(key, str(value))
     console.print(table)
-    if meta.get("metrics"):
+    if isinstance(meta.get("metrics"), dict) and meta["metrics"]:
         metrics = Table(title="metrics", show_header=False)
         for key, value in meta["metrics"].items():
             if not isinstance(value, (int, float, str)):
@@ -78,3 +85,28 @@ def print_checkpoint(console: Console, store: Store, model: str, *, as_json: boo
     for depth, item in enumerate(chain):
         what = "(not found)" if item.get("missing") else f"task={item.get('task')} step={item.get('step')}"
         console.print(f"  {'  ' * depth}{'└─ ' if depth else ''}{item['ref']}  {what}")
+
+
+def verify_store(console: Console, store: Store, run: str | None = None) -> bool:
+    """Check every checkpoint of `run` (default: of every run, and every prepared dataset) and print one
+    line per folder, each problem under it. True when everything verifies."""
+    if run is not None and not store.run_dir(run).is_dir():
+        raise UserError(f"no run {run!r} in {store.root}", hint="`llmstages runs` lists the runs")
+    runs = [run] if run is not None else [info.name for info in store.runs()]
+    # every step-N folder, also one that no longer looks committed (a truncated file, a lost MANIFEST):
+    # commits are one rename, so such a folder was damaged after it was written
+    folders = [(f"{name}/{path.name}", path, verify_checkpoint) for name in runs
+               for path in sorted(store.run_dir(name).iterdir()) if STEP_RE.fullmatch(path.name)]
+    data_root = store.data_dir("x").parent
+    if run is None and data_root.is_dir():
+        folders += [(f"data/{p.name}", p, verify_folder) for p in sorted(data_root.iterdir())
+                    if p.is_dir() and not p.name.startswith(".") and is_committed(p)]
+    bad = 0
+    for label, path, check in folders:
+        problems = check(path)
+        bad += bool(problems)
+        console.print(f"{'[red]BAD[/red]' if problems else '[green]ok[/green] '}  {label}", highlight=False)
+        for problem in problems:
+            console.print(f"      {problem}", highlight=False, soft_wrap=True)
+    console.print(f"{len(folders)} folders checked, {bad} bad", highlight=False)
+    return bad == 0

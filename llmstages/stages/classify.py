@@ -13,7 +13,6 @@ The batching, loss and metrics themselves are in llmstages/classification.py.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ from llmstages.config import Recipe
 from llmstages.data.examples import data_settings, read_examples
 from llmstages.data.prepared import LabeledSplit, PreparedDataset
 from llmstages.errors import UserError, listed
+from llmstages.jsonio import dumps
 from llmstages.loop import TrainResult, TrainTask
 from llmstages.model import GPT, GPTConfig
 from llmstages.runlog import RunLog
@@ -157,7 +157,7 @@ def report_test_split(result: TrainResult, data: PreparedDataset, store: Store, 
     report = {"split": "test", "checkpoint": str(path), "step": ckpt.meta.get("step"), "examples": len(split),
               "labels": labels, **metrics}
     run_dir = store.run_dir(result.run)
-    (run_dir / "test_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    (run_dir / "test_metrics.json").write_text(dumps(report, indent=2) + "\n")
     RunLog(run_dir).write({"step": result.step, "checkpoint_step": report["step"],
                            **{f"test_{k}": v for k, v in metrics.items()}})
     print_metrics(console, f"test split ({len(split):,} texts), checkpoint {Path(path).name}", report)

@@ -20,10 +20,10 @@ from llmstages.config import FinetuneConfig, Recipe, recipes_dir
 from llmstages.distributed import is_main_process
 from llmstages.errors import UserError
 from llmstages.lora import add_lora, merge_lora
-from llmstages.loop import TrainResult, train
+from llmstages.loop import TrainResult, check_run_start, train
 from llmstages.model import GPT, set_dropout
 from llmstages.stages.prepare import get_or_prepare
-from llmstages.stages.pretrain import check_tokenizer, say_inherited
+from llmstages.stages.pretrain import check_data_tokenizer, check_tokenizer, say_inherited
 from llmstages.store import Store
 
 # --task NAME -> (built-in recipe, the recipe `task:` it stands for)
@@ -66,6 +66,46 @@ def load_base(recipe: Recipe, store: Store) -> Checkpoint:
         raise
 
 
+def fit_model_settings(recipe: Recipe, base: Checkpoint) -> None:
+    """Apply the recipe's model settings that a fine-tune can honour; refuse the others (exit 2).
+
+    The shape comes from the base: n_layer, n_head, n_embd and vocab_size may only repeat it. A shorter
+    context (model.block_size) crops the learned position table; a longer one has no trained positions.
+    """
+    cfg, base_cfg = recipe.model, base.model.config
+    wrong = [f"model.{key}={getattr(cfg, key)} (the base has {getattr(base_cfg, key)})"
+             for key in ("n_layer", "n_head", "n_embd", "vocab_size")
+             if getattr(cfg, key) is not None and getattr(cfg, key) != getattr(base_cfg, key)]
+    if cfg.block_size is not None and cfg.block_size > base_cfg.block_size:
+        wrong.append(f"model.block_size={cfg.block_size} (the base was trained with a context of "
+                     f"{base_cfg.block_size} tokens and has no positions beyond it)")
+    if wrong:
+        raise UserError(f"fine-tuning {recipe.init_from} cannot honour " + "; ".join(wrong),
+                        hint="a fine-tune keeps its base's shape: drop these settings (model.block_size may be "
+                             f"at most {base_cfg.block_size})")
+    if cfg.block_size is not None and cfg.block_size < base_cfg.block_size:
+        crop_context(base.model, cfg.block_size)
+
+
+def crop_context(model: GPT, block_size: int) -> None:
+    """Shorten the model's context: keep the first `block_size` rows of the position table wpe (P, C);
+    rotary positions (pos_emb=rope) have no table and need only the new limit."""
+    if "wpe" in model.transformer:
+        wpe = model.transformer.wpe.weight
+        model.transformer.wpe = nn.Embedding.from_pretrained(wpe[:block_size].detach().clone(), freeze=False)
+    model.config.block_size = block_size
+
+
+def check_trainable(mode: str, n_layer: int, *, classifier: bool) -> None:
+    """Refuse a finetune.trainable that the model cannot have (checked before any data is prepared)."""
+    if mode.startswith("last_blocks:") and not 1 <= int(mode.split(":")[1]) <= n_layer:
+        raise UserError(f"finetune.trainable={mode}: the model has {n_layer} blocks",
+                        hint=f"use last_blocks:1 .. last_blocks:{n_layer}")
+    if mode == "head" and not classifier:
+        raise UserError("finetune.trainable=head needs a class head; a language model's head is its embedding",
+                        hint="use all, last_blocks:N or lora for instruction fine-tuning")
+
+
 def set_trainable(model: GPT, ft: FinetuneConfig) -> list[str]:
     """Freeze what `finetune.trainable` leaves out; return the names of the trainable parameters.
 
@@ -76,6 +116,7 @@ def set_trainable(model: GPT, ft: FinetuneConfig) -> list[str]:
     lora            low-rank adapters on `lora_targets` (base weights frozen), plus a class head
     """
     mode = ft.trainable
+    check_trainable(mode, model.config.n_layer, classifier=model.is_classifier)
     for p in model.parameters():
         p.requires_grad = mode == "all"
     if mode == "lora":
@@ -86,15 +127,9 @@ def set_trainable(model: GPT, ft: FinetuneConfig) -> list[str]:
             p.requires_grad = "lora_" in name
     elif mode.startswith("last_blocks:"):
         n = int(mode.split(":")[1])
-        if not 1 <= n <= model.config.n_layer:
-            raise UserError(f"finetune.trainable={mode}: the model has {model.config.n_layer} blocks",
-                            hint=f"use last_blocks:1 .. last_blocks:{model.config.n_layer}")
         for block in model.transformer.h[-n:]:
             block.requires_grad_(True)
         model.transformer.ln_f.requires_grad_(True)
-    elif mode == "head" and not model.is_classifier:
-        raise UserError("finetune.trainable=head needs a class head; a language model's head is its embedding",
-                        hint="use all, last_blocks:N or lora for instruction fine-tuning")
     if model.is_classifier:
         model.score.requires_grad_(True)  # a new head always trains
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -126,6 +161,12 @@ def finetune(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
     say_inherited(console, recipe, base)
     if base.model.config.lora_rank > 0:
         merge_lora(base.model)  # a LoRA base is folded into plain weights; this run adds its own adapters
+    # Every refusal that does not need the data comes before it is prepared: a refused run writes nothing.
+    fit_model_settings(recipe, base)
+    check_data_tokenizer(recipe, store, base.tokenizer)
+    check_trainable(recipe.finetune.trainable, base.model.config.n_layer, classifier=recipe.task == "classify")
+    if not dry_run:
+        check_run_start(store, recipe.run, resume)
     data = get_or_prepare(recipe, store, console)
     check_tokenizer(base.tokenizer, data, recipe.init_from)
     if data.task != recipe.task:

@@ -12,10 +12,11 @@ from rich.console import Console
 
 from llmstages.checkpoint import Checkpoint, load_checkpoint, parent_info
 from llmstages.config import ModelConfig, Recipe
+from llmstages.data.plan import parent_tokenizer
 from llmstages.data.prepared import PreparedDataset
 from llmstages.data.windows import WindowSampler, fixed_windows
 from llmstages.errors import UserError
-from llmstages.loop import TrainResult, TrainTask, train
+from llmstages.loop import TrainResult, TrainTask, check_run_start, train
 from llmstages.model import GPT, GPTConfig, build_config, set_dropout
 from llmstages.objectives import lm_loss, lm_metrics
 from llmstages.stages.prepare import get_or_prepare
@@ -57,6 +58,22 @@ def check_tokenizer(tokenizer: Tokenizer, data: PreparedDataset, model_ref: str)
                         hint="prepare the data with the same finetune.template as the run")
 
 
+def check_data_tokenizer(recipe: Recipe, store: Store, tokenizer: Tokenizer) -> None:
+    """Refuse data settings that would tokenize with another tokenizer than the model's, before anything is
+    prepared (check_tokenizer checks the prepared data again)."""
+    from llmstages.data.plan import choose_tokenizer
+
+    choice = choose_tokenizer(recipe, store)
+    if choice.kind == "train":
+        raise UserError(f"tokenizer mismatch: data.tokenizer={recipe.data.tokenizer} would train a new tokenizer, "
+                        f"but the model {recipe.init_from} has its own; nothing was prepared",
+                        hint="use data.tokenizer=auto (the model's tokenizer)")
+    if choice.tokenizer.fingerprint != tokenizer.fingerprint:
+        raise UserError(f"tokenizer mismatch: data.tokenizer={choice.ref} has fingerprint "
+                        f"{choice.tokenizer.fingerprint}, the model {recipe.init_from} uses {tokenizer.fingerprint}; "
+                        "nothing was prepared", hint="use data.tokenizer=auto (the model's tokenizer)")
+
+
 def build_model(recipe: Recipe, store: Store, data: PreparedDataset,
                 console: Console | None = None) -> tuple[GPT, Tokenizer, dict | None]:
     """A new model shaped by `recipe.model`, or the `init_from` checkpoint (whose shape and unset train
@@ -94,6 +111,10 @@ def pretrain(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
     if recipe.task != "pretrain":
         raise UserError(f"the recipe's task is {recipe.task}; pretrain runs task: pretrain recipes",
                         hint=f"use `llmstages finetune --task ... RECIPE` for {recipe.task}")
+    if not dry_run:  # refusals that need no data come before it is prepared
+        check_run_start(store, recipe.run, resume)
+    if recipe.init_from:  # parent_tokenizer: a missing base says which command makes it
+        check_data_tokenizer(recipe, store, parent_tokenizer(recipe.init_from, store))
     data = get_or_prepare(recipe, store, console)
     model, tokenizer, parent = build_model(recipe, store, data, console)
     task = pretrain_task(model, tokenizer, data, recipe)

@@ -1,8 +1,11 @@
 """Train a 2-layer model on Tiny-Shakespeare-like synthetic text through the shared loop (no prepare step).
 
-    python train_synthetic.py STORE STEPS [--resume] [--allow-change] [--nan-at STEP] [--signal SIG@MICRO[@parent]]
-                              [--sleep S] [KEY=VALUE ...]
+    python train_synthetic.py STORE STEPS [--resume] [--allow-change] [--nan-at STEP] [--nan-grad-at STEP]
+                              [--spike-at STEP] [--signal SIG@MICRO[@parent]] [--sleep S] [KEY=VALUE ...]
 
+--nan-at: the loss is NaN from step index STEP on; --nan-grad-at: the loss stays finite but its
+gradient is NaN from STEP on (the update makes the weights NaN before any loss shows it);
+--spike-at: the loss of step index STEP only is 50x (a bad batch).
 --sleep S: every micro-batch also sleeps S seconds, so that a step takes a steady time on a busy
 machine (tests of train.max_time).
 
@@ -53,6 +56,8 @@ def main() -> int:
         signals = {}
     nan_at = int(rest[rest.index("--nan-at") + 1]) if "--nan-at" in rest else None
     sleep = float(rest[rest.index("--sleep") + 1]) if "--sleep" in rest else 0.0
+    nan_grad_at = int(rest[rest.index("--nan-grad-at") + 1]) if "--nan-grad-at" in rest else None
+    spike_at = int(rest[rest.index("--spike-at") + 1]) if "--spike-at" in rest else None
     overrides = [a for a in rest if "=" in a]
     tok = train_bpe([corpus(5000, 0)], int(rest[rest.index("--vocab") + 1]) if "--vocab" in rest else 300)
     train_ids = np.array(tok.encode(corpus(20000, 1)), dtype=np.uint16)
@@ -70,6 +75,11 @@ def main() -> int:
             os.kill(*reversed(signals.pop(batch["micro"])))  # mid-step: after the batch is drawn, before backward
         time.sleep(sleep)
         value = lm_loss(m, batch)
+        if nan_grad_at is not None and batch["index"] >= nan_grad_at:
+            # sqrt(0) is 0 forward, its gradient is inf: 0 * inf = NaN reaches every weight, the loss stays finite
+            value = value + 0 * sum((p * 0).sum() for p in m.parameters()).sqrt()
+        if spike_at is not None and batch["index"] == spike_at:
+            value = value * 50
         return value * float("nan") if nan_at is not None and batch["index"] >= nan_at else value
 
     def batch(index):
