@@ -27,7 +27,7 @@ def gpt2_run(store_dir, gpt2_tokenizer_dir):
     return store_dir
 
 
-COMMANDS = ["recipes", "runs", "show", "prepare", "pretrain", "finetune", "evaluate", "classify", "generate", "chat",
+COMMANDS = ["recipes", "runs", "show", "verify", "prepare", "pretrain", "finetune", "evaluate", "classify", "generate", "chat",
             "export", "merge"]
 
 

@@ -499,7 +499,7 @@ def _tokenizer_of_another_model(folder):
 
 @pytest.mark.parametrize("damage,message", [
     (_no_config, "{folder}: no config.json (not a Hugging Face model folder)"),
-    (_config_not_json, "{folder}/config.json: not valid JSON"),
+    (_config_not_json, "{folder}/config.json: corrupt model config (config.json): not valid JSON"),
     (_no_weights, "{folder}: no model.safetensors (or pytorch_model.bin) in this folder"),
     (_truncated_weights, "{folder}/model.safetensors: cannot read the weights"),
     (_bad_shard_index, "{folder}/model.safetensors.index.json: not a valid shard index"),

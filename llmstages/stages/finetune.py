@@ -165,8 +165,9 @@ def finetune(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
     fit_model_settings(recipe, base)
     check_data_tokenizer(recipe, store, base.tokenizer)
     check_trainable(recipe.finetune.trainable, base.model.config.n_layer, classifier=recipe.task == "classify")
-    if not dry_run:
-        check_run_start(store, recipe.run, resume)
+    dapt = recipe.task == "classify" and recipe.finetune.dapt_steps > 0
+    if not dry_run and not (resume and dapt and store.latest(f"{recipe.run}-dapt") is not None):
+        check_run_start(store, recipe.run, resume)  # (a run killed during DAPT resumes from its -dapt run)
     data = get_or_prepare(recipe, store, console)
     check_tokenizer(base.tokenizer, data, recipe.init_from)
     if data.task != recipe.task:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from rich.console import Console
 
-from llmstages.checkpoint import Checkpoint, load_checkpoint, parent_info
+from llmstages.checkpoint import Checkpoint, load_checkpoint, parent_info, read_model_json
 from llmstages.config import ModelConfig, Recipe
 from llmstages.data.plan import parent_tokenizer
 from llmstages.data.prepared import PreparedDataset
@@ -74,6 +74,15 @@ def check_data_tokenizer(recipe: Recipe, store: Store, tokenizer: Tokenizer) -> 
                         "nothing was prepared", hint="use data.tokenizer=auto (the model's tokenizer)")
 
 
+def refuse_classifier_base(ref: str, store: Store) -> None:
+    """Pretraining continues a language model; a classifier checkpoint is refused from its model.json
+    (an hf: classifier is refused by build_model once loaded)."""
+    if ref.startswith("hf:"):
+        return
+    if read_model_json(store.resolve(ref)).get("num_classes"):
+        raise UserError(f"init_from={ref} is a classifier; pretraining needs a language model")
+
+
 def build_model(recipe: Recipe, store: Store, data: PreparedDataset,
                 console: Console | None = None) -> tuple[GPT, Tokenizer, dict | None]:
     """A new model shaped by `recipe.model`, or the `init_from` checkpoint (whose shape and unset train
@@ -114,7 +123,9 @@ def pretrain(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
     if not dry_run:  # refusals that need no data come before it is prepared
         check_run_start(store, recipe.run, resume)
     if recipe.init_from:  # parent_tokenizer: a missing base says which command makes it
-        check_data_tokenizer(recipe, store, parent_tokenizer(recipe.init_from, store))
+        tokenizer = parent_tokenizer(recipe.init_from, store)
+        refuse_classifier_base(recipe.init_from, store)  # the root cause first: no tokenizer can fix that
+        check_data_tokenizer(recipe, store, tokenizer)
     data = get_or_prepare(recipe, store, console)
     model, tokenizer, parent = build_model(recipe, store, data, console)
     task = pretrain_task(model, tokenizer, data, recipe)
