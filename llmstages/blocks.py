@@ -18,14 +18,12 @@ Shapes: B batch, T time, C = n_embd, H = n_head, Hkv = n_kv_head, D = C // H.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # annotations only: model.py imports this module, not the other way round
-    from llmstages.model import GPTConfig
+from llmstages.modelconfig import GPTConfig
 
 
 class RMSNorm(nn.RMSNorm):

@@ -19,19 +19,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from llmstages.checkpoint import load_state
-from llmstages.config import TrainConfig
+from llmstages.config import Recipe, TrainConfig
 from llmstages.distributed import DistContext
 from llmstages.errors import UserError
+from llmstages.runlog import RunLog, TrainProgress
 from llmstages.runstate import RunState, restore_rng
-from llmstages.store import STEP_RE
+from llmstages.store import STEP_RE, Store
 
-if TYPE_CHECKING:  # annotations only: loop.py imports this module
-    from llmstages.loop import Run
+
+
+class Run(Protocol):
+    """What the spike policy reads of loop.Run (a Protocol, so this module need not import loop.py)."""
+
+    recipe: Recipe
+    dctx: DistContext
+    store: Store
+    log: RunLog
+    progress: TrainProgress
 
 
 class TooManySpikes(UserError):

@@ -1,7 +1,6 @@
 """Imports run one way (cli -> stages -> loop -> checkpoint -> model/store): no module of the package
 imports, directly or through others, a module that imports it back. Read from the source with `ast`,
-so an import inside a function counts too (it is a cycle waiting for the day it moves to the top).
-Imports under `if TYPE_CHECKING:` never run (annotations only) and are left out."""
+so an import inside a function counts too (it is a cycle waiting for the day it moves to the top)."""
 
 from __future__ import annotations
 
@@ -19,26 +18,13 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def type_checking_only(tree: ast.AST) -> set[int]:
-    """ids of the nodes inside `if TYPE_CHECKING:` blocks (never executed)."""
-    skipped = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            skipped.update(id(inner) for stmt in node.body for inner in ast.walk(stmt))
-    return skipped
-
-
 def import_graph() -> dict[str, set[str]]:
     """module -> the package modules it imports (anywhere in its source)."""
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph = {}
     for name, path in modules.items():
         found = set()
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        skipped = type_checking_only(tree)
-        for node in ast.walk(tree):
-            if id(node) in skipped:
-                continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module:
                 base = node.module if node.level == 0 else None
                 if base is None:  # relative imports are not used in llmstages; resolve them anyway
