@@ -1,11 +1,12 @@
 """Ablations of the modern recipe at equal training time (issue 12), and a vocabulary-size sweep.
 
     python bench/ablate.py [--budget 5m] [--rounds 1] [--only rope,muon] [--vocab 2048,4096,8192]
-                           [--no-blocks] [--precision auto] [--quick]
+                           [--no-blocks] [--precision auto] [--clock steps|wall] [--quick]
 
 Blocks: quickstart-modern, then quickstart-modern with one choice switched back to GPT-2's
-(ABLATIONS below), then quickstart-gpt2, each for the same train.max_time; the runs interleave
-round by round. --vocab: quickstart-modern on datasets prepared with each tokenizer vocabulary size
+(ABLATIONS below), then quickstart-gpt2, each for the same training time (--clock steps, the
+default: the budget in steps at each row's measured step time; --clock wall: train.max_time; see
+timed_runs.py); the runs interleave round by round. --vocab: quickstart-modern on datasets prepared with each tokenizer vocabulary size
 (data.name quickstart-v<SIZE>; bits per byte compare across vocabularies, losses per token do not).
 
 Prints a markdown table for the README (on stderr) and one JSON object (on stdout): per row the
@@ -21,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from timed_runs import QUICK_DATA, QUICK_MODEL, machine, median, parse_budget, prepare, train
+from timed_runs import QUICK_DATA, QUICK_MODEL, machine, median, parse_budget, prepare, step_times, train
 
 MODERN, GPT2 = "quickstart-modern", "quickstart-gpt2"
 # Each choice of the modern preset and the setting that switches it back to GPT-2's.
@@ -54,11 +55,12 @@ def rows(args) -> dict[str, tuple[str, str, list[str], list[str]]]:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| run | change | val bits/byte | vs modern | steps |", "|---|---|---:|---:|---:|"]
+    lines = ["| run | change | val bits/byte | vs modern | steps | ms/step |", "|---|---|---:|---:|---:|---:|"]
     for name, row in result["rows"].items():
-        bpb, delta = row["val_bpb"], row.get("vs_modern")
-        figures = (f"{bpb:.4f} | {'' if delta is None else f'{delta:+.4f}'} | {row['steps']}" if bpb is not None
-                   else "failed | |")
+        bpb, delta, step_s = row["val_bpb"], row.get("vs_modern"), row.get("step_s")
+        per_step = "" if step_s is None else f"{step_s * 1000:.0f}"
+        figures = (f"{bpb:.4f} | {'' if delta is None else f'{delta:+.4f}'} | {row['steps']} | {per_step}"
+                   if bpb is not None else "failed | | |")
         lines.append(f"| {name} | {row['what']} | {figures} |")
     return "\n".join(lines)
 
@@ -72,6 +74,10 @@ def main() -> None:
     parser.add_argument("--no-blocks", action="store_true", help="only the vocabulary sweep")
     parser.add_argument("--eval-every", type=int, default=50, help="steps between evaluations")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--clock", default="steps", choices=("steps", "wall"),
+                        help="steps: the budget as steps at each row's measured step time (robust to a busy "
+                             "host); wall: train.max_time (see timed_runs.py)")
+    parser.add_argument("--step-rounds", type=int, default=3, help="--clock steps: rounds of step-time runs")
     parser.add_argument("--store", default="store-bench", help="the bench's own store (data prepared once)")
     parser.add_argument("--quick", action="store_true", help="a smoke test of seconds (figures mean nothing)")
     args = parser.parse_args()
@@ -79,7 +85,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--only: unknown {', '.join(sorted(unknown))}; choose from {', '.join(ABLATIONS)}")
 
-    budget = parse_budget("8s" if args.quick else args.budget)
+    budget = parse_budget("3s" if args.quick else args.budget)
     base_data = QUICK_DATA if args.quick else []
     common = ([f"train.precision={args.precision}"] + (QUICK_MODEL if args.quick else
                                                        [f"train.eval_every={args.eval_every}"]))
@@ -88,21 +94,24 @@ def main() -> None:
     for data in {tuple(d) for _, _, d, _ in plan.values()}:  # every dataset prepared before anything is timed
         prepare(store, MODERN, base_data + list(data))
 
+    step_s = ({name: None for name in plan} if args.clock == "wall" else
+              step_times(store, {name: (recipe, base_data + data + common + overrides)
+                                 for name, (_, recipe, data, overrides) in plan.items()}, args.step_rounds))
     runs: dict[str, list] = {name: [] for name in plan}
     for round_index in range(args.rounds):
         for name, (_, recipe, data, overrides) in plan.items():
             print(f"ablate: round {round_index + 1}, {name}", file=sys.stderr, flush=True)
             label = f"ablate-{name.lstrip('-')}-r{round_index + 1}"
-            runs[name].append(train(store, recipe, label, budget, base_data + data + common + overrides))
+            runs[name].append(train(store, recipe, label, budget, base_data + data + common + overrides, step_s[name]))
 
     result = {"benchmark": "ablate", "machine": machine(args.precision), "budget_s": budget,
-              "rounds": args.rounds, "quick": args.quick,
+              "rounds": args.rounds, "quick": args.quick, "clock": args.clock,
               "command": "python bench/ablate.py " + " ".join(sys.argv[1:]), "rows": {}}
     for name, (what, recipe, data, overrides) in plan.items():
         done = [r for r in runs[name] if r.final_bpb is not None]
         result["rows"][name] = {"what": what, "recipe": recipe, "overrides": data + overrides,
                                 "val_bpb": median([r.final_bpb for r in done]),
-                                "steps": median([r.steps for r in done]),
+                                "steps": median([r.steps for r in done]), "step_s": step_s[name],
                                 "runs": [r.as_dict() for r in runs[name]]}
     modern = result["rows"].get("modern", {}).get("val_bpb")
     for row in result["rows"].values():

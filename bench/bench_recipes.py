@@ -1,13 +1,16 @@
 """The old pretraining recipe against the new one at equal wall-clock budgets (issue 12).
 
     python bench/bench_recipes.py [--budgets 2.5m,5m,10m] [--variant NAME=KEY=VAL,KEY=VAL ...]
-                                  [--rounds 1] [--eval-every 20] [--precision auto] [--quick]
+                                  [--rounds 1] [--eval-every 20] [--precision auto] [--clock steps|wall]
+                                  [--quick]
 
 Trains `quickstart-gpt2` (GPT-2 blocks, AdamW, cosine) and `quickstart-modern` (plus each --variant:
 quickstart-modern with those overrides, e.g. --variant wide=model.n_embd=256) on the same machine
-and prepared data, each once per budget with train.max_time=BUDGET, so every run ends annealed at
-its budget. The runs are interleaved (budget by budget, recipe by recipe, round by round), so a
-drift of the machine's speed spreads over all of them. Evaluations run every --eval-every steps and
+and prepared data, each once per budget, so every run ends annealed at its budget. --clock steps
+(the default): each recipe's step time is measured first and a budget is round(BUDGET / step time)
+steps (robust to a busy host); --clock wall: train.max_time=BUDGET (see timed_runs.py). The runs
+are interleaved (budget by budget, recipe by recipe, round by round), so a drift of the machine's
+speed spreads over all of them. Evaluations run every --eval-every steps and
 are not counted in the budget (their seconds are reported per run).
 
 Prints one JSON object: per recipe, the val bits/byte at each budget (median over rounds) and the
@@ -26,7 +29,7 @@ import json
 import sys
 from pathlib import Path
 
-from timed_runs import (QUICK_DATA, QUICK_MODEL, machine, median, parse_budget, prepare, time_to,
+from timed_runs import (QUICK_DATA, QUICK_MODEL, machine, median, parse_budget, prepare, step_times, time_to,
                         time_to_from_budgets, train)
 
 OLD, NEW = "quickstart-gpt2", "quickstart-modern"
@@ -49,11 +52,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="repeats of every run (medians reported)")
     parser.add_argument("--eval-every", type=int, default=20, help="steps between evaluations")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--clock", default="steps", choices=("steps", "wall"),
+                        help="steps: budgets as steps at each recipe's measured step time (robust to a busy "
+                             "host); wall: train.max_time (see timed_runs.py)")
+    parser.add_argument("--step-rounds", type=int, default=3, help="--clock steps: rounds of step-time runs")
     parser.add_argument("--store", default="store-bench", help="the bench's own store (data prepared once)")
     parser.add_argument("--quick", action="store_true", help="a smoke test of seconds (figures mean nothing)")
     args = parser.parse_args()
 
-    budgets = [parse_budget(b) for b in ("8s,16s" if args.quick else args.budgets).split(",")]
+    budgets = [parse_budget(b) for b in ("2s,4s" if args.quick else args.budgets).split(",")]
     common = [f"train.precision={args.precision}", f"train.eval_every={args.eval_every}"]
     if args.quick:
         common = QUICK_DATA + [f"train.precision={args.precision}"] + QUICK_MODEL
@@ -64,21 +71,24 @@ def main() -> None:
     store = Path(args.store)
     prepare(store, OLD, QUICK_DATA if args.quick else [])
 
+    step_s = ({name: None for name in recipes} if args.clock == "wall" else
+              step_times(store, {name: (recipe, common + o) for name, (recipe, o) in recipes.items()}, args.step_rounds))
     runs: dict[str, dict[float, list]] = {name: {b: [] for b in budgets} for name in recipes}
     for round_index in range(args.rounds):
         for budget in budgets:
             for name, (recipe, overrides) in recipes.items():
                 print(f"bench_recipes: round {round_index + 1}, {budget:g}s, {name}", file=sys.stderr, flush=True)
                 label = f"bench-{name}-{budget:g}s-r{round_index + 1}"
-                runs[name][budget].append(train(store, recipe, label, budget, common + overrides))
+                runs[name][budget].append(train(store, recipe, label, budget, common + overrides, step_s[name]))
 
     longest = max(budgets)
     result = {"benchmark": "recipes", "machine": machine(args.precision), "budgets_s": budgets,
-              "rounds": args.rounds, "eval_every": args.eval_every, "quick": args.quick, "recipes": {}}
+              "rounds": args.rounds, "eval_every": args.eval_every, "quick": args.quick, "clock": args.clock,
+              "command": "python bench/bench_recipes.py " + " ".join(sys.argv[1:]), "recipes": {}}
     for name, (recipe, overrides) in recipes.items():
         finals = {b: median([r.final_bpb for r in runs[name][b]]) for b in budgets}
         result["recipes"][name] = {
-            "recipe": recipe, "overrides": overrides,
+            "recipe": recipe, "overrides": overrides, "step_s": step_s[name],
             "val_bpb": {f"{b:g}s": finals[b] for b in budgets},
             "runs": {f"{b:g}s": [r.as_dict() for r in runs[name][b]] for b in budgets}}
     target = result["recipes"]["gpt2"]["val_bpb"][f"{longest:g}s"]

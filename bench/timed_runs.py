@@ -6,6 +6,15 @@ reports comes from its log.jsonl: the val bits/byte of every evaluation against 
 training seconds: evaluation and checkpoint time are not counted, so frequent evaluations do not
 shorten the training; the eval seconds are reported beside them).
 
+Two clocks (--clock in the scripts that use this):
+  wall   each run is `train.max_time=BUDGET`: what a user gets, but a busy host (other processes on the
+         same cores) takes steps from whichever run it overlaps, so two runs of one budget can differ;
+  steps  the seconds per step of each recipe are measured first, in short runs interleaved over a few
+         rounds (the fastest round counts: the least disturbed), and each run then trains
+         round(BUDGET / step time) steps with `train.max_steps`. A WSD or cosine run of N steps is, bit
+         for bit, the timed run that fixed its count at N (tests/test_budget.py), so this is the same
+         comparison with the load of the host taken out of the losses; times are step x step time.
+
 Not a benchmark itself: run_all.py runs bench_recipes.py (and ablate.py when asked).
 """
 
@@ -29,7 +38,7 @@ QUICK_DATA = [f"data.source={DATA / 'tinyshakespeare.txt'}", "data.mirror=", "da
               "data.vocab_size=512", "data.tokenizer_sample_bytes=0", "data.strip_gutenberg=false"]
 QUICK_MODEL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64",
                "train.micro_batch_size=4", "train.global_batch_size=4", "train.warmup_steps=2",
-               "train.eval_batches=2", "train.eval_every=3"]
+               "train.eval_batches=2", "train.eval_every=100"]
 
 
 @dataclass
@@ -39,6 +48,7 @@ class Run:
     label: str
     budget_s: float
     curve: list[tuple[float, float]] = field(default_factory=list)  # (train_time s, val bits/byte) per eval
+    step_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val bits/byte) per eval
     steps: int = 0
     train_s: float = 0.0  # training seconds (what the budget counts)
     wall_s: float = 0.0  # the whole process: start-up, training, evaluations, checkpoints
@@ -69,24 +79,64 @@ def prepare(store: Path, recipe: str, overrides: list[str]) -> None:
         raise SystemExit(f"prepare {recipe} {' '.join(overrides)} failed:\n{out.stderr[-3000:]}")
 
 
-def train(store: Path, recipe: str, label: str, budget_s: float, overrides: list[str]) -> Run:
-    """Train `recipe` for `budget_s` training seconds as run `label` (replacing an earlier one)."""
+def train(store: Path, recipe: str, label: str, budget_s: float, overrides: list[str],
+          step_s: float | None = None) -> Run:
+    """Train `recipe` for `budget_s` training seconds as run `label` (replacing an earlier one).
+
+    step_s None: the wall clock (train.max_time). Else the steps clock: round(budget_s / step_s) steps,
+    and the run's times are step x step_s.
+    """
     run_dir = store / "runs" / label
     if run_dir.exists():
         shutil.rmtree(run_dir)  # the bench's own store: a rerun of the bench starts the run again
+    length = f"train.max_time={budget_s:g}s" if step_s is None else f"train.max_steps={max(1, round(budget_s / step_s))}"
     start = time.perf_counter()
-    out = cli(store, "pretrain", recipe, f"run={label}", f"train.max_time={budget_s:g}s", "train.save_every=0",
-              *overrides)
+    out = cli(store, "pretrain", recipe, f"run={label}", length, "train.save_every=0", *overrides)
     run = Run(label, budget_s, wall_s=time.perf_counter() - start)
     if out.returncode != 0:
         run.error = "\n".join(out.stderr.strip().splitlines()[-5:])
         return run
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    run.step_curve = [(r["step"], r["val_bpb"]) for r in records if "val_bpb" in r]
     run.curve = [(r["train_time"], r["val_bpb"]) for r in records if "val_bpb" in r and "train_time" in r]
     steps = [r for r in records if "loss" in r]
     run.steps = steps[-1]["step"] if steps else 0
     run.train_s = steps[-1]["train_time"] if steps else 0.0
+    if step_s is not None:  # the steps clock: times from the measured step time, not this run's own
+        run.curve = [(step * step_s, bpb) for step, bpb in run.step_curve]
+        run.train_s = run.steps * step_s
     return run
+
+
+def step_time(store: Path, recipe: str, label: str, overrides: list[str], steps: int = 30) -> float | None:
+    """Seconds per training step of `recipe` in a short run: the time of steps 11..`steps` (the first
+    10 are left out: allocation and warm caches), None when the run failed."""
+    run_dir = store / "runs" / label
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    out = cli(store, "pretrain", recipe, f"run={label}", f"train.max_steps={steps}", "train.save_every=0",
+              "train.log_every=10", f"train.eval_every={steps}", "train.eval_batches=1", *overrides)
+    if out.returncode != 0:
+        return None
+    times = {r["step"]: r["train_time"] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
+             if "loss" in r}
+    return (times[steps] - times[10]) / (steps - 10) if 10 in times and steps in times else None
+
+
+def step_times(store: Path, recipes: dict[str, tuple[str, list[str]]], rounds: int = 3) -> dict[str, float]:
+    """name -> seconds per step for each (recipe, overrides), measured in `rounds` interleaved rounds;
+    the fastest round counts (a busy host only ever slows a step down)."""
+    seen: dict[str, list[float]] = {name: [] for name in recipes}
+    for round_index in range(rounds):
+        for name, (recipe, overrides) in recipes.items():
+            print(f"step time: round {round_index + 1}, {name}", file=sys.stderr, flush=True)
+            seconds = step_time(store, recipe, f"steptime-{name}", overrides)
+            if seconds is not None:
+                seen[name].append(seconds)
+    missing = [name for name, values in seen.items() if not values]
+    if missing:
+        raise SystemExit(f"step time: the short runs of {', '.join(missing)} failed (run one by hand to see why)")
+    return {name: min(values) for name, values in seen.items()}
 
 
 def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
