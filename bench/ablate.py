@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--store", default="store-bench", help="the bench's own store (data prepared once)")
     parser.add_argument("--quick", action="store_true", help="a smoke test of seconds (figures mean nothing)")
     args = parser.parse_args()
+    host = machine(args.precision)  # 'auto' resolved once here, so every run trains in the same precision
+    args.precision = host["precision"]
     unknown = set(filter(None, args.only.split(","))) - set(ABLATIONS)
     if unknown:
         raise SystemExit(f"--only: unknown {', '.join(sorted(unknown))}; choose from {', '.join(ABLATIONS)}")
@@ -104,7 +106,7 @@ def main() -> None:
             label = f"ablate-{name.lstrip('-')}-r{round_index + 1}"
             runs[name].append(train(store, recipe, label, budget, base_data + data + common + overrides, step_s[name]))
 
-    result = {"benchmark": "ablate", "machine": machine(args.precision), "budget_s": budget,
+    result = {"benchmark": "ablate", "machine": host, "budget_s": budget,
               "rounds": args.rounds, "quick": args.quick, "clock": args.clock,
               "command": "python bench/ablate.py " + " ".join(sys.argv[1:]), "rows": {}}
     for name, (what, recipe, data, overrides) in plan.items():

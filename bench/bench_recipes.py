@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--store", default="store-bench", help="the bench's own store (data prepared once)")
     parser.add_argument("--quick", action="store_true", help="a smoke test of seconds (figures mean nothing)")
     args = parser.parse_args()
+    host = machine(args.precision)  # 'auto' resolved once here, so every run trains in the same precision
+    args.precision = host["precision"]
 
     budgets = [parse_budget(b) for b in ("2s,4s" if args.quick else args.budgets).split(",")]
     common = [f"train.precision={args.precision}", f"train.eval_every={args.eval_every}"]
@@ -82,7 +84,7 @@ def main() -> None:
                 runs[name][budget].append(train(store, recipe, label, budget, common + overrides, step_s[name]))
 
     longest = max(budgets)
-    result = {"benchmark": "recipes", "machine": machine(args.precision), "budgets_s": budgets,
+    result = {"benchmark": "recipes", "machine": host, "budgets_s": budgets,
               "rounds": args.rounds, "eval_every": args.eval_every, "quick": args.quick, "clock": args.clock,
               "command": "python bench/bench_recipes.py " + " ".join(sys.argv[1:]), "recipes": {}}
     for name, (recipe, overrides) in recipes.items():
