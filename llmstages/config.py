@@ -298,6 +298,11 @@ class FinetuneConfig:
     lora_alpha: float = _f(16.0, gt=0.0)
     lora_dropout: float = _f(0.0, ge=0.0, le=0.9)
     lora_targets: list[str] = _f(factory=lambda: list(LORA_TARGETS))
+    # The dtype of the weights this run does not train (frozen by `trainable`): bf16 halves their memory
+    # (a 1B base held in 2 GB instead of 4), trained weights and optimizer states stay fp32. Only the
+    # matrices and embeddings are cast (norm gains and biases are small and stay fp32). Needs bf16 compute:
+    # train.precision=bf16 (or auto where it resolves to bf16).
+    frozen_dtype: str = _f("fp32", choices=("fp32", "bf16"))
     # Classification: how to treat class imbalance in the training set.
     balance: str = _f("none", choices=("none", "undersample", "weighted"))
     # Classification: what the class head reads: the last real token's hidden state, or the mean over

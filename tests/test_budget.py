@@ -9,7 +9,6 @@ and a wsd run with a fixed plan of N steps is the run with max_steps=N, bit for 
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys

@@ -10,14 +10,12 @@ import json
 import os
 import random
 import signal
-from io import StringIO
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from safetensors.torch import load_file
 
 from llmstages.checkpoint import load_checkpoint, save_checkpoint
@@ -31,42 +29,17 @@ from llmstages.stages.classify import classifier_from
 from llmstages.stages.finetune import finetune
 from llmstages.store import Store
 from llmstages.tokenizer import train_bpe
-
-HAM = "see you at home tonight ok thanks mum love dinner later call me when you are free sorry".split()
-SPAM = "win free prize cash claim now urgent txt call 0800 offer winner award guaranteed reply stop".split()
-
-
-def message(rng: random.Random, words: list[str]) -> str:
-    return " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
-
-
-def labeled_rows(n: int, seed: int = 0, spam_every: int = 4) -> list[tuple[str, str]]:
-    rng = random.Random(seed)
-    return [("spam", message(rng, SPAM)) if i % spam_every == 0 else ("ham", message(rng, HAM)) for i in range(n)]
-
-
-def write_tsv(path: Path, rows: list[tuple[str, str]]) -> Path:
-    path.write_text("".join(f"{label}\t{text}\n" for label, text in rows), encoding="utf-8")
-    return path
-
-
-def quiet() -> Console:
-    return Console(file=StringIO(), width=200)
-
+from spamdata import labeled_rows, message, quiet, save_base, spam_tokenizer, write_tsv
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    rng = random.Random(1)
-    return train_bpe([message(rng, HAM + SPAM) for _ in range(300)], 300)
+    return spam_tokenizer()
 
 
 @pytest.fixture
 def base(store_dir, tokenizer) -> str:
     """A tiny random language model committed as run 'base' in the test store."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32))
-    save_checkpoint(Store(store_dir), "base", 1, model, tokenizer, {"task": "pretrain"})
-    return "base"
+    return save_base(store_dir, tokenizer)
 
 
 def spam_recipe(source: Path, *overrides: str, run: str = "clf", **train):

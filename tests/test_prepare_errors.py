@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from io import StringIO
 from pathlib import Path
 
@@ -248,13 +247,18 @@ def test_cli_unknown_override_and_help(cli, tmp_path):
     assert "Examples:" in help_text and "llmstages prepare quickstart" in help_text and "--force" in help_text
 
 
-def test_quickstart_modern_shares_the_quickstart_dataset_and_builds_modern_blocks(data_file, store_dir, monkeypatch):
+def test_the_quickstart_recipes_share_one_dataset_and_the_quickstart_is_the_modern_one(data_file, store_dir,
+                                                                                        monkeypatch):
     from llmstages.stages.pretrain import model_config
 
     monkeypatch.setenv("LLMSTAGES_DATA", str(data_file("SOURCES.md").parent))
-    old, new = load_recipe("quickstart"), load_recipe("quickstart-modern")
-    assert make_plan(new, Store(store_dir)).folder == make_plan(old, Store(store_dir)).folder  # prepared once
-    gpt2, modern = model_config(old.model, 8192), model_config(new.model, 8192)
+    old, new, quick = load_recipe("quickstart-gpt2"), load_recipe("quickstart-modern"), load_recipe("quickstart")
+    folders = {make_plan(r, Store(store_dir)).folder for r in (old, new, quick)}
+    assert len(folders) == 1  # prepared once for all three
+    gpt2 = model_config(old.model, 8192)
     assert gpt2.is_gpt2() and gpt2.bias and gpt2.arch == "gpt2"
-    assert (modern.arch, modern.pos_emb, modern.norm, modern.bias) == ("modern", "rope", "rmsnorm", False)
-    assert (new.train.optimizer, new.train.schedule) == ("muon", "wsd")
+    for recipe in (new, quick):
+        modern = model_config(recipe.model, 8192)
+        assert (modern.arch, modern.pos_emb, modern.norm, modern.bias) == ("modern", "rope", "rmsnorm", False)
+        assert (recipe.train.optimizer, recipe.train.schedule) == ("muon", "wsd")
+    assert (old.train.optimizer, old.train.schedule) == ("adamw", "cosine")

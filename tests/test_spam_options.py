@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from io import StringIO
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from rich.console import Console
 from safetensors.torch import load_file
 
 from llmstages.checkpoint import load_checkpoint, save_checkpoint
@@ -33,39 +31,21 @@ from llmstages.errors import RecipeError
 from llmstages.model import GPT, GPTConfig
 from llmstages.stages.finetune import finetune
 from llmstages.store import Store
-from llmstages.tokenizer import train_bpe
-
-HAM = "see you at home tonight ok thanks mum love dinner later call me when you are free sorry".split()
-SPAM = "win free prize cash claim now urgent txt call 0800 offer winner award guaranteed reply stop".split()
-
-
-def message(rng: random.Random, words: list[str]) -> str:
-    return " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
-
+from spamdata import labeled_rows, quiet, save_base, spam_tokenizer
+from spamdata import write_tsv as write_rows
 
 def write_tsv(path: Path, n: int, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    rows = [("spam", message(rng, SPAM)) if i % 4 == 0 else ("ham", message(rng, HAM)) for i in range(n)]
-    path.write_text("".join(f"{label}\t{text}\n" for label, text in rows), encoding="utf-8")
-    return path
-
-
-def quiet() -> Console:
-    return Console(file=StringIO(), width=200)
+    return write_rows(path, labeled_rows(n, seed))
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    rng = random.Random(1)
-    return train_bpe([message(rng, HAM + SPAM) for _ in range(300)], 300)
+    return spam_tokenizer()
 
 
 @pytest.fixture
 def base(store_dir, tokenizer) -> str:
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32))
-    save_checkpoint(Store(store_dir), "base", 1, model, tokenizer, {"task": "pretrain"})
-    return "base"
+    return save_base(store_dir, tokenizer)
 
 
 def raw_recipe(source: Path, run: str = "clf", **train) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 from rich.console import Console
 
@@ -22,6 +23,7 @@ from llmstages.errors import UserError
 from llmstages.lora import add_lora, merge_lora
 from llmstages.loop import TrainResult, check_run_start, train
 from llmstages.model import GPT, set_dropout
+from llmstages.runtime import resolve_device, resolve_precision
 from llmstages.stages.prepare import get_or_prepare
 from llmstages.stages.pretrain import check_data_tokenizer, check_tokenizer, say_inherited
 from llmstages.store import Store
@@ -138,6 +140,33 @@ def set_trainable(model: GPT, ft: FinetuneConfig) -> list[str]:
     return names
 
 
+def check_frozen_dtype(recipe: Recipe) -> None:
+    """Refuse frozen bf16 weights without bf16 compute: an fp32 matmul cannot read a bf16 weight."""
+    if recipe.finetune.frozen_dtype == "fp32":
+        return
+    precision = resolve_precision(recipe.train.precision, resolve_device(recipe.train.device))
+    if precision != "bf16":
+        raise UserError(f"finetune.frozen_dtype={recipe.finetune.frozen_dtype} needs bf16 compute, but "
+                        f"train.precision={recipe.train.precision} is {precision} here",
+                        hint="set train.precision=bf16, or finetune.frozen_dtype=fp32")
+
+
+def hold_frozen_weights(model: GPT, dtype: str) -> int:
+    """Cast the frozen matrices and embeddings (dim >= 2) to `dtype`; return how many bytes that saved.
+
+    Norm gains and biases stay fp32 (tiny, and a bf16 gain would round every normalised activation).
+    The forward pass mixes the two only under bf16 autocast, which casts each matmul's operands.
+    """
+    if dtype == "fp32":
+        return 0
+    saved = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.dim() >= 2 and p.dtype == torch.float32:
+            p.data = p.data.to(torch.bfloat16)
+            saved += p.numel() * 2
+    return saved
+
+
 def trainable_summary(model: nn.Module) -> str:
     groups: dict[str, int] = {}
     for name, p in model.named_parameters():
@@ -165,6 +194,7 @@ def finetune(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
     fit_model_settings(recipe, base)
     check_data_tokenizer(recipe, store, base.tokenizer)
     check_trainable(recipe.finetune.trainable, base.model.config.n_layer, classifier=recipe.task == "classify")
+    check_frozen_dtype(recipe)
     dapt = recipe.task == "classify" and recipe.finetune.dapt_steps > 0
     if not dry_run and not (resume and dapt and store.latest(f"{recipe.run}-dapt") is not None):
         check_run_start(store, recipe.run, resume)  # (a run killed during DAPT resumes from its -dapt run)
@@ -186,6 +216,10 @@ def finetune(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
     set_dropout(model, recipe.model.dropout)
     set_trainable(model, recipe.finetune)
     console.print(f"trainable: {trainable_summary(model)}", highlight=False)
+    if recipe.finetune.frozen_dtype != "fp32":
+        saved = hold_frozen_weights(model, recipe.finetune.frozen_dtype)
+        console.print(f"frozen weights held in {recipe.finetune.frozen_dtype}: {saved / 2**20:,.1f} MiB saved",
+                      highlight=False)
     if dry_run:
         from llmstages.dryrun import estimate
         return estimate(model, recipe, task, console)
