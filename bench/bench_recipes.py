@@ -44,6 +44,15 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, overrides
 
 
+def parse_given(text: str) -> tuple[str, float]:
+    """`NAME=SECONDS` -> (NAME, seconds per step)."""
+    name, _, seconds = text.partition("=")
+    try:
+        return name, float(seconds)
+    except ValueError:
+        raise SystemExit(f"--step-s {text!r}: write it as NAME=SECONDS, e.g. gpt2=0.55") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", default="2.5m,5m,10m", help="train.max_time values, comma-separated")
@@ -56,6 +65,12 @@ def main() -> None:
                         help="steps: budgets as steps at each recipe's measured step time (robust to a busy "
                              "host); wall: train.max_time (see timed_runs.py)")
     parser.add_argument("--step-rounds", type=int, default=3, help="--clock steps: rounds of step-time runs")
+    parser.add_argument("--step-s", action="append", default=[], metavar="NAME=SECONDS",
+                        help="--clock steps: a recipe's step time measured before (its measuring is skipped)")
+    parser.add_argument("--skip", action="append", default=[], metavar="NAME@BUDGET",
+                        help="leave out one run, e.g. modern@10m when its shorter budgets already pass the target")
+    parser.add_argument("--reuse", action="store_true",
+                        help="--clock steps: read finished runs of the same label and step count from the store")
     parser.add_argument("--store", default="store-bench", help="the bench's own store (data prepared once)")
     parser.add_argument("--quick", action="store_true", help="a smoke test of seconds (figures mean nothing)")
     args = parser.parse_args()
@@ -73,15 +88,21 @@ def main() -> None:
     store = Path(args.store)
     prepare(store, OLD, QUICK_DATA if args.quick else [])
 
+    given = dict(parse_given(text) for text in args.step_s)
+    to_measure = {name: (recipe, common + o) for name, (recipe, o) in recipes.items() if name not in given}
     step_s = ({name: None for name in recipes} if args.clock == "wall" else
-              step_times(store, {name: (recipe, common + o) for name, (recipe, o) in recipes.items()}, args.step_rounds))
+              {**given, **(step_times(store, to_measure, args.step_rounds) if to_measure else {})})
+    skipped = {(name, parse_budget(budget)) for name, _, budget in (t.partition("@") for t in args.skip)}
     runs: dict[str, dict[float, list]] = {name: {b: [] for b in budgets} for name in recipes}
     for round_index in range(args.rounds):
         for budget in budgets:
             for name, (recipe, overrides) in recipes.items():
+                if (name, budget) in skipped:
+                    continue
                 print(f"bench_recipes: round {round_index + 1}, {budget:g}s, {name}", file=sys.stderr, flush=True)
                 label = f"bench-{name}-{budget:g}s-r{round_index + 1}"
-                runs[name][budget].append(train(store, recipe, label, budget, common + overrides, step_s[name]))
+                runs[name][budget].append(train(store, recipe, label, budget, common + overrides, step_s[name],
+                                                reuse=args.reuse))
 
     longest = max(budgets)
     result = {"benchmark": "recipes", "machine": host, "budgets_s": budgets,
@@ -98,7 +119,8 @@ def main() -> None:
     for name, figures in result["recipes"].items():
         if target is None:
             break
-        longest_run = runs[name][longest][0]  # the first round's longest run: its eval curve
+        own_longest = max(b for b in budgets if runs[name][b])
+        longest_run = runs[name][own_longest][0]  # the first round's longest run: its eval curve
         along_curve = time_to(longest_run.curve, target)
         annealed = time_to_from_budgets([(b, v) for b, v in zip(budgets, [median([r.final_bpb for r in
                                          runs[name][b]]) for b in budgets]) if v is not None], target)

@@ -80,22 +80,41 @@ def prepare(store: Path, recipe: str, overrides: list[str]) -> None:
 
 
 def train(store: Path, recipe: str, label: str, budget_s: float, overrides: list[str],
-          step_s: float | None = None) -> Run:
+          step_s: float | None = None, reuse: bool = False) -> Run:
     """Train `recipe` for `budget_s` training seconds as run `label` (replacing an earlier one).
 
     step_s None: the wall clock (train.max_time). Else the steps clock: round(budget_s / step_s) steps,
-    and the run's times are step x step_s.
+    and the run's times are step x step_s. reuse (steps clock only): a finished run of that label and
+    step count already in the store is read instead of trained again (the same overrides are assumed).
     """
     run_dir = store / "runs" / label
+    steps = None if step_s is None else max(1, round(budget_s / step_s))
+    if reuse and steps is not None and finished_steps(run_dir) == steps:
+        return read_run(Run(label, budget_s, wall_s=float("nan")), run_dir, step_s)
     if run_dir.exists():
         shutil.rmtree(run_dir)  # the bench's own store: a rerun of the bench starts the run again
-    length = f"train.max_time={budget_s:g}s" if step_s is None else f"train.max_steps={max(1, round(budget_s / step_s))}"
+    length = f"train.max_time={budget_s:g}s" if steps is None else f"train.max_steps={steps}"
     start = time.perf_counter()
     out = cli(store, "pretrain", recipe, f"run={label}", length, "train.save_every=0", *overrides)
     run = Run(label, budget_s, wall_s=time.perf_counter() - start)
     if out.returncode != 0:
         run.error = "\n".join(out.stderr.strip().splitlines()[-5:])
         return run
+    return read_run(run, run_dir, step_s)
+
+
+def finished_steps(run_dir: Path) -> int | None:
+    """The step of the last evaluation in a run's log (a finished run ends with one), None without a log."""
+    try:
+        records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    except (OSError, ValueError):
+        return None
+    evals = [r["step"] for r in records if "val_bpb" in r]
+    return evals[-1] if evals else None
+
+
+def read_run(run: Run, run_dir: Path, step_s: float | None) -> Run:
+    """Fill `run` from its log.jsonl."""
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     run.step_curve = [(r["step"], r["val_bpb"]) for r in records if "val_bpb" in r]
     run.curve = [(r["train_time"], r["val_bpb"]) for r in records if "val_bpb" in r and "train_time" in r]
