@@ -319,7 +319,7 @@ class FinetuneConfig:
     mask_prompt: bool = True
     # Instruction: pack several examples into each row of up to block_size tokens (each attends only
     # to itself, positions restart per example; the loss is the same) instead of padding one per row:
-    # less padding computed, more examples per step (data/packing.py).
+    # less padding computed, more examples per step; train.epochs then counts rows (data/packing.py).
     packing: bool = False
     # Instruction: sample generations for fixed validation prompts printed at each eval.
     eval_samples: int = _f(2, ge=0)

@@ -9,10 +9,11 @@ A prepared instruction record is `prompt tokens | response tokens | eot` with it
 
 so the model learns to produce the response and to end it. A micro-batch is right-padded to its
 longest row (pad targets IGNORE); with `finetune.packing` each row holds several examples instead,
-each attending only to itself (data/packing.py), and the share of padded positions is reported. Rows longer than the context lose prompt tokens from the left
-first (the end of the prompt, with the "### Response:" marker, stays next to the response); a
-response too long even then keeps its beginning. A row left with no response target never reaches
-the loss: it is dropped, with a warning, before training.
+each attending only to itself (data/packing.py). The share of padded positions is reported either
+way. Rows longer than the context lose prompt tokens from the left first (the end of the prompt,
+with the "### Response:" marker, stays next to the response); a response too long even then keeps
+its beginning. A row left with no response target never reaches the loss: it is dropped, with a
+warning, before training.
 
 Batches follow the indexed pattern of data/windows.py: example order is a permutation seeded by
 (seed, epoch), micro-batch g is a slice of it, so resume is exact and DDP sees the 1-process batches.
