@@ -27,12 +27,14 @@ BENCHES = {
     "train": ["bench_train.py"],
     "generate": ["bench_generate.py"],
     "classify": ["bench_classify.py"],
+    # packed vs padded instruction fine-tuning on the shared instruction data (a few minutes)
+    "packing": ["bench_packing.py"],
     # 5-fold cross-validation of finetune-spam vs TF-IDF baselines (needs the quickstart base and scikit-learn)
     "spam_cv": ["spam_cv.py"],
     # About 40 minutes: the old and the new pretraining recipe at 2.5, 5 and 10 minutes each.
     "recipes": ["bench_recipes.py"],
 }
-READS_DATA = {"prepare", "train", "classify"}
+READS_DATA = {"prepare", "train", "classify", "packing"}
 
 
 def machine() -> dict:

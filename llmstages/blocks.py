@@ -69,20 +69,38 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (T, D / 2) of the angles p * freq_i for each position p (T,) and pair i, in fp32."""
+    """cos, sin of the angles p * freq_i for each position p and pair i, in fp32: (T, D / 2) for
+    positions (T,), or (B, T, D / 2) for per-row positions (B, T) (packed rows restart per example)."""
     inv_freq = rope_frequencies(head_dim, theta, scaling, positions.device)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    angles = positions.float()[..., None] * inv_freq  # (T, D/2) or (B, T, D/2)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the pairs (x[..., i], x[..., i + D/2]) of x (B, H, T, D) by the angles of cos/sin (T, D/2).
+    """Rotate the pairs (x[..., i], x[..., i + D/2]) of x (B, H, T, D) by the angles of cos/sin
+    (T, D/2), or (B, T, D/2) when each row has its own positions.
 
     The half-split pairing is Llama's / Hugging Face's `rotate_half` convention.
     """
     x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
+    if cos.dim() == 3:  # per-row angles: one table for all heads of a row
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D/2)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """The attention mask of packed rows: segments (B, T), the example each position belongs to ->
+    bool (B, 1, T, T), True where query i may read key j: j <= i and both in the same example.
+
+    Block-diagonal causal: an example never sees another one packed into its row. Every query can
+    read itself, so no row of the mask is all False (SDPA would give NaN there); padding, one
+    segment of its own, reads only padding.
+    """
+    T = segments.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()  # (T, T)
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    return (same & causal)[:, None]
 
 
 class KVCache:
@@ -126,8 +144,10 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C). `rope`: cos, sin (T, D/2) of these positions, or None."""
+                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). `rope`: cos, sin (T, D/2) or (B, T, D/2) of these positions, or None.
+        `mask`: bool (B, 1, T, T), True = may attend (packed rows, see segment_mask), in place of the
+        causal mask; not combined with a cache."""
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split((H * D, Hkv * D, Hkv * D), dim=2)
@@ -138,7 +158,9 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        mask, causal = None, True
+        causal = mask is None
+        if cache is not None and mask is not None:
+            raise ValueError("a packed-rows mask is for training; generation with a KV cache takes none")
         if cache is not None:
             past = cache.pos
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, past+T, D)
@@ -188,6 +210,6 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache)
+                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache, mask)
         return x + self.mlp(self.ln_2(x))

@@ -322,6 +322,10 @@ class FinetuneConfig:
     # hf = the model's own chat_template (tokenizer_config.json); its end-of-turn token ends each response.
     template: str = _f("alpaca", choices=("alpaca", "chat", "hf"))
     mask_prompt: bool = True
+    # Instruction: pack several examples into each row of up to block_size tokens (each attends only
+    # to itself, positions restart per example; the loss is the same) instead of padding one per row:
+    # less padding computed, more examples per step; train.epochs then counts rows (data/packing.py).
+    packing: bool = False
     # Instruction: sample generations for fixed validation prompts printed at each eval.
     eval_samples: int = _f(2, ge=0)
 
@@ -429,6 +433,10 @@ def _cross_checks(recipe: Recipe, problems: list[tuple[str, str]]) -> None:
                          f"model; use some of {', '.join(LORA_TARGETS)}"))
     if ok("finetune.trainable") and not re.fullmatch(r"all|head|lora|last_blocks:\d+", ft.trainable):
         problems.append(("finetune.trainable", f"{ft.trainable!r} is not all, head, lora or last_blocks:N"))
+    if ft.packing and recipe.task != "instruct":
+        problems.append(("finetune.packing", f"packs instruction examples into shared rows; task {recipe.task} "
+                         "has no such examples (pretraining rows are already full windows, a classifier reads one "
+                         "text per row): set finetune.packing=false, or use task: instruct"))
     if ft.average_last > t.keep_last:
         problems.append(("finetune.average_last", f"{ft.average_last} is more than train.keep_last={t.keep_last} "
                          "checkpoints kept; raise train.keep_last"))

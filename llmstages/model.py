@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn as nn
 
-from llmstages.blocks import Block, CausalSelfAttention, KVCache, make_norm, rope_tables
+from llmstages.blocks import Block, CausalSelfAttention, KVCache, make_norm, rope_tables, segment_mask
 from llmstages.modelconfig import ARCHS, SIZES, GPTConfig
 from llmstages.objectives import head_loss
 
@@ -71,31 +71,40 @@ class GPT(nn.Module):
     def head_is_tied(self) -> bool:
         return not self.is_classifier and self.lm_head.weight is self.transformer.wte.weight
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final hidden states after ln_f: idx (B, T) token ids -> (B, T, C)."""
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, *, positions: torch.Tensor | None = None,
+               segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states after ln_f: idx (B, T) token ids -> (B, T, C).
+
+        Packed rows (several examples in one row, data/packing.py) give `positions` (B, T), each
+        token's position within its own example, and `segments` (B, T), the example it belongs to:
+        attention then stays inside each example (blocks.segment_mask) instead of the plain causal mask.
+        """
         B, T = idx.shape
         config = self.config
         start = cache.pos if cache is not None else 0
         if start + T > config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        pos = torch.arange(start, start + T, device=idx.device) if positions is None else positions  # (T,) | (B, T)
+        mask = segment_mask(segments) if segments is not None else None  # (B, 1, T, T)
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if config.pos_emb == "learned":
-            x = x + self.transformer.wpe(pos)
-        else:  # cos, sin (T, D/2), a few hundred numbers: computed here, in fp32, at the right positions
+            x = x + self.transformer.wpe(pos)  # (T, C) or (B, T, C)
+        else:  # cos, sin (T, D/2) or (B, T, D/2): computed here, in fp32, at the right positions
             rope = rope_tables(pos, config.n_embd // config.n_head, config.rope_theta, config.rope_scaling)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, mask)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *,
                 last_index: torch.Tensor | None = None, last_only: bool = False,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits, or with `targets` the mean next-token loss.
+                targets: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits, or with `targets` the mean next-token loss. `positions`, `segments` (B, T): packed
+        rows, see `hidden`.
 
         LM head: (B, T, V), or (B, 1, V) with `last_only` (generation needs only the last position),
         soft-capped when the config says so. With targets (B, T) (IGNORE = -100 left out): the scalar
@@ -105,7 +114,7 @@ class GPT(nn.Module):
         """
         if targets is not None and self.is_classifier:
             raise ValueError("a classifier has no next-token loss: call it with last_index, without targets")
-        x = self.hidden(idx, cache)  # (B, T, C)
+        x = self.hidden(idx, cache, positions=positions, segments=segments)  # (B, T, C)
         cap = self.config.logit_softcap
         if targets is not None:
             return head_loss(x, self.lm_head.weight, targets, softcap=cap)

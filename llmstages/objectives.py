@@ -20,8 +20,10 @@ def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """Mean cross-entropy of next-token prediction: input_ids (B, T), targets (B, T) -> scalar.
 
     The model computes it (GPT.forward with targets), so DDP and torch.compile see one forward call.
+    Packed rows (data/packing.py) also carry positions and segments (B, T), passed on to the model.
     """
-    return model(batch["input_ids"], targets=batch["targets"])
+    return model(batch["input_ids"], targets=batch["targets"], positions=batch.get("positions"),
+                 segments=batch.get("segments"))
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):

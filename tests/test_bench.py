@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -20,7 +22,7 @@ def bench(*args: str, env_data: str | None = None, timeout: float = 300) -> subp
 
 def test_missing_data_is_an_error_naming_the_file(tmp_path):
     for script, wanted in (("bench_train.py", "tinyshakespeare.txt"), ("bench_classify.py", "SMSSpamCollection.tsv"),
-                           ("bench_prepare.py", "gutenberg")):
+                           ("bench_prepare.py", "gutenberg"), ("bench_packing.py", "instruction-data.json")):
         result = bench(str(BENCH / script), "--data", str(tmp_path / "nowhere"))
         assert result.returncode == 2, (script, result.stderr[-2000:])
         assert f"{tmp_path / 'nowhere'}" in result.stderr and wanted in result.stderr, script
@@ -51,3 +53,20 @@ def test_generate_benchmark_runs_on_tiny_settings():
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["benchmark"] == "generate" and figures["new_tokens"] == 4
     assert figures["tokens_per_s_with_cache"] > 0 and figures["tokens_per_s_without_cache"] > 0
+
+
+@pytest.mark.slow  # three processes import torch: about 30 s on 2 busy cores
+def test_packing_benchmark_runs_on_tiny_settings(data_file):
+    data = data_file("instruction-data.json").parent
+    data_file("gpt2-tokenizer")
+    result = bench(str(BENCH / "bench_packing.py"), "--size", "tiny", "--steps", "2", "--warmup", "1", "--rounds", "1",
+                   "--examples", "64", "--micro-batch", "4", "--vocab-size", "512", "--data", str(data))
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    padded, packed = figures["variants"]["padded"], figures["variants"]["packed"]
+    assert figures["benchmark"] == "packing" and figures["block_size"] == 128 and set(figures["speedup"]) == {
+        "tokens_per_s", "examples_per_s"}
+    # 4 rows of up to 128 tokens hold about two of these 41-92 token examples each
+    assert padded["examples_per_step"] == 4 and packed["examples_per_step"] > 6
+    assert padded["training_examples"] == packed["training_examples"] == 64
+    assert all(0 <= v["padding_share"] < 0.5 and v["tokens_per_s"] > 0 for v in (padded, packed))

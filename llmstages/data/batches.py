@@ -95,6 +95,15 @@ class Example:
         return len(self.ids) - max(self.n_prompt, 1) if mask_prompt else len(self.ids) - 1
 
 
+def example_targets(example: Example, mask_prompt: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One row's inputs ids[:-1] and targets ids[1:] (L - 1 each), prompt targets IGNORE when mask_prompt."""
+    targets = example.ids[1:].copy()
+    if mask_prompt:
+        # targets[j] predicts ids[j + 1]: it is a prompt token while j + 1 < n_prompt.
+        targets[:max(example.n_prompt - 1, 0)] = IGNORE
+    return example.ids[:-1], targets
+
+
 def collate(examples: Sequence[Example], *, mask_prompt: bool, pad_id: int) -> dict:
     """Rows -> {"input_ids": (B, T), "targets": (B, T), "n_tokens": real input tokens}, T = longest row - 1.
 
@@ -105,10 +114,6 @@ def collate(examples: Sequence[Example], *, mask_prompt: bool, pad_id: int) -> d
     targets = np.full((len(examples), width), IGNORE, dtype=np.int64)
     for row, example in enumerate(examples):
         n = len(example.ids) - 1
-        inputs[row, :n] = example.ids[:-1]
-        targets[row, :n] = example.ids[1:]
-        if mask_prompt:
-            # targets[j] predicts ids[j + 1]: it is a prompt token while j + 1 < n_prompt.
-            targets[row, :max(example.n_prompt - 1, 0)] = IGNORE
+        inputs[row, :n], targets[row, :n] = example_targets(example, mask_prompt)
     return {"input_ids": torch.from_numpy(inputs), "targets": torch.from_numpy(targets),
             "n_tokens": int(sum(len(e.ids) - 1 for e in examples))}

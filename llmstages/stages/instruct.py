@@ -8,10 +8,12 @@ A prepared instruction record is `prompt tokens | response tokens | eot` with it
     targets  -- -- r0 r1 EOT               ids[1:], prompt positions IGNORE when mask_prompt
 
 so the model learns to produce the response and to end it. A micro-batch is right-padded to its
-longest row (pad targets IGNORE). Rows longer than the context lose prompt tokens from the left
-first (the end of the prompt, with the "### Response:" marker, stays next to the response); a
-response too long even then keeps its beginning. A row left with no response target never reaches
-the loss: it is dropped, with a warning, before training.
+longest row (pad targets IGNORE); with `finetune.packing` each row holds several examples instead,
+each attending only to itself (data/packing.py). The share of padded positions is reported either
+way. Rows longer than the context lose prompt tokens from the left first (the end of the prompt,
+with the "### Response:" marker, stays next to the response); a response too long even then keeps
+its beginning. A row left with no response target never reaches the loss: it is dropped, with a
+warning, before training.
 
 Batches follow the indexed pattern of data/windows.py: example order is a permutation seeded by
 (seed, epoch), micro-batch g is a slice of it, so resume is exact and DDP sees the 1-process batches.
@@ -32,6 +34,7 @@ from rich.markup import escape
 from llmstages.checkpoint import Checkpoint
 from llmstages.config import Recipe
 from llmstages.data.batches import EpochSampler, Example, collate
+from llmstages.data.packing import PackedBatches, epoch_padding
 from llmstages.data.prepared import LabeledSplit, PreparedDataset
 from llmstages.errors import UserError
 from llmstages.loop import TrainTask
@@ -135,6 +138,20 @@ def fixed_batches(examples: list[Example], batch_size: int, pad_id: int) -> list
             for i in range(0, len(ordered), batch_size)]
 
 
+def report_padding(console: Console, examples: list[Example], batch_size: int, seed: int, block_size: int,
+                   packing: bool) -> dict[str, float]:
+    """One line on the share of padded positions in an epoch's micro-batches, with and without packing."""
+    padding = epoch_padding([len(e.ids) - 1 for e in examples], batch_size, seed, block_size)
+    if packing:
+        console.print(f"train: {len(examples)} examples packed into {padding['rows']} rows of up to {block_size} "
+                      f"tokens: {padding['packed']:.1%} of the positions are padding (one example per row: "
+                      f"{padding['padded']:.1%})", highlight=False)
+    else:
+        console.print(f"train: {padding['padded']:.1%} of the positions are padding (finetune.packing=true: "
+                      f"{padding['packed']:.1%})", highlight=False)
+    return padding
+
+
 # ---------------------------------------------------------------------------------------------------
 # generations
 # ---------------------------------------------------------------------------------------------------
@@ -194,7 +211,12 @@ def instruction_task(base: Checkpoint, data: PreparedDataset, recipe: Recipe, *,
     train = fit_split(train_split, block, ft.mask_prompt)
     dropped_where = [r["where"] for r in train_split.texts()] if train.dropped else None
     report_fitting(console, "train", train, block, dropped_where)
-    batches = EpochBatches(train.examples, cfg.micro_batch_size, cfg.seed, mask_prompt=ft.mask_prompt, pad_id=pad)
+    padding = report_padding(console, train.examples, cfg.micro_batch_size, cfg.seed, block, ft.packing)
+    if ft.packing:
+        batches = PackedBatches(train.examples, cfg.micro_batch_size, cfg.seed, block_size=block,
+                                mask_prompt=ft.mask_prompt, pad_id=pad)
+    else:
+        batches = EpochBatches(train.examples, cfg.micro_batch_size, cfg.seed, mask_prompt=ft.mask_prompt, pad_id=pad)
 
     val_split = _val_split(data)
     val = fit_split(val_split, block)  # validation loss is always on the response tokens
@@ -209,10 +231,13 @@ def instruction_task(base: Checkpoint, data: PreparedDataset, recipe: Recipe, *,
         sample_rows = [rows[e.record] for e in chosen]
         on_eval = lambda m: sample_generations(m, base.tokenizer, sample_rows, prompts, console)  # noqa: E731
 
-    meta = {"template": data.manifest["template"], "mask_prompt": ft.mask_prompt}
+    meta = {"template": data.manifest["template"], "mask_prompt": ft.mask_prompt, "packing": ft.packing,
+            "padding_share": round(padding["packed" if ft.packing else "padded"], 4)}
+    # train.epochs counts sequences: packed, a sequence is a row (epoch 0's count; later epochs differ by a few)
+    per_epoch = batches.rows_per_epoch if ft.packing else len(train.examples)
     task = TrainTask(kind="instruct", batch=batches, loss=lm_loss,
                      evaluate=lambda m: lm_metrics(m, val_batches, prefix="val_"),
-                     data_fingerprint=data.fingerprint, examples_per_epoch=len(train.examples), meta=meta,
+                     data_fingerprint=data.fingerprint, examples_per_epoch=per_epoch, meta=meta,
                      on_eval=on_eval)
     return model, task
 
