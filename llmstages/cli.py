@@ -319,6 +319,12 @@ def _is_main_process() -> bool:
 # ---------------------------------------------------------------------------------------------------
 # generate
 # ---------------------------------------------------------------------------------------------------
+STOP_HELP = ("End the reply before this string (repeat for several, e.g. --stop '\\n\\n' --stop '###'); "
+             "default: the recipe's generate.stop.")
+PENALTY_HELP = "Repetition penalty (CTRL): above 1 makes tokens already in the context less likely; 1 = off."
+MIN_NEW_HELP = "Ignore end-of-text and --stop strings until this many tokens are generated."
+
+
 @app.command()
 def generate(
     model: str = typer.Argument(..., help="Run name, run@STEP, checkpoint folder, or hf:DIR_OR_ID."),
@@ -328,16 +334,22 @@ def generate(
     top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help="Keep the k most likely tokens (0 = off)."),
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (1 = off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help=STOP_HELP, metavar="TEXT"),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help=PENALTY_HELP),
+    min_new_tokens: Optional[int] = typer.Option(None, "--min-new-tokens", min=0, help=MIN_NEW_HELP),
     raw: bool = typer.Option(False, "--raw", help="Do not apply an instruction model's prompt template."),
     as_chat: bool = typer.Option(False, "--chat", help="PROMPT is a user message: format it with the model's "
                                  "template (its own chat template for hf: models) and stop at the end of turn."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Generate without the KV cache (slower)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
 ) -> None:
-    """Continue PROMPT with MODEL, streaming tokens as they are produced; stops at end-of-text.
+    """Continue PROMPT with MODEL, streaming tokens as they are produced; stops at end-of-text or a --stop string.
+
+    --json adds stop_reason: stop_string, eos or max_new_tokens.
 
     Examples:\n
       llmstages generate quickstart "The old man said" --temperature 0.8 --top-k 50 --seed 1\n
+      llmstages generate quickstart "Q: Who is the king?\\nA:" --stop "\\n" --repetition-penalty 1.2\n
       llmstages generate instruct "Rewrite in passive voice: The cat ate the fish." -t 0\n
       llmstages generate quickstart "Once upon a time" --json\n
       llmstages generate hf:HuggingFaceTB/SmolLM2-135M-Instruct "What is 2+2?" --chat -t 0
@@ -366,7 +378,8 @@ def generate(
         ckpt.tokenizer = chat_tokenizer(template, ckpt.tokenizer)  # hf: stop at the end-of-turn token
         model_input = format_prompt(resolve(template, ckpt.tokenizer), prompt)
     sampling = Sampling.from_checkpoint(ckpt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                        top_p=top_p, seed=seed)
+                                        top_p=top_p, seed=seed, stop=_stop_strings(stop),
+                                        repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens)
     result = generate_text(ckpt, prompt, model_input=model_input, **sampling.as_kwargs(), use_cache=not no_cache,
                            on_text=None if as_json else stream_to_stdout)
     if as_json:
@@ -386,6 +399,9 @@ def chat(
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (1 = off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible replies."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message (chat template only)."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help=STOP_HELP, metavar="TEXT"),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help=PENALTY_HELP),
+    min_new_tokens: Optional[int] = typer.Option(None, "--min-new-tokens", min=0, help=MIN_NEW_HELP),
 ) -> None:
     """Talk to an instruction model; replies stream as they are generated and end at end-of-text.
 
@@ -409,8 +425,16 @@ def chat(
     set_threads()
     ckpt = load_checkpoint(model, _store())
     sampling = Sampling.from_checkpoint(ckpt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                        top_p=top_p, seed=seed)
+                                        top_p=top_p, seed=seed, stop=_stop_strings(stop),
+                                        repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens)
     run_chat(ckpt, sampling, read_line=terminal_read_line, write=stream_to_stdout, console=err_console, system=system)
+
+
+def _stop_strings(given: list[str] | None) -> list[str] | None:
+    """--stop values with the escapes a shell cannot type easily (\\n, \\t) turned into the characters."""
+    if not given:
+        return None  # the recipe's generate.stop
+    return [s.replace("\\n", "\n").replace("\\t", "\t") for s in given]
 
 
 # ---------------------------------------------------------------------------------------------------
