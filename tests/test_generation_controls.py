@@ -246,3 +246,13 @@ def test_chat_reply_ends_before_the_stop_string_and_the_history_keeps_the_cut_re
     chat(ckpt, Sampling(max_new_tokens=20, temperature=0.0, stop=[stop]), read_line=one_message("hello there"),
          write=out.append, console=Console(file=StringIO()))
     assert "".join(out) == reply[:reply.find(stop)] + "\n"
+
+
+def test_exported_generation_config_carries_the_controls():
+    from llmstages.interop.export import generation_config
+
+    gen = generation_config({"max_new_tokens": 50, "temperature": 0.0, "stop": ["###"], "repetition_penalty": 1.2,
+                             "min_new_tokens": 3}, eot_id=0)
+    assert gen == {"bos_token_id": 0, "eos_token_id": 0, "max_new_tokens": 50, "repetition_penalty": 1.2,
+                   "min_new_tokens": 3, "stop_strings": ["###"]}
+    assert "repetition_penalty" not in generation_config({"repetition_penalty": 1.0, "stop": []}, eot_id=0)
