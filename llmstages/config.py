@@ -211,6 +211,9 @@ class TrainConfig:
     keep_last: int = _f(2, ge=1)
     # Log training figures every N steps.
     log_every: int = _f(10, ge=1)
+    # Experiment loggers that get every log.jsonl record too: tensorboard (runs/<run>/tensorboard/),
+    # wandb. Each is imported only when named here; pip install tensorboard / wandb.
+    loggers: list[str] = _f(factory=list, choices=("tensorboard", "wandb"))
     # Seed for initialisation, data order and dropout.
     seed: int = 1337
     # auto = bf16 where the hardware runs it fast (CUDA with bf16, CPUs with avx512_bf16/AMX), else fp32.
