@@ -443,25 +443,37 @@ def _stop_strings(given: list[str] | None) -> list[str] | None:
 @app.command()
 def export(
     model: str = typer.Argument(..., help="Run name, run@STEP, checkpoint folder, or hf:DIR_OR_ID."),
-    format: str = typer.Option("hf", "--format", help="Output format: hf (a Hugging Face transformers folder)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder to write (new or empty unless --force)."),
-    force: bool = typer.Option(False, "--force", help="Replace the contents of a non-empty --out folder."),
+    format: str = typer.Option("hf", "--format", help="Output format: hf (a Hugging Face transformers folder) or "
+                               "gguf (one file for llama.cpp / Ollama; needs pip install gguf)."),
+    out: Path = typer.Option(..., "--out", "-o", help="hf: folder to write (new or empty unless --force); "
+                             "gguf: the .gguf file (new unless --force)."),
+    force: bool = typer.Option(False, "--force", help="Replace the contents of a non-empty --out folder (or the file)."),
 ) -> None:
-    """Export MODEL as a folder that Hugging Face `transformers` loads with from_pretrained.
+    """Export MODEL as a folder that Hugging Face `transformers` loads with from_pretrained, or as a GGUF file.
 
-    Writes config.json, model.safetensors, tokenizer files and generation_config.json; LoRA is merged first.
+    hf writes config.json, model.safetensors, tokenizer files and generation_config.json. gguf writes one
+    file for llama.cpp and Ollama (GPT-2 blocks, or Llama-architecture ones; weights in f16). LoRA is merged first.
 
     Examples:\n
       llmstages export quickstart --format hf --out exports/quickstart\n
-      llmstages export finetune-spam@best --out exports/spam --force   (GPT2ForSequenceClassification)
+      llmstages export finetune-spam@best --out exports/spam --force   (GPT2ForSequenceClassification)\n
+      llmstages export quickstart --format gguf --out exports/quickstart.gguf   (llama-cli -m exports/quickstart.gguf)
     """
     from llmstages.checkpoint import load_checkpoint
     from llmstages.interop import export_hf
 
-    if format != "hf":
-        raise UserError(f"--format {format}: unknown export format", hint="use --format hf")
+    if format not in ("hf", "gguf"):
+        raise UserError(f"--format {format}: unknown export format", hint="use --format hf or --format gguf")
     store = _store()
     ckpt = load_checkpoint(model, store)
+    if format == "gguf":
+        from llmstages.interop.gguf_export import export_gguf
+        path, arch = export_gguf(ckpt, out, force=force, store_root=store.root)
+        merged = " (LoRA merged)" if ckpt.model.config.lora_rank > 0 else ""
+        console.print(f"exported {ckpt.ref} to {path} as llama.cpp architecture {arch}{merged}", highlight=False)
+        console.print(f"[dim]run it with llama-cli -m {path}, or in Ollama with a Modelfile: FROM {path}[/dim]",
+                      highlight=False)
+        return
     path = export_hf(ckpt, out, force=force, store_root=store.root)
     kind = "GPT2ForSequenceClassification" if ckpt.model.is_classifier else "GPT2LMHeadModel"
     merged = " (LoRA merged)" if ckpt.model.config.lora_rank > 0 else ""
