@@ -319,8 +319,8 @@ def _is_main_process() -> bool:
 # ---------------------------------------------------------------------------------------------------
 # generate
 # ---------------------------------------------------------------------------------------------------
-STOP_HELP = ("End the reply before this string (repeat for several, e.g. --stop '\\n\\n' --stop '###'); "
-             "default: the recipe's generate.stop.")
+STOP_HELP = ("End the reply before this string (repeat for several, e.g. --stop '\\n\\n' --stop '###'; \\n and "
+             "\\t are read as newline and tab); default: the recipe's generate.stop.")
 PENALTY_HELP = "Repetition penalty (CTRL): above 1 makes tokens already in the context less likely; 1 = off."
 MIN_NEW_HELP = "Ignore end-of-text and --stop strings until this many tokens are generated."
 
@@ -349,7 +349,7 @@ def generate(
 
     Examples:\n
       llmstages generate quickstart "The old man said" --temperature 0.8 --top-k 50 --seed 1\n
-      llmstages generate quickstart "Q: Who is the king?\\nA:" --stop "\\n" --repetition-penalty 1.2\n
+      llmstages generate quickstart "ROMEO:" --stop "\\n\\n" --repetition-penalty 1.2 --min-new-tokens 10\n
       llmstages generate instruct "Rewrite in passive voice: The cat ate the fish." -t 0\n
       llmstages generate quickstart "Once upon a time" --json\n
       llmstages generate hf:HuggingFaceTB/SmolLM2-135M-Instruct "What is 2+2?" --chat -t 0
