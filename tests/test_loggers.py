@@ -94,3 +94,13 @@ def test_wandb_offline_or_the_missing_package_error(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     offline = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1 and offline[0].stat().st_size > 0
+
+
+def test_a_resume_ignores_recipe_differences_that_do_not_change_training():
+    from llmstages.checkpoint import _harmless_change
+
+    assert _harmless_change("train.loggers", [], ["tensorboard"])  # add TensorBoard to a running experiment
+    assert _harmless_change("generate.stop", ["###"], [])  # generation defaults do not touch the weights
+    assert _harmless_change("train.spike_max", None, 5)  # a recipe.yaml written before the field, default kept
+    assert not _harmless_change("train.spike_max", None, 7)  # ... set to something else: a real change
+    assert not _harmless_change("train.lr", 1e-3, 2e-3)
