@@ -447,7 +447,7 @@ def export(
                                "gguf (one file for llama.cpp / Ollama; needs pip install gguf)."),
     out: Path = typer.Option(..., "--out", "-o", help="hf: folder to write (new or empty unless --force); "
                              "gguf: the .gguf file (new unless --force)."),
-    force: bool = typer.Option(False, "--force", help="Replace the contents of a non-empty --out folder (or the file)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder's contents (gguf: the file)."),
 ) -> None:
     """Export MODEL as a folder that Hugging Face `transformers` loads with from_pretrained, or as a GGUF file.
 

@@ -213,7 +213,8 @@ def test_cli_generate_stop_json_and_the_recipe_defaults(tok, store_dir, capsys):
                               "--stop", stop, "--json")
     assert code == 0, err
     cut = json.loads(out)
-    assert cut["stop_reason"] == "stop_string" and cut["completion"] == full["completion"][:full["completion"].find(stop)]
+    text = full["completion"]
+    assert cut["stop_reason"] == "stop_string" and cut["completion"] == text[:text.find(stop)]
     code, out, err = run_main(capsys, "generate", "base", "the cat", "-t", "0", "-n", "24", "--stop", stop)
     assert code == 0 and out == cut["completion"] + "\n"  # streamed: the same text, nothing of the stop string
     # a checkpoint's recipe defaults (generate section) apply when the command line leaves them out

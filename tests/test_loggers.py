@@ -80,6 +80,7 @@ def test_a_missing_logger_package_names_the_pip_command(monkeypatch, tmp_path):
         open_loggers(["tensorboard"], tmp_path, "run", {})
 
 
+@pytest.mark.slow
 def test_wandb_offline_or_the_missing_package_error(tmp_path):
     """With wandb installed: an offline run under the run folder. Without: the run stops before it starts."""
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true")

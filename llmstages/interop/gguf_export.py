@@ -44,7 +44,7 @@ def gguf_arch(config: GPTConfig, ref: str) -> str:
     """gpt2, llama or qwen2 for `config`, or a UserError naming what llama.cpp has no equivalent for."""
     if config.num_classes:
         raise UserError(f"{ref} is a classifier; llama.cpp runs language models only",
-                        hint="export it with --format hf (GPT2ForSequenceClassification / ...ForSequenceClassification)")
+                        hint="export it with --format hf (a ...ForSequenceClassification for transformers)")
     if config.is_gpt2():
         return "gpt2"
     why = llama.exportable(config)
@@ -130,7 +130,8 @@ def pre_tokenizer_name(tokenizer: Tokenizer, ref: str) -> str:
         elif kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
             name = SPLIT_NAMES.get((steps[0].get("pattern") or {}).get("Regex"))
     if name is None:
-        raise UserError(f"{ref}: its tokenizer ({model.get('type')} model, pre-tokenizer {' + '.join(map(str, kinds))}) "
+        what = f"{model.get('type')} model, pre-tokenizer {' + '.join(map(str, kinds))}"
+        raise UserError(f"{ref}: its tokenizer ({what}) "
                         "is not one llama.cpp reads as a byte-level BPE that export --format gguf knows; nothing "
                         "was written", hint="export --format hf, then convert with llama.cpp's convert_hf_to_gguf.py")
     return name
@@ -244,6 +245,7 @@ def _check_target(out: Path, ckpt, force: bool, store_root: Path | None) -> None
     if out.is_dir():
         raise UserError(f"{out}: is a folder; --format gguf writes one file", hint=f"e.g. --out {out / 'model.gguf'}")
     if out.exists() and not force:
-        raise UserError(f"{out}: exists; nothing was written", hint="give a new file name, or add --force to replace it")
+        raise UserError(f"{out}: exists; nothing was written",
+                        hint="give a new file name, or add --force to replace it")
     if not out.parent.exists():
         out.parent.mkdir(parents=True)
