@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -39,7 +40,7 @@ from llmstages.checkpoint import check_disk, load_for_resume, nonfinite, save_ch
 from llmstages.config import Recipe, dump_yaml, to_dict
 from llmstages.distributed import DistContext, init_distributed
 from llmstages.errors import StopTraining, UserError
-from llmstages.loggers import open_loggers, require_packages
+from llmstages.loggers import TENSORBOARD_DIR, open_loggers, require_packages
 from llmstages.model import GPT, flops_per_token, num_params
 from llmstages.optim import build_optimizer, set_lr
 from llmstages.runlog import RunLog, TrainProgress, summary_table
@@ -296,6 +297,7 @@ def start_or_resume(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: Trai
         log.truncate_after(state.step)
         if not resume:
             log.plot_path.unlink(missing_ok=True)
+            shutil.rmtree(run_dir / TENSORBOARD_DIR, ignore_errors=True)  # the old run's train.loggers events
         if not resume or allow_change:
             (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))
     dctx.barrier()
