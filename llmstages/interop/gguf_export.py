@@ -230,7 +230,7 @@ def export_gguf(ckpt, out: Path, *, force: bool, store_root: Path | None = None)
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, out)
-    finally:
+    finally:  # after a failed write: close the file and remove it (after a success both are no-ops)
         writer.close()
         tmp.unlink(missing_ok=True)
     return out, arch
