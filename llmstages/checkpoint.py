@@ -308,6 +308,7 @@ def _check_resume(run_dir: Path, recipe: Recipe, allow_change: bool, latest: Pat
     shapes, another tokenizer (never allowed), or other training data (unless allowed)."""
     saved = run_dir / "recipe.yaml"
     diffs = recipe_diff(read_yaml(saved), to_dict(recipe)) if saved.exists() else []
+    diffs = [d for d in diffs if not _harmless_change(*d)]
     lines = "\n".join(f"    {path}: {old!r} -> {new!r}" for path, old, new in diffs)
     fixed = [path for path, _, _ in diffs if path in FIXED_ON_RESUME]
     if fixed:
@@ -325,6 +326,17 @@ def _check_resume(run_dir: Path, recipe: Recipe, allow_change: bool, latest: Pat
         raise UserError(f"the training data differs from the data {run_dir.name} was started with "
                         f"(dataset {meta['data_fingerprint'][:12]} vs {data_fingerprint[:12]})",
                         hint="resume on the same files, or pass --allow-change to continue on the new data")
+
+
+def _harmless_change(path: str, old, new) -> bool:
+    """A recipe difference that does not change the training a resume continues: the experiment loggers,
+    the generation defaults, or a field the saved recipe.yaml predates (absent there) left at its default."""
+    if path == "train.loggers" or path.startswith("generate."):
+        return True
+    default: object = to_dict(Recipe())
+    for key in path.split("."):
+        default = default.get(key) if isinstance(default, dict) else None
+    return old is None and new == default
 
 
 def lineage(ckpt_path: Path, store: Store) -> list[dict]:

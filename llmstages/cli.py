@@ -319,6 +319,12 @@ def _is_main_process() -> bool:
 # ---------------------------------------------------------------------------------------------------
 # generate
 # ---------------------------------------------------------------------------------------------------
+STOP_HELP = ("End the reply before this string (repeat for several, e.g. --stop '\\n\\n' --stop '###'; \\n and "
+             "\\t are read as newline and tab); default: the recipe's generate.stop.")
+PENALTY_HELP = "Repetition penalty (CTRL): above 1 makes tokens already in the context less likely; 1 = off."
+MIN_NEW_HELP = "Ignore end-of-text and --stop strings until this many tokens are generated."
+
+
 @app.command()
 def generate(
     model: str = typer.Argument(..., help="Run name, run@STEP, checkpoint folder, or hf:DIR_OR_ID."),
@@ -328,16 +334,22 @@ def generate(
     top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help="Keep the k most likely tokens (0 = off)."),
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (1 = off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help=STOP_HELP, metavar="TEXT"),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help=PENALTY_HELP),
+    min_new_tokens: Optional[int] = typer.Option(None, "--min-new-tokens", min=0, help=MIN_NEW_HELP),
     raw: bool = typer.Option(False, "--raw", help="Do not apply an instruction model's prompt template."),
     as_chat: bool = typer.Option(False, "--chat", help="PROMPT is a user message: format it with the model's "
                                  "template (its own chat template for hf: models) and stop at the end of turn."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Generate without the KV cache (slower)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
 ) -> None:
-    """Continue PROMPT with MODEL, streaming tokens as they are produced; stops at end-of-text.
+    """Continue PROMPT with MODEL, streaming tokens as they are produced; stops at end-of-text or a --stop string.
+
+    --json adds stop_reason: stop_string, eos or max_new_tokens.
 
     Examples:\n
       llmstages generate quickstart "The old man said" --temperature 0.8 --top-k 50 --seed 1\n
+      llmstages generate quickstart "ROMEO:" --stop "\\n\\n" --repetition-penalty 1.2 --min-new-tokens 10\n
       llmstages generate instruct "Rewrite in passive voice: The cat ate the fish." -t 0\n
       llmstages generate quickstart "Once upon a time" --json\n
       llmstages generate hf:HuggingFaceTB/SmolLM2-135M-Instruct "What is 2+2?" --chat -t 0
@@ -366,7 +378,8 @@ def generate(
         ckpt.tokenizer = chat_tokenizer(template, ckpt.tokenizer)  # hf: stop at the end-of-turn token
         model_input = format_prompt(resolve(template, ckpt.tokenizer), prompt)
     sampling = Sampling.from_checkpoint(ckpt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                        top_p=top_p, seed=seed)
+                                        top_p=top_p, seed=seed, stop=_stop_strings(stop),
+                                        repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens)
     result = generate_text(ckpt, prompt, model_input=model_input, **sampling.as_kwargs(), use_cache=not no_cache,
                            on_text=None if as_json else stream_to_stdout)
     if as_json:
@@ -386,6 +399,9 @@ def chat(
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (1 = off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible replies."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message (chat template only)."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help=STOP_HELP, metavar="TEXT"),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help=PENALTY_HELP),
+    min_new_tokens: Optional[int] = typer.Option(None, "--min-new-tokens", min=0, help=MIN_NEW_HELP),
 ) -> None:
     """Talk to an instruction model; replies stream as they are generated and end at end-of-text.
 
@@ -409,8 +425,16 @@ def chat(
     set_threads()
     ckpt = load_checkpoint(model, _store())
     sampling = Sampling.from_checkpoint(ckpt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                        top_p=top_p, seed=seed)
+                                        top_p=top_p, seed=seed, stop=_stop_strings(stop),
+                                        repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens)
     run_chat(ckpt, sampling, read_line=terminal_read_line, write=stream_to_stdout, console=err_console, system=system)
+
+
+def _stop_strings(given: list[str] | None) -> list[str] | None:
+    """--stop values with the escapes a shell cannot type easily (\\n, \\t) turned into the characters."""
+    if not given:
+        return None  # the recipe's generate.stop
+    return [s.replace("\\n", "\n").replace("\\t", "\t") for s in given]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -419,25 +443,37 @@ def chat(
 @app.command()
 def export(
     model: str = typer.Argument(..., help="Run name, run@STEP, checkpoint folder, or hf:DIR_OR_ID."),
-    format: str = typer.Option("hf", "--format", help="Output format: hf (a Hugging Face transformers folder)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder to write (new or empty unless --force)."),
-    force: bool = typer.Option(False, "--force", help="Replace the contents of a non-empty --out folder."),
+    format: str = typer.Option("hf", "--format", help="Output format: hf (a Hugging Face transformers folder) or "
+                               "gguf (one file for llama.cpp / Ollama; needs pip install gguf)."),
+    out: Path = typer.Option(..., "--out", "-o", help="hf: folder to write (new or empty unless --force); "
+                             "gguf: the .gguf file (new unless --force)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder's contents (gguf: the file)."),
 ) -> None:
-    """Export MODEL as a folder that Hugging Face `transformers` loads with from_pretrained.
+    """Export MODEL as a folder that Hugging Face `transformers` loads with from_pretrained, or as a GGUF file.
 
-    Writes config.json, model.safetensors, tokenizer files and generation_config.json; LoRA is merged first.
+    hf writes config.json, model.safetensors, tokenizer files and generation_config.json. gguf writes one
+    file for llama.cpp and Ollama (GPT-2 blocks, or Llama-architecture ones; weights in f16). LoRA is merged first.
 
     Examples:\n
       llmstages export quickstart --format hf --out exports/quickstart\n
-      llmstages export finetune-spam@best --out exports/spam --force   (GPT2ForSequenceClassification)
+      llmstages export finetune-spam@best --out exports/spam --force   (GPT2ForSequenceClassification)\n
+      llmstages export quickstart --format gguf --out exports/quickstart.gguf   (llama-cli -m exports/quickstart.gguf)
     """
     from llmstages.checkpoint import load_checkpoint
     from llmstages.interop import export_hf
 
-    if format != "hf":
-        raise UserError(f"--format {format}: unknown export format", hint="use --format hf")
+    if format not in ("hf", "gguf"):
+        raise UserError(f"--format {format}: unknown export format", hint="use --format hf or --format gguf")
     store = _store()
     ckpt = load_checkpoint(model, store)
+    if format == "gguf":
+        from llmstages.interop.gguf_export import export_gguf
+        path, arch = export_gguf(ckpt, out, force=force, store_root=store.root)
+        merged = " (LoRA merged)" if ckpt.model.config.lora_rank > 0 else ""
+        console.print(f"exported {ckpt.ref} to {path} as llama.cpp architecture {arch}{merged}", highlight=False)
+        console.print(f"[dim]run it with llama-cli -m {path}, or in Ollama with a Modelfile: FROM {path}[/dim]",
+                      highlight=False)
+        return
     path = export_hf(ckpt, out, force=force, store_root=store.root)
     kind = "GPT2ForSequenceClassification" if ckpt.model.is_classifier else "GPT2LMHeadModel"
     merged = " (LoRA merged)" if ckpt.model.config.lora_rank > 0 else ""

@@ -211,6 +211,9 @@ class TrainConfig:
     keep_last: int = _f(2, ge=1)
     # Log training figures every N steps.
     log_every: int = _f(10, ge=1)
+    # Experiment loggers that get every log.jsonl record too: tensorboard (runs/<run>/tensorboard/),
+    # wandb. Each is imported only when named here; pip install tensorboard / wandb.
+    loggers: list[str] = _f(factory=list, choices=("tensorboard", "wandb"))
     # Seed for initialisation, data order and dropout.
     seed: int = 1337
     # auto = bf16 where the hardware runs it fast (CUDA with bf16, CPUs with avx512_bf16/AMX), else fp32.
@@ -352,6 +355,13 @@ class GenerateConfig:
     top_k: int = _f(0, ge=0)
     # Nucleus sampling: keep the smallest set of tokens with this much probability (1 = off).
     top_p: float = _f(1.0, gt=0.0, le=1.0)
+    # Strings that end a reply: it stops before the first one generated (e.g. ["\n\n", "###"]).
+    stop: list[str] = _f(factory=list)
+    # CTRL's repetition penalty (Keskar et al. 2019): the logits of tokens already in the context are
+    # divided by it where positive, multiplied where negative (1 = off; above 1 repeats less).
+    repetition_penalty: float = _f(1.0, gt=0.0, le=10.0)
+    # End-of-text and stop strings are ignored until this many tokens are generated (0 = off).
+    min_new_tokens: int = _f(0, ge=0)
 
 
 @dataclass
@@ -443,6 +453,12 @@ def _cross_checks(recipe: Recipe, problems: list[tuple[str, str]]) -> None:
     for key, name in (("run", recipe.run), ("data.name", d.name)):  # each names a folder in the store
         if ok(key) and name is not None and not RUN_NAME_RE.fullmatch(name):
             problems.append((key, f"{name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit"))
+    g = recipe.generate
+    if ok("generate.min_new_tokens", "generate.max_new_tokens") and g.min_new_tokens > g.max_new_tokens:
+        problems.append(("generate.min_new_tokens", f"{g.min_new_tokens} is more than generate.max_new_tokens="
+                         f"{g.max_new_tokens}; lower it or raise max_new_tokens"))
+    if ok("generate.stop") and "" in g.stop:
+        problems.append(("generate.stop", "an empty string would end every reply at once; remove it"))
     for key in ("sha256", "mirror"):
         given = getattr(d, key)
         if ok(f"data.{key}", "data.source") and given and len(given) != len(d.source):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -39,6 +40,7 @@ from llmstages.checkpoint import check_disk, load_for_resume, nonfinite, save_ch
 from llmstages.config import Recipe, dump_yaml, to_dict
 from llmstages.distributed import DistContext, init_distributed
 from llmstages.errors import StopTraining, UserError
+from llmstages.loggers import TENSORBOARD_DIR, open_loggers, require_packages
 from llmstages.model import GPT, flops_per_token, num_params
 from llmstages.optim import build_optimizer, set_lr
 from llmstages.runlog import RunLog, TrainProgress, summary_table
@@ -179,6 +181,7 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
     """The training loop; the steps are numbered 1..max_steps, `state.step` counts the finished ones."""
     cfg = recipe.train
     accum, precision = cfg.accumulation(dctx.world_size), resolve_precision(cfg.precision, device)
+    require_packages(cfg.loggers)  # train.loggers: refused before the run folder is touched
     state, saved = start_or_resume(model, tokenizer, recipe, task, store, dctx, resume, allow_change)
     plan = StepPlan(cfg, 0 if cfg.max_time else cfg.total_steps(task.examples_per_epoch), state, dctx, device)
 
@@ -193,8 +196,9 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
     state.to(device)
     run = Run(recipe, task, store, tokenizer, dctx, device, stage, parent, model=stepped, raw_model=model,
               optimizer=optimizer, amp=autocast(device, precision), accum=accum, plan=plan,
-              log=RunLog(store.run_dir(recipe.run)), progress=TrainProgress(console, plan.end, state.step,
-                                                                             enabled=dctx.is_main),
+              log=RunLog(store.run_dir(recipe.run), open_loggers(cfg.loggers, store.run_dir(recipe.run), recipe.run,
+                                                                to_dict(recipe)) if dctx.is_main else None),
+              progress=TrainProgress(console, plan.end, state.step, enabled=dctx.is_main),
               peak=peak_flops(device, precision) if dctx.is_main else float("nan"))
     run.progress.message(f"[bold]{stage}[/bold] run [cyan]{recipe.run}[/cyan]: {num_params(model):,} parameters "
                          f"({num_params(model, trainable_only=True):,} trainable), "
@@ -265,6 +269,7 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
     finally:
         stop.restore()
         run.progress.close()
+        run.log.close()
 
     seconds = state.elapsed
     return TrainResult(recipe.run, state.step, last_ckpt, state.metrics, state.best, seconds, state.tokens_seen,
@@ -292,6 +297,7 @@ def start_or_resume(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: Trai
         log.truncate_after(state.step)
         if not resume:
             log.plot_path.unlink(missing_ok=True)
+            shutil.rmtree(run_dir / TENSORBOARD_DIR, ignore_errors=True)  # the old run's train.loggers events
         if not resume or allow_change:
             (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))
     dctx.barrier()

@@ -13,11 +13,13 @@ from rich.table import Table
 
 
 class RunLog:
-    """Appends one JSON object per logged step or eval to `log.jsonl`; redraws `loss.png`."""
+    """Appends one JSON object per logged step or eval to `log.jsonl`; redraws `loss.png`; hands the
+    record's numbers to the experiment loggers a recipe names (loggers.py: TensorBoard, W&B)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, loggers: list | None = None):
         self.path = run_dir / "log.jsonl"
         self.plot_path = run_dir / "loss.png"
+        self.loggers = list(loggers or [])  # loggers.Logger objects, started by the caller
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines logged after the checkpoint we resume from (and a line cut by a kill)."""
@@ -38,6 +40,17 @@ class RunLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self.loggers and "step" in record:
+            from llmstages.loggers import scalars
+            figures = scalars(record)
+            for logger in self.loggers:
+                logger.log(record["step"], figures)
+
+    def close(self) -> None:
+        """Flush and close the experiment loggers (log.jsonl itself is closed after every write)."""
+        from llmstages.loggers import close_all
+        loggers, self.loggers = self.loggers, []
+        close_all(loggers)
 
     def records(self) -> list[dict]:
         if not self.path.exists():

@@ -110,6 +110,12 @@ def generation_config(defaults: dict, eot_id: int, bos_id: int | None = None) ->
             gen["top_k"] = defaults["top_k"]
         if defaults.get("top_p", 1.0) < 1.0:
             gen["top_p"] = defaults["top_p"]
+    if defaults.get("repetition_penalty", 1.0) != 1.0:
+        gen["repetition_penalty"] = defaults["repetition_penalty"]
+    if defaults.get("min_new_tokens"):
+        gen["min_new_tokens"] = defaults["min_new_tokens"]
+    if defaults.get("stop"):
+        gen["stop_strings"] = list(defaults["stop"])  # transformers' generate(..., tokenizer=...) reads them
     return gen
 
 

@@ -8,7 +8,8 @@ loaded with hf: that has a chat_template in its tokenizer_config.json uses that 
             formatted with format_chat; the oldest turns are left out when it would not leave room
             for a reply in the context. /reset starts a new conversation.
     hf      as chat, with the model's own Jinja chat template (templates.ChatTemplate).
-A reply ends at <|endoftext|> (hf: the template's end-of-turn token) or after max_new_tokens.
+A reply ends at <|endoftext|> (hf: the template's end-of-turn token), before a stop string (--stop),
+or after max_new_tokens; the reply kept in the conversation is the text shown.
 
 Input: Enter sends the message; a line ending with a backslash continues on the next line.
 /reset clears the conversation, /quit (or /exit, or end of input: Ctrl-D) leaves.
@@ -112,14 +113,13 @@ def chat(ckpt: Checkpoint, sampling: Sampling, *, read_line: Callable[[str], str
         seed = None if sampling.seed is None else sampling.seed + replies
         try:
             result = generate_text(ckpt, message, model_input=conversation.model_input(message),
-                                   max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                                   top_k=sampling.top_k, top_p=sampling.top_p, seed=seed, on_text=write)
+                                   **dict(sampling.as_kwargs(), seed=seed), on_text=write)
         except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat
             write("\n")
             console.print("[dim](reply interrupted)[/dim]")
             continue
         write("\n")
-        if not result.stopped_at_eot:
+        if result.stop_reason == "max_new_tokens":
             console.print(f"[dim](reply cut at {sampling.max_new_tokens} tokens)[/dim]")
         conversation.add(message, result.completion)
         replies += 1
