@@ -26,9 +26,11 @@ def test_a_given_zero_is_kept_not_replaced_by_the_stored_value():
 
 def test_without_stored_settings_the_defaults_apply_and_unknown_keys_are_ignored():
     assert Sampling.from_checkpoint(checkpoint_with(None)) == Sampling()
-    assert Sampling.from_checkpoint(checkpoint_with({"stop": "\n"})) == Sampling()
+    assert Sampling.from_checkpoint(checkpoint_with({"colour": "red"})) == Sampling()
+    assert Sampling.from_checkpoint(checkpoint_with({"stop": "\n"})) == Sampling(stop=["\n"])  # one string
     assert Sampling(top_k=5, seed=1).as_kwargs() == {"max_new_tokens": 200, "temperature": 0.8, "top_k": 5,
-                                                    "top_p": 1.0, "seed": 1}
+                                                    "top_p": 1.0, "seed": 1, "stop": [], "repetition_penalty": 1.0,
+                                                    "min_new_tokens": 0}
 
 
 def test_top_p_zero_keeps_the_most_likely_token_instead_of_failing():

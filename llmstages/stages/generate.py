@@ -40,6 +40,8 @@ class Sampling(GenerateConfig):
         given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop,
                      repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens)
         stored = {k: v for k, v in (stored or {}).items() if k in given}
+        if isinstance(stored.get("stop"), str):  # one string, as a hand-written meta.json may give it
+            stored["stop"] = [stored["stop"]]
         sampling = cls(**{**stored, **{k: v for k, v in given.items() if v is not None}}, seed=seed)
         sampling.check()
         return sampling
