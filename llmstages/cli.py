@@ -66,13 +66,18 @@ def recipes() -> None:
 
 
 @app.command()
-def runs() -> None:
+def runs(as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {store, runs}.")) -> None:
     """List the runs in the store: checkpoints, best metric, last logged figures.
 
-    Example: llmstages --store ./store runs
+    In a pipe the rows are plain tab-separated lines with whole run names.
+
+    Examples:\n
+      llmstages --store ./store runs\n
+      llmstages runs | cut -f1\n
+      llmstages runs --json
     """
     from llmstages.stages.browse import print_runs
-    print_runs(console, _store())
+    print_runs(console, _store(), as_json=as_json)
 
 
 @app.command()

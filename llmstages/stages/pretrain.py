@@ -94,7 +94,7 @@ def build_model(recipe: Recipe, store: Store, data: PreparedDataset,
             raise UserError(f"init_from={recipe.init_from} is a classifier; pretraining needs a language model")
         check_tokenizer(ckpt.tokenizer, data, recipe.init_from)
         set_dropout(ckpt.model, recipe.model.dropout)
-        return ckpt.model, ckpt.tokenizer, parent_info(recipe.init_from, ckpt)
+        return ckpt.model, ckpt.tokenizer, parent_info(recipe.init_from, ckpt, store)
     tokenizer = data.tokenizer
     torch.manual_seed(recipe.train.seed)
     return GPT(model_config(recipe.model, tokenizer.vocab_size)), tokenizer, None
