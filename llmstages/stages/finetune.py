@@ -188,7 +188,7 @@ def finetune(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
     console.print(f"trainable: {trainable_summary(model)}", highlight=False)
     if dry_run:
         from llmstages.dryrun import estimate
-        return estimate(model, recipe, task, console)
+        return estimate(model, recipe, task, console, data=data.path)
     result = train(model, base.tokenizer, recipe, task, store, stage="finetune",
                    parent=parent, resume=resume, allow_change=allow_change,
                    console=console)

@@ -131,6 +131,6 @@ def pretrain(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
     task = pretrain_task(model, tokenizer, data, recipe)
     if dry_run:
         from llmstages.dryrun import estimate
-        return estimate(model, recipe, task, console)
+        return estimate(model, recipe, task, console, data=data.path)
     return train(model, tokenizer, recipe, task, store, stage="pretrain", parent=parent, resume=resume,
                  allow_change=allow_change, console=console)
