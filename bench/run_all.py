@@ -27,6 +27,8 @@ BENCHES = {
     "train": ["bench_train.py"],
     "generate": ["bench_generate.py"],
     "classify": ["bench_classify.py"],
+    # `llmstages runs` / show / recipes / --help on the demo's store (or a made-up one): target under 0.5 s
+    "browse": ["bench_browse.py"],
     # 5-fold cross-validation of finetune-spam vs TF-IDF baselines (needs the quickstart base and scikit-learn)
     "spam_cv": ["spam_cv.py"],
     # About 40 minutes: the old and the new pretraining recipe at 2.5, 5 and 10 minutes each.

@@ -51,3 +51,15 @@ def test_generate_benchmark_runs_on_tiny_settings():
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["benchmark"] == "generate" and figures["new_tokens"] == 4
     assert figures["tokens_per_s_with_cache"] > 0 and figures["tokens_per_s_without_cache"] > 0
+
+
+def test_browse_benchmark_runs_on_tiny_settings(tmp_path):
+    result = bench(str(BENCH / "bench_browse.py"), "--store", str(tmp_path / "none"), "--repeats", "1")
+    assert result.returncode != 0 and "no runs in" in result.stderr  # an empty store is an error, not 0 s
+    assert '"browse": ["bench_browse.py"]' in (BENCH / "run_all.py").read_text()  # part of make bench
+    result = bench(str(BENCH / "bench_browse.py"), "--runs", "2", "--repeats", "1", "--store", "",
+                   timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["benchmark"] == "browse" and set(figures["commands"]) == {"runs", "show", "recipes", "help"}
+    assert not any(f["imports_torch"] for f in figures["commands"].values())
