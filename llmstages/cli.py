@@ -275,7 +275,8 @@ def evaluate(
         print(dumps(result))
     elif "per_class" in result:
         from llmstages.stages.classify import print_metrics
-        print_metrics(console, f"evaluate {model} ({result['examples']:,} texts)", result)
+        n = result["examples"]
+        print_metrics(console, f"evaluate {model} ({n:,} text{'s' if n != 1 else ''})", result)
     else:
         from rich.markup import escape
 

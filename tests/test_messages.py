@@ -91,3 +91,12 @@ def test_the_model_size_comment_names_every_size():
     text = " ".join(comment)
     for name in [*SIZES, "custom"]:
         assert f"{name} " in text or f"{name}," in text, name
+
+
+def test_one_is_singular_in_counts(tmp_path, capsys):
+    store = Store(tmp_path / "store")
+    with store.commit("r", 1) as tmp:  # a checkpoint without weights: verify finds it bad
+        (tmp / "meta.json").write_text(json.dumps({"task": "pretrain"}))
+        (tmp / "model.json").write_text(json.dumps({"vocab_size": 300}))
+    assert cli_main(["--store", str(store.root), "verify", "r"]) == 2
+    assert "1 folder checked, 1 bad" in capsys.readouterr().out

@@ -167,5 +167,5 @@ def verify_store(console: Console, store: Store, run: str | None = None) -> bool
         console.print(f"{'[red]BAD[/red]' if problems else '[green]ok[/green] '}  {label}", highlight=False)
         for problem in problems:
             console.print(f"      {problem}", highlight=False, soft_wrap=True)
-    console.print(f"{len(folders)} folders checked, {bad} bad", highlight=False)
+    console.print(f"{len(folders)} folder{'s' if len(folders) != 1 else ''} checked, {bad} bad", highlight=False)
     return bad == 0
