@@ -18,10 +18,11 @@ from llmstages.config import builtin_recipes, read_yaml
 from llmstages.errors import UserError
 from llmstages.jsonio import dumps
 from llmstages.runlog import fmt
-from llmstages.store import STEP_RE, Store, is_committed
+from llmstages.store import STEP_RE, RunInfo, Store, is_committed
 from llmstages.store import verify as verify_folder
 
 LOG_FIGURES = ("step", "loss", "val_loss", "val_bpb", "f1")  # the last-log columns `runs` shows
+RUN_COLUMNS = ("run", "task", "checkpoints", "last step", "best", "last log")
 
 
 def print_recipes(console: Console) -> None:
@@ -45,8 +46,8 @@ def print_runs(console: Console, store: Store, *, as_json: bool = False) -> None
     if not rows:
         console.print(f"no runs in {store.root} yet — start with `llmstages pretrain quickstart`")
         return
-    cells = [[row["run"], row["task"], str(row["checkpoints"]), _figure(row["last_step"]), _best(row["best"]),
-              _last_log(row["last_log"])] for row in rows]
+    cells = [[row["run"], row["task"], str(row["checkpoints"]), str(row["last_step"] or 0) if row["checkpoints"] else "-",
+              _best(row["best"]), _last_log(row["last_log"])] for row in rows]
     if not console.is_terminal:  # a table in a pipe is cut to 80 columns: names would be wrapped or lost
         for line in [RUN_COLUMNS, *cells]:
             sys.stdout.write("\t".join(line) + "\n")
@@ -59,10 +60,7 @@ def print_runs(console: Console, store: Store, *, as_json: bool = False) -> None
     console.print(table)
 
 
-RUN_COLUMNS = ("run", "task", "checkpoints", "last step", "best", "last log")
-
-
-def run_row(store: Store, info) -> dict:
+def run_row(store: Store, info: RunInfo) -> dict:
     """One run as plain data: what `runs` prints, and `runs --json` gives."""
     log = {k: v for k, v in (info.last_log or {}).items() if k in LOG_FIGURES}
     return {"run": info.name, "task": _task(store, info.name), "checkpoints": len(info.steps),
@@ -86,8 +84,6 @@ def _task(store: Store, run: str) -> str:
 
 
 def _figure(value) -> str:
-    if value is None:
-        return "-"
     return fmt(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
