@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_stats = json.loads((dataset_folder(store, "quickstart") / "manifest.json").read_text())["stats"]
     results = {
         "smoke": args.smoke,
+        "precision": demo_precision(),  # what train.precision: auto (the recipes' default) picked here
         "base": {"val_bpb": base_eval["val_bpb"], "val_loss": base_eval["val_loss"], "step": base_eval["step"],
                  "train_tokens_per_s": train_tokens_per_s(base_log)},
         "spam": {"test_accuracy": spam_test["accuracy"], "test_macro_f1": spam_test["f1"],
@@ -178,6 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"results: {store / RESULTS} and {store / LOSS_PLOT}; `make demo-docs` copies them to the "
                   "README's figures in docs/", highlight=False)
     return 0
+
+
+def demo_precision() -> dict:
+    """The precision the demo's runs trained in and why: the figures depend on it (README)."""
+    from llmstages.runtime import cpu_has_fast_bf16, resolve_device, resolve_precision
+
+    device = resolve_device("auto")
+    return {"device": device.type, "precision": resolve_precision("auto", device),
+            "cpu_fast_bf16": cpu_has_fast_bf16()}
 
 
 RESULTS = "demo-results.json"

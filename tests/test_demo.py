@@ -28,6 +28,7 @@ def test_demo_smoke_runs_every_stage(tmp_path):
                     "llmstages finetune --task instruct", "llmstages evaluate", "llmstages classify"):
         assert command in result.stderr  # each stage shown as the command a user types
     figures = json.loads((tmp_path / "docs" / "demo-results-smoke.json").read_text())
+    assert figures["precision"]["precision"] in ("fp32", "bf16")  # the figures say which precision made them
     runs = tmp_path / "store" / "runs"
     # The reported figures are the ones the stages wrote (not ranges a wrong figure would also fall in).
     last_eval = [r for r in map(json.loads, (runs / "quickstart/log.jsonl").read_text().splitlines())
