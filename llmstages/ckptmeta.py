@@ -16,7 +16,7 @@ from pathlib import Path
 
 from llmstages.errors import UserError
 from llmstages.jsonio import read_json
-from llmstages.store import manifest_fingerprint
+from llmstages.store import Store, manifest_fingerprint
 
 WEIGHTS, CONFIG, TOKENIZER, META = "model.safetensors", "model.json", "tokenizer.json", "meta.json"
 
@@ -88,11 +88,11 @@ def parent_record(ref: str, meta: dict, ckpt_path: Path | None, store_root: Path
     return info
 
 
-def lineage(ckpt_path: Path, store=None) -> list[dict]:
+def lineage(ckpt_path: Path, store: Store | None = None) -> list[dict]:
     """The chain of parents of a checkpoint, newest first, each as its meta.json (as far as it can be read).
 
-    A relative parent path is looked up in the store of the child's folder (`store`, a Store, when the
-    child is not inside one)."""
+    A relative parent path is looked up in the store of the child's folder (in `store` when the child
+    is not inside one)."""
     chain, path, seen = [], ckpt_path, set()
     while path is not None and path not in seen:
         seen.add(path)
@@ -110,11 +110,21 @@ def lineage(ckpt_path: Path, store=None) -> list[dict]:
         if parent_ref.startswith("hf:"):
             chain.append({"ref": parent_ref, "task": "pretrained (Hugging Face)"})
             break
-        candidate = Path(str(parent.get("path", "")))
-        if not candidate.is_absolute():
-            root = store_root_of(path) or (store.root if store is not None else None)
-            candidate = root / candidate if root is not None and str(candidate) not in ("", ".") else Path("")
-        path = candidate if str(candidate) not in ("", ".") and candidate.is_dir() else None
+        path = parent_folder(parent, path, store)
         if path is None:
             chain.append({"ref": parent_ref, "missing": True})
     return chain
+
+
+def parent_folder(parent: dict, child: Path, store: Store | None = None) -> Path | None:
+    """The existing folder a parent record points at; a relative path is looked up in the child's store."""
+    recorded = str(parent.get("path") or "")
+    if not recorded:
+        return None
+    folder = Path(recorded)
+    if not folder.is_absolute():
+        root = store_root_of(child) or (store.root if store is not None else None)
+        if root is None:
+            return None
+        folder = root / folder
+    return folder if folder.is_dir() else None
