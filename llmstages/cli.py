@@ -19,6 +19,7 @@ from rich.table import Table
 from llmstages.errors import StopTraining, UserError
 from llmstages.jsonio import dumps
 
+
 def _plain_metavars(params: list) -> list:
     """Help without type placeholders that say nothing: a flag (`--json`) takes no value, so no `<bool>`;
     an argument is shown by its name in capitals (MODEL), as the docstrings and the README write it."""
