@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 export LLMSTAGES_TEST_DATA ?= $(abspath ../shared/data)
 export LLMSTAGES_DATA ?= $(wildcard $(abspath ../shared/data))
 
-.PHONY: install test coverage demo bench clean
+.PHONY: install test coverage demo demo-docs bench clean
 
 install: $(STAMP)
 
@@ -35,8 +35,13 @@ coverage: $(STAMP)
 	$(BIN)/python -m coverage json -q -o coverage.json
 	$(BIN)/python tests/scripts/coverage_floor.py coverage.json $(COVERAGE_FLOOR)
 
+# Results stay in the demo's store (store-demo/, ignored by git). `make demo-docs` copies the last demo's
+# results and loss plot into docs/, the README's figures: run it only when the README is to change.
 demo: $(STAMP)
 	$(BIN)/python -m llmstages.demo
+
+demo-docs: $(STAMP)
+	$(BIN)/python -m llmstages.demo --publish docs
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

@@ -29,6 +29,8 @@ BENCHES = {
     "classify": ["bench_classify.py"],
     # packed vs padded instruction fine-tuning on the shared instruction data (a few minutes)
     "packing": ["bench_packing.py"],
+    # `llmstages runs` / show / recipes / --help on the demo's store (or a made-up one): target under 0.5 s
+    "browse": ["bench_browse.py"],
     # 5-fold cross-validation of finetune-spam vs TF-IDF baselines (needs the quickstart base and scikit-learn)
     "spam_cv": ["spam_cv.py"],
     # About 40 minutes: the old and the new pretraining recipe at 2.5, 5 and 10 minutes each.

@@ -27,6 +27,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from llmstages.ckptmeta import CONFIG, META, TOKENIZER, WEIGHTS, check_meta, lineage, parent_record  # noqa: F401
+from llmstages.ckptmeta import read_meta, read_model_json  # noqa: F401 (re-exported: the torch-free readers)
 from llmstages.config import Recipe, read_yaml, recipe_diff, to_dict
 from llmstages.errors import UserError
 from llmstages.jsonio import read_json
@@ -35,7 +37,6 @@ from llmstages.store import Store, manifest_fingerprint, step_name, verify
 from llmstages.tokenizer import Tokenizer
 from llmstages.weights import load_plain_tensors, load_weights, load_weights_into, read_model_config
 
-WEIGHTS, CONFIG, TOKENIZER, META = "model.safetensors", "model.json", "tokenizer.json", "meta.json"
 STATE_TENSORS, STATE_INFO = "train_state.pt", "train_state.json"
 
 
@@ -145,34 +146,6 @@ def load_checkpoint(ref: str | Path, store: Store | None = None, *, device: str 
     return Checkpoint(model, tokenizer, meta, path)
 
 
-def check_meta(meta: dict, where: Path) -> None:
-    """Refuse a meta.json whose fields the stages use (task, template, sampling defaults, data settings)
-    hold values llmstages never writes; unknown keys (older or newer versions) are ignored."""
-    import dataclasses
-
-    from llmstages.config import PARSER, DataConfig, GenerateConfig
-    from llmstages.templates import TEMPLATES
-
-    problems = []
-    if not isinstance(meta.get("task", ""), str):
-        problems.append(("task", "expected a string"))
-    template = meta.get("template")
-    if template is not None and not (isinstance(template, str) and template in TEMPLATES):
-        problems.append(("template", f"{template!r:.40} is not one of {', '.join(TEMPLATES)}"))
-    sections = {}
-    for key, section, cls in (("generate", "generate", GenerateConfig), ("data_settings", "data", DataConfig)):
-        value = meta.get(key)
-        if value is not None and not isinstance(value, dict):
-            problems.append((key, "expected an object"))
-        elif value:
-            known = {f.name for f in dataclasses.fields(cls)}
-            sections[section] = {k: v for k, v in value.items() if k in known}
-    problems += [(p.replace("data.", "data_settings.", 1), m) for p, m in PARSER.parse(sections)[1]]
-    if problems:
-        raise UserError(f"{where}: corrupt checkpoint metadata:\n  " + "\n  ".join(f"{p}: {m}" for p, m in problems),
-                        hint="load another checkpoint of the run")
-
-
 def load_tokenizer(ref: str | Path, store: Store | None = None) -> Tokenizer:
     """Only the tokenizer of a MODEL reference (no weights loaded): used to prepare fine-tuning data."""
     ref = str(ref)
@@ -194,25 +167,10 @@ def load_train_state(path: Path) -> tuple[dict, dict]:
     return tensors, info
 
 
-def read_meta(path: Path) -> dict:
-    """A checkpoint's meta.json (stage, step, metrics, parent, fingerprints, template, data settings),
-    its fields checked (exit 2 naming the file when corrupt)."""
-    meta = read_json(path / META, what="checkpoint metadata (meta.json)")
-    check_meta(meta, path / META)
-    return meta
-
-
-def read_model_json(path: Path) -> dict:
-    """A checkpoint's model.json as plain data, unchecked (what `show` prints)."""
-    return read_json(path / CONFIG, what="model config (model.json)")
-
-
-def parent_info(ref: str, ckpt: Checkpoint) -> dict:
-    """What a child checkpoint records about where it started (shown by `llmstages show` as lineage)."""
-    info = {"ref": ref, "task": ckpt.meta.get("task"), "step": ckpt.meta.get("step")}
-    if ckpt.path is not None:
-        info.update(path=str(ckpt.path.resolve()), fingerprint=manifest_fingerprint(ckpt.path))
-    return info
+def parent_info(ref: str, ckpt: Checkpoint, store: Store | None = None) -> dict:
+    """What a child checkpoint records about where it started (shown by `llmstages show` as lineage);
+    the parent's folder is stored relative to `store` when it lies inside it, so a copied store keeps working."""
+    return parent_record(ref, ckpt.meta, ckpt.path, store.root if store is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -338,28 +296,3 @@ def _harmless_change(path: str, old, new) -> bool:
         default = default.get(key) if isinstance(default, dict) else None
     return old is None and new == default
 
-
-def lineage(ckpt_path: Path, store: Store) -> list[dict]:
-    """The chain of parents of a checkpoint, newest first, each as its meta.json (as far as it can be read)."""
-    chain, path, seen = [], ckpt_path, set()
-    while path is not None and path not in seen:
-        seen.add(path)
-        try:
-            meta = read_json(path / META, what="checkpoint metadata (meta.json)")
-        except UserError:
-            chain.append({"ref": str(path), "missing": True})
-            break
-        meta["ref"] = str(path)
-        chain.append(meta)
-        parent = meta.get("parent")
-        if not isinstance(parent, dict) or not parent:
-            break
-        parent_ref = str(parent.get("ref", ""))
-        if parent_ref.startswith("hf:"):
-            chain.append({"ref": parent_ref, "task": "pretrained (Hugging Face)"})
-            break
-        candidate = Path(str(parent.get("path", "")))
-        path = candidate if candidate.is_dir() else None
-        if path is None:
-            chain.append({"ref": parent_ref, "missing": True})
-    return chain

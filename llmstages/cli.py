@@ -19,7 +19,30 @@ from rich.table import Table
 from llmstages.errors import StopTraining, UserError
 from llmstages.jsonio import dumps
 
+
+def _plain_metavars(params: list) -> list:
+    """Help without type placeholders that say nothing: a flag (`--json`) takes no value, so no `<bool>`;
+    an argument is shown by its name in capitals (MODEL), as the docstrings and the README write it."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+        elif param.param_type_name == "argument" and param.metavar is None:
+            param.metavar = param.name.upper()
+    return params
+
+
+class _Command(typer.core.TyperCommand):
+    def get_params(self, ctx):  # the parameters as help and usage show them
+        return _plain_metavars(super().get_params(ctx))
+
+
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx):
+        return _plain_metavars(super().get_params(ctx))
+
+
 app = typer.Typer(
+    cls=_Group,
     name="llmstages",
     help="Pretrain and fine-tune GPT-style language models: prepare -> pretrain -> finetune -> generate.",
     no_args_is_help=True,
@@ -66,19 +89,24 @@ def recipes() -> None:
 
 
 @app.command()
-def runs() -> None:
+def runs(as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {store, runs}.")) -> None:
     """List the runs in the store: checkpoints, best metric, last logged figures.
 
-    Example: llmstages --store ./store runs
+    In a pipe the rows are plain tab-separated lines with whole run names.
+
+    Examples:\n
+      llmstages --store ./store runs\n
+      llmstages runs | cut -f1\n
+      llmstages runs --json
     """
     from llmstages.stages.browse import print_runs
-    print_runs(console, _store())
+    print_runs(console, _store(), as_json=as_json)
 
 
 @app.command()
 def show(model: str = typer.Argument(..., help="Run name, run@STEP, or checkpoint folder."),
          as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
-    """Show a checkpoint: model config, metrics and lineage (its parent checkpoints).
+    """Show a checkpoint: model config, training data, metrics and lineage (its parent checkpoints).
 
     Example: llmstages show finetune-spam@best
     """
@@ -117,7 +145,7 @@ def prepare(
     Examples:\n
       LLMSTAGES_DATA=../shared/data llmstages prepare quickstart\n
       llmstages prepare shakespeare data.vocab_size=1024 data.val_fraction=0.1\n
-      llmstages prepare my-recipe.yaml data.source=notes/ data.skip_bad=true --force\n
+      llmstages prepare my-recipe.yaml data.source=notes/ data.skip_bad=true\n
       llmstages prepare finetune-spam data.tokenizer=../shared/data/gpt2-tokenizer
     """
     from llmstages.config import load_recipe
@@ -210,7 +238,8 @@ def _train(stage_fn, stage: str, recipe, resume: bool, allow_change: bool, dry_r
 @app.command()
 def evaluate(
     model: str = typer.Argument(..., help="Run name, run@STEP, checkpoint folder, or hf:DIR_OR_ID."),
-    data: list[str] = typer.Option(..., "--data", "-d", help="Data file(s), folder or glob; repeatable."),
+    data: list[str] = typer.Option(..., "--data", "-d", help="Data file(s), folder or glob; repeatable.",
+                                   metavar="PATH"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate at most N examples / documents."),
     template: Optional[str] = typer.Option(
@@ -221,15 +250,18 @@ def evaluate(
                                   "the last, e.g. spam) when its probability is >= P; 0 = the most likely class. "
                                   "Default: the recipe's classify.threshold.", metavar="P"),
 ) -> None:
-    """Evaluate MODEL on data: loss, perplexity and bits per byte for text; accuracy, per-class F1 and the
-    confusion matrix for classifiers; response loss, exact match and ROUGE-L for instruction models.
+    """Evaluate MODEL on data: loss and bits per byte, classifier accuracy and F1, or instruction scores.
+
+    Text gets loss, perplexity and bits per byte; a classifier gets accuracy, per-class F1 and the confusion matrix; an instruction model gets response loss, exact match and ROUGE-L.
+
+    --threshold 0.8 labels a text spam only at 80% or more. --template alpaca scores a base model on instruction data, to compare it with its fine-tuned child.
 
     Examples:\n
       llmstages evaluate quickstart --data ../shared/data/the-verdict.txt\n
       llmstages evaluate finetune-spam --data sms.tsv --json\n
-      llmstages evaluate finetune-spam --data sms.tsv --threshold 0.8   (spam only at 80% or more)\n
+      llmstages evaluate finetune-spam --data sms.tsv --threshold 0.8\n
       llmstages evaluate finetune-instruct --data held-out.json --limit 50 --json\n
-      llmstages evaluate quickstart --data held-out.json --template alpaca --json   (the base, for comparison)
+      llmstages evaluate quickstart --data held-out.json --template alpaca --json
     """
     from llmstages.runtime import set_threads
     from llmstages.stages.evaluate import evaluate as run_evaluate
@@ -244,7 +276,8 @@ def evaluate(
         print(dumps(result))
     elif "per_class" in result:
         from llmstages.stages.classify import print_metrics
-        print_metrics(console, f"evaluate {model} ({result['examples']:,} texts)", result)
+        n = result["examples"]
+        print_metrics(console, f"evaluate {model} ({n:,} text{'s' if n != 1 else ''})", result)
     else:
         from rich.markup import escape
 
@@ -272,13 +305,13 @@ def classify(
 ) -> None:
     """Print the predicted label and its probability for each text.
 
-    The table (or --json) lists the texts in the order given; --json adds every class's probability.
+    The table (or --json) lists the texts in the order given; --json adds every class's probability. --threshold 0.9 labels a text spam only at 90% or more: fewer ham lost as spam.
 
     Examples:\n
-      llmstages classify finetune-spam "WINNER! Claim your free prize now" "See you at 6?"\n
+      llmstages classify finetune-spam "WIN a FREE prize now" "See you at 6?"\n
       cat messages.txt | llmstages classify finetune-spam --json\n
       llmstages classify finetune-spam@best - < messages.txt\n
-      llmstages classify finetune-spam --threshold 0.9 "Call me now"   (fewer ham lost as spam)
+      llmstages classify finetune-spam --threshold 0.9 "Call me now"
     """
     from rich.markup import escape
 
@@ -578,6 +611,7 @@ def _quiet_stdout() -> int:
 
 for _info in app.registered_commands:
     _info.callback = _stop_quietly_when_output_closes(_info.callback)
+    _info.cls = _Command  # (app.command() records typer.core.TyperCommand itself)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import difflib
 import math
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -109,7 +110,8 @@ class DataConfig:
 class ModelConfig:
     """The GPT's shape. A named size fills the numbers not given explicitly."""
 
-    # tiny | small (GPT-2 124M) | medium | large | xl | custom (give every number below).
+    # tiny (2 layers x 64, for tests) | mini (4 x 256, a CPU-sized model) | small (GPT-2 124M) | medium |
+    # large | xl | custom (give every number below).
     size: str = _f("tiny", choices=("tiny", "mini", "small", "medium", "large", "xl", "custom"))
     n_layer: int | None = _f(None, ge=1)
     n_head: int | None = _f(None, ge=1)
@@ -497,12 +499,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 
 def recipes_dir() -> Path:
-    """Folder of the built-in recipes (`recipes/` beside the package in a source checkout)."""
-    return Path(__file__).resolve().parent.parent / "recipes"
+    """Folder of the built-in recipes: package data (llmstages/recipes/, shipped in the wheel), found through
+    importlib.resources as an installed package finds it. `recipes/` in a source checkout links here."""
+    return Path(str(resources.files("llmstages") / "recipes"))
 
 
 def builtin_recipes() -> list[Path]:
-    return sorted(recipes_dir().glob("*.yaml"))
+    return sorted(recipes_dir().glob("*.yaml"), key=lambda p: p.stem)
 
 
 def resolve_recipe_path(name: str | Path) -> Path:

@@ -1,12 +1,17 @@
 """`make demo`: every stage of llmstages on a laptop CPU, then one table of what it got.
 
-    python -m llmstages.demo [--store store-demo] [--smoke] [--docs docs]
+    python -m llmstages.demo [--store store-demo] [--smoke]      run it; results stay in the demo's store
+    python -m llmstages.demo --publish docs [--store store-demo]   copy the last results to the README's figures
 
 prepare -> pretrain (quickstart) -> finetune spam -> finetune instruct -> generate / classify /
 instruct samples -> evaluate, each as the `llmstages` command a user would type (printed before it
 runs). Data comes from $LLMSTAGES_DATA when set, otherwise from the recipes' public URLs (checked
 against their sha256). The demo owns its store folder and starts it afresh each time. `--smoke`
 runs the same pipeline on a cut-down recipe (tiny model, a few steps) in a minute or two; CI runs it.
+
+The results (demo-results.json, and loss.png in the quickstart run) stay in the demo's store (ignored by
+git), so a demo run never changes tracked files. The README's figures (docs/demo-results.json,
+docs/quickstart-loss.png) change only when someone means them to: `make demo-docs` runs `--publish docs`.
 """
 
 from __future__ import annotations
@@ -96,9 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", default="store-demo", help="the demo's own store (emptied first)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and few steps (CI)")
-    parser.add_argument("--docs", default="docs", help="where the loss plot and results JSON go ('' = nowhere)")
+    parser.add_argument("--publish", metavar="DOCS", help="run nothing: copy the results of the last demo in "
+                        "--store into DOCS (the README's figures)")
     args = parser.parse_args(argv)
     store = Path(args.store)
+    if args.publish:
+        return publish(store, Path(args.publish))
     if store.exists():
         if any(store.iterdir()) and not (store / DEMO_MARKER).exists():
             console.print(f"[red]demo: {store} exists and is not a store the demo made; nothing was removed[/red]\n"
@@ -148,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_stats = json.loads((dataset_folder(store, "quickstart") / "manifest.json").read_text())["stats"]
     results = {
         "smoke": args.smoke,
+        "precision": demo_precision(),  # what train.precision: auto (the recipes' default) picked here
         "base": {"val_bpb": base_eval["val_bpb"], "val_loss": base_eval["val_loss"], "step": base_eval["step"],
                  "train_tokens_per_s": train_tokens_per_s(base_log)},
         "spam": {"test_accuracy": spam_test["accuracy"], "test_macro_f1": spam_test["f1"],
@@ -166,14 +175,41 @@ def main(argv: list[str] | None = None) -> int:
                     "instruct": [{"instruction": a["prompt"], "response": a["completion"]} for a in answers]},
     }
     print_results(results)
-    if args.docs:
-        docs = Path(args.docs)
-        docs.mkdir(exist_ok=True)
-        suffix = "-smoke" if args.smoke else ""
-        (docs / f"demo-results{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
-        plot = store / "runs" / "quickstart" / "loss.png"
-        if plot.exists():
-            shutil.copyfile(plot, docs / f"quickstart-loss{suffix}.png")
+    (store / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+    console.print(f"results: {store / RESULTS} and {store / LOSS_PLOT}; `make demo-docs` copies them to the "
+                  "README's figures in docs/", highlight=False)
+    return 0
+
+
+def demo_precision() -> dict:
+    """The precision the demo's runs trained in and why: the figures depend on it (README)."""
+    from llmstages.runtime import cpu_has_fast_bf16, resolve_device, resolve_precision
+
+    device = resolve_device("auto")
+    return {"device": device.type, "precision": resolve_precision("auto", device),
+            "cpu_fast_bf16": cpu_has_fast_bf16()}
+
+
+RESULTS = "demo-results.json"
+LOSS_PLOT = "runs/quickstart/loss.png"
+
+
+def publish(store: Path, docs: Path) -> int:
+    """Copy the last demo's results and loss plot into `docs` (the README's figures); a smoke run's
+    figures get a -smoke suffix, so they never replace the full demo's."""
+    results = store / RESULTS
+    if not results.is_file():
+        console.print(f"[red]demo --publish: {results} does not exist[/red]\n  fix: run the demo first "
+                      "(`make demo`), or give its store with --store DIR")
+        return 2
+    suffix = "-smoke" if json.loads(results.read_text()).get("smoke") else ""
+    docs.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(results, docs / f"demo-results{suffix}.json")
+    copied = [docs / f"demo-results{suffix}.json"]
+    if (store / LOSS_PLOT).is_file():
+        shutil.copyfile(store / LOSS_PLOT, docs / f"quickstart-loss{suffix}.png")
+        copied.append(docs / f"quickstart-loss{suffix}.png")
+    console.print(f"copied {', '.join(map(str, copied))} from {store}", highlight=False)
     return 0
 
 

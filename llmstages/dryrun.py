@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -67,8 +68,11 @@ def trainable_layer_count(model: GPT) -> int:
     return len(blocks) - firsts[0] if firsts else 0
 
 
-def estimate(model: GPT, recipe: Recipe, task: TrainTask, console: Console) -> dict:
+def estimate(model: GPT, recipe: Recipe, task: TrainTask, console: Console, data: Path | None = None) -> dict:
+    """The plan of a run measured on real micro-batches; trains nothing and writes no run. `data`: the
+    prepared dataset folder (prepared by this dry run when it was missing: the one thing it writes)."""
     cfg = recipe.train
+    writes = {"writes": f"no run; only the prepared dataset {data}" if data is not None else "no run"}
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     accum = cfg.accumulation(world_size=1)  # the estimate is for one process
@@ -88,7 +92,7 @@ def estimate(model: GPT, recipe: Recipe, task: TrainTask, console: Console) -> d
                       "train.precision=bf16; the measuring steps are skipped.", highlight=False)
         figures = {"task": task.kind, "device": str(device), "precision": precision, "steps": steps,
                    "parameters": num_params(model), "trainable parameters": num_params(model, trainable_only=True),
-                   **planned, "fits": False}
+                   **planned, "fits": False, **writes}
         console.print(summary_table(f"dry run: {recipe.run} (nothing trained)", figures))
         return figures
     model.to(device).train()
@@ -131,11 +135,11 @@ def estimate(model: GPT, recipe: Recipe, task: TrainTask, console: Console) -> d
         "estimated time (min)": round(per_micro * accum * steps / 60, 2),
         "peak memory (MiB, measured)": round(peak_device_mb(device) or peak_rss_mb(), 1),
         "optimizer state (MiB)": round(state_mb, 1),
-        **planned, "fits": True,
+        **planned, "fits": True, **writes,
     }
     if task.examples_per_epoch:
         figures["epochs"] = round(steps * cfg.global_batch_size / task.examples_per_epoch, 2)
     console.print("[bold]resolved recipe[/bold]")
     console.print(dump_yaml(recipe), markup=False, highlight=False)
-    console.print(summary_table(f"dry run: {recipe.run} (nothing trained; the data is prepared if it was not)", figures))
+    console.print(summary_table(f"dry run: {recipe.run} (nothing trained)", figures))
     return figures

@@ -20,6 +20,7 @@ is written after it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
 import shutil
@@ -234,7 +235,8 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
                                  f"{resume_command(stage, recipe)}")
                 raise StopTraining(stop.signum or signal.SIGTERM)
             if patience_out:
-                run.progress.message(f"early stop: {cfg.best_metric} has not improved for {cfg.patience} evaluations")
+                run.progress.message(f"early stop: {cfg.best_metric} has not improved for {cfg.patience} "
+                                     f"evaluation{'s' if cfg.patience != 1 else ''}")
                 stopped_early = True
                 break
             if state.step >= plan.last:
@@ -295,6 +297,9 @@ def start_or_resume(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: Trai
         # checkpoints (a run killed before its first one): drop the old run's log entirely.
         log = RunLog(run_dir)
         log.truncate_after(state.step)
+        if importlib.util.find_spec("matplotlib") is None:  # said once here, not at every evaluation
+            print("note: matplotlib is not installed, so no loss.png is drawn (log.jsonl has every figure); "
+                  "pip install 'llmstages[plot]' draws it", file=sys.stderr)
         if not resume:
             log.plot_path.unlink(missing_ok=True)
             shutil.rmtree(run_dir / TENSORBOARD_DIR, ignore_errors=True)  # the old run's train.loggers events

@@ -314,6 +314,11 @@ class Store:
         else:
             raise UserError(f"{ref}: after @ give best, latest or a step number")
         if found is None:
+            steps = [int(STEP_RE.fullmatch(p.name).group(1)) for p in store.checkpoints(run)]
+            if steps and which is not None and which.isdigit():
+                raise UserError(f"{ref}: run {run!r} has no committed checkpoint at step {int(which)}",
+                                hint=f"its checkpoints are at step{'s' if len(steps) > 1 else ''} "
+                                     f"{', '.join(map(str, steps))}: e.g. {run}@{steps[-1]}")
             raise UserError(f"{ref}: run {run!r} has no committed checkpoint" + (f" for @{which}" if which else ""),
                             hint="train it first, or resume it with --resume")
         return found

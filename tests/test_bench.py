@@ -70,3 +70,15 @@ def test_packing_benchmark_runs_on_tiny_settings(data_file):
     assert padded["examples_per_step"] == 4 and packed["examples_per_step"] > 6
     assert padded["training_examples"] == packed["training_examples"] == 64
     assert all(0 <= v["padding_share"] < 0.5 and v["tokens_per_s"] > 0 for v in (padded, packed))
+
+
+def test_browse_benchmark_runs_on_tiny_settings(tmp_path):
+    result = bench(str(BENCH / "bench_browse.py"), "--store", str(tmp_path / "none"), "--repeats", "1")
+    assert result.returncode != 0 and "no runs in" in result.stderr  # an empty store is an error, not 0 s
+    assert '"browse": ["bench_browse.py"]' in (BENCH / "run_all.py").read_text()  # part of make bench
+    result = bench(str(BENCH / "bench_browse.py"), "--runs", "2", "--repeats", "1", "--store", "",
+                   timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["benchmark"] == "browse" and set(figures["commands"]) == {"runs", "show", "recipes", "help"}
+    assert not any(f["imports_torch"] for f in figures["commands"].values())

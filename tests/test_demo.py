@@ -14,13 +14,21 @@ def test_demo_smoke_runs_every_stage(tmp_path):
     need_data("sms_spam/SMSSpamCollection.tsv")
     need_data("instruction-data.json")
     env = dict(os.environ, LLMSTAGES_DATA=str(DATA_ROOT), PYTHONUNBUFFERED="1", COLUMNS="160")
-    result = subprocess.run([sys.executable, "-m", "llmstages.demo", "--smoke", "--store", str(tmp_path / "store"),
-                             "--docs", str(tmp_path / "docs")], capture_output=True, text=True, env=env, timeout=900)
+    result = subprocess.run([sys.executable, "-m", "llmstages.demo", "--smoke", "--store", str(tmp_path / "store")],
+                            capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["store"]  # nothing written outside the demo's store
+    published = subprocess.run([sys.executable, "-m", "llmstages.demo", "--store", str(tmp_path / "store"),
+                                "--publish", str(tmp_path / "docs")], capture_output=True, text=True, env=env,
+                               timeout=120, cwd=tmp_path)
+    assert published.returncode == 0, published.stderr
+    assert (tmp_path / "docs" / "demo-results-smoke.json").read_bytes() == \
+        (tmp_path / "store" / "demo-results.json").read_bytes()
     for command in ("llmstages prepare quickstart", "llmstages pretrain quickstart", "llmstages finetune --task spam",
                     "llmstages finetune --task instruct", "llmstages evaluate", "llmstages classify"):
         assert command in result.stderr  # each stage shown as the command a user types
     figures = json.loads((tmp_path / "docs" / "demo-results-smoke.json").read_text())
+    assert figures["precision"]["precision"] in ("fp32", "bf16")  # the figures say which precision made them
     runs = tmp_path / "store" / "runs"
     # The reported figures are the ones the stages wrote (not ranges a wrong figure would also fall in).
     last_eval = [r for r in map(json.loads, (runs / "quickstart/log.jsonl").read_text().splitlines())
@@ -48,7 +56,22 @@ def test_demo_never_empties_a_folder_it_did_not_make(tmp_path):
     mine = tmp_path / "store"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
-    result = subprocess.run([sys.executable, "-m", "llmstages.demo", "--store", str(mine), "--docs", ""],
+    result = subprocess.run([sys.executable, "-m", "llmstages.demo", "--store", str(mine)],
                             capture_output=True, text=True, env=dict(os.environ, COLUMNS="160"), timeout=120)
     assert result.returncode == 2 and "not a store the demo made" in result.stderr
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_publish_copies_the_last_results_and_refuses_a_store_without_them(tmp_path):
+    store, docs = tmp_path / "store-demo", tmp_path / "docs"
+    env = dict(os.environ, COLUMNS="160")
+    publish = [sys.executable, "-m", "llmstages.demo", "--store", str(store), "--publish", str(docs)]
+    missing = subprocess.run(publish, capture_output=True, text=True, env=env, timeout=120)
+    assert missing.returncode == 2 and "demo-results.json does not exist" in missing.stderr and not docs.exists()
+    (store / "runs" / "quickstart").mkdir(parents=True)
+    (store / "demo-results.json").write_text(json.dumps({"smoke": False, "total_seconds": 1.0}))
+    (store / "runs" / "quickstart" / "loss.png").write_bytes(b"png")
+    done = subprocess.run(publish, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((docs / "demo-results.json").read_text())["total_seconds"] == 1.0  # the full demo's names
+    assert (docs / "quickstart-loss.png").read_bytes() == b"png"

@@ -92,6 +92,9 @@ def test_dry_run_prints_the_plan_and_writes_nothing(cli, recipe, store_dir):
         assert figure in result.stderr
     assert "max_steps: 100" in result.stderr  # the resolved recipe
     assert not (store_dir / "runs").exists()
+    # what it does write, as the README says: the prepared dataset, which the table names
+    [dataset] = (store_dir / "data").iterdir()
+    assert "no run; only the prepared dataset" in " ".join(result.stderr.split()) and dataset.name in result.stderr
 
 
 def test_dry_run_with_a_time_budget_estimates_the_steps(cli, recipe, store_dir):

@@ -220,9 +220,12 @@ def test_hf_source_is_exported_once_to_parquet(tmp_path, monkeypatch):
     assert again.path == src.path and again.path.stat().st_mtime_ns == mtime and again.sha256 == src.sha256
 
 
-def test_hf_source_from_a_local_folder_offline(tmp_path, monkeypatch):
-    """`datasets.load_dataset` on a local folder of jsonl files: no network involved."""
+def test_hf_source_from_a_local_folder_offline(tmp_path, monkeypatch, capfd):
+    """`datasets.load_dataset` on a local folder of jsonl files: no network involved, and none of the
+    progress bars `datasets` draws on its own ("Generating train split", "Creating parquet")."""
     import datasets
+
+    datasets.enable_progress_bars()  # as a fresh process has them
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -233,6 +236,8 @@ def test_hf_source_from_a_local_folder_offline(tmp_path, monkeypatch):
     [src] = resolve_sources([f"hf:{folder}:train"], [], [], Store(tmp_path / "store"))
     import pyarrow.parquet as pq
     assert pq.read_table(src.path).column("text").to_pylist() == ["alpha", "beta"]
+    out, err = capfd.readouterr()
+    assert "%|" not in out + err and "Generating" not in out + err and "it/s" not in out + err
 
 
 def test_hf_load_failure_is_a_user_error(tmp_path, monkeypatch):

@@ -191,11 +191,27 @@ def read_examples(paths: list[str], task: str, cfg: DataConfig, *, template: str
             for item in file_examples(path, str(path), file_format(path, cfg.format), task, cfg, template):
                 (bad if isinstance(item, BadRecord) else examples).append(item)
     if bad:
-        raise UserError(f"{len(bad)} bad record{'s' if len(bad) > 1 else ''} in the evaluation data:\n"
-                        + listed([str(b) for b in bad]), hint="fix them, or evaluate on other files")
+        raise BadExamples(bad)
     if not examples:
         raise UserError(f"no examples found in {', '.join(paths)}")
     return examples[:limit] if limit else examples
+
+
+class BadExamples(UserError):
+    """Bad records in evaluation data, each distinct problem listed once with its count and first places
+    (a whole file of the wrong kind is one problem, not a line per record)."""
+
+    def __init__(self, bad: list[BadRecord], hint: str = "fix them, or evaluate on other files"):
+        self.bad = bad
+        groups: dict[str, list[str]] = {}  # reason -> where it happened
+        for record in bad:
+            groups.setdefault(record.reason, []).append(record.where)
+        lines = [f"{wheres[0]}: {reason}" + (f"  [{len(wheres)} records like this, also {', '.join(wheres[1:3])}"
+                                             f"{', ...' if len(wheres) > 3 else ''}]" if len(wheres) > 1 else "")
+                 for reason, wheres in sorted(groups.items(), key=lambda item: -len(item[1]))]
+        kinds = f"{len(groups)} distinct problem{'s' if len(groups) != 1 else ''}"
+        super().__init__(f"{len(bad)} bad record{'s' if len(bad) != 1 else ''} in the evaluation data "
+                         f"({kinds}):\n" + listed(lines), hint=hint)
 
 
 def data_settings(meta: dict) -> DataConfig:

@@ -11,6 +11,7 @@ change makes a new one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -62,8 +63,11 @@ class Plan:
     folder: Path
 
 
-def make_plan(recipe: Recipe, store: Store, *, console: Console | None = None) -> Plan:
-    """Resolve the sources (mirror, cache or download), pick the tokenizer and compute the fingerprint."""
+def make_plan(recipe: Recipe, store: Store, *, console: Console | None = None, reuse: bool = True) -> Plan:
+    """Resolve the sources (mirror, cache or download), pick the tokenizer and compute the fingerprint.
+
+    The plan's folder is `data/<name>-<fingerprint[:12]>`; with `reuse`, when that is not prepared yet, a
+    committed dataset of the same fingerprint under another name (a fine-tune with a new run name) instead."""
     data = recipe.data
     if not data.source:
         raise UserError("data.source is empty", hint="give a file, folder, glob, URL or hf:ORG/NAME in the recipe's data section")
@@ -89,7 +93,22 @@ def make_plan(recipe: Recipe, store: Store, *, console: Console | None = None) -
     name = data.name or recipe.run or "dataset"
     if not RUN_NAME_RE.fullmatch(name):
         raise UserError(f"data.name: {name!r} cannot name a folder in the store", hint="use letters, digits, '.', '_' and '-'")
-    return Plan(recipe, name, files, formats, choice, fingerprint, store.data_dir(f"{name}-{fingerprint[:12]}"))
+    folder = store.data_dir(f"{name}-{fingerprint[:12]}")
+    if reuse and not is_committed(folder):
+        folder = same_fingerprint(store, fingerprint) or folder
+    return Plan(recipe, name, files, formats, choice, fingerprint, folder)
+
+
+def same_fingerprint(store: Store, fingerprint: str) -> Path | None:
+    """A committed dataset in the store with exactly this fingerprint, whatever its name (the newest)."""
+    root = store.data_dir("x").parent
+    found = []
+    for folder in root.glob(f"*-{fingerprint[:12]}") if root.is_dir() else ():
+        if is_committed(folder) and not folder.name.startswith("."):
+            with contextlib.suppress(OSError, ValueError):  # an unreadable manifest: not a match
+                if json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("fingerprint") == fingerprint:
+                    found.append(folder)
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 def find_prepared(recipe: Recipe, store: Store) -> PreparedDataset | None:

@@ -405,9 +405,9 @@ def read_parquet(path: Path, display: str) -> Iterator[Record | BadRecord]:
 def read_hf_stream(spec: str, skip: int = 0) -> Iterator[Record | BadRecord]:
     """Rows of `hf:ORG/NAME[:split]` read with `datasets` in streaming mode (nothing downloaded ahead),
     numbered from 1 like Parquet rows; `skip` rows are passed over first (a resumed prepare)."""
-    import datasets  # heavy; only hf: sources need it
+    from llmstages.data.sources import parse_hf, quiet_datasets
 
-    from llmstages.data.sources import parse_hf
+    datasets = quiet_datasets()
 
     name, split = parse_hf(spec)
     try:

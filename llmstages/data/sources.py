@@ -305,10 +305,21 @@ def parse_hf(spec: str) -> tuple[str, str]:
     return name, split
 
 
+def quiet_datasets():
+    """`datasets`, imported with its own progress bars (and the hub's download bars) off: a prepare shows
+    llmstages' progress only, and a log or a pipe gets no tqdm lines."""
+    import datasets  # heavy; only hf: sources need it
+    from huggingface_hub.utils import disable_progress_bars as hub_bars_off
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()  # "Generating train split" and similar notes
+    hub_bars_off()
+    return datasets
+
+
 def _hf_source(spec: str, store: Store, console: Console | None) -> SourceFile:
     """Load a Hugging Face dataset split and export it once to Parquet in the cache."""
-    import datasets  # heavy; only hf: sources need it
-
+    datasets = quiet_datasets()
     name, split = parse_hf(spec)
     try:
         dataset = datasets.load_dataset(name, split=split, cache_dir=str(store.cache_dir() / "hf"))

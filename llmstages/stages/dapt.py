@@ -67,7 +67,8 @@ def domain_adapt(base: Checkpoint, data: PreparedDataset, recipe: Recipe, store:
         model = base.model
         set_dropout(model, recipe.model.dropout)
         task = dapt_task(model.config.block_size, base.tokenizer, data, sub)
-        train(model, base.tokenizer, sub, task, store, stage="dapt", parent=parent_info(recipe.init_from, base),
+        parent = parent_info(recipe.init_from, base, store)
+        train(model, base.tokenizer, sub, task, store, stage="dapt", parent=parent,
               resume=resume and latest is not None, allow_change=allow_change, console=console)
         latest = store.latest(sub.run)
     # Always the committed weights, read back: a straight run and a resumed one start the head alike.

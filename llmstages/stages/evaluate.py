@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 
 from llmstages.checkpoint import Checkpoint, load_checkpoint
-from llmstages.data.examples import data_settings, read_examples
+from llmstages.data.examples import BadExamples, data_settings, read_examples
 from llmstages.data.windows import fixed_windows
 from llmstages.errors import UserError
 from llmstages.objectives import lm_metrics
@@ -29,7 +29,14 @@ def evaluate_text(ckpt: Checkpoint, paths: list[str], *, limit: int | None = Non
     model's context; every token after the first of each window is predicted once.
     """
     cfg = data_settings(ckpt.meta)
-    documents = read_examples(paths, "pretrain", cfg, limit=limit)
+    try:
+        documents = read_examples(paths, "pretrain", cfg, limit=limit)
+    except BadExamples as err:
+        if any("instruction" in record.reason.partition("(fields: ")[2] for record in err.bad):  # no --template
+            raise BadExamples(err.bad, hint="these are instruction/response records and the model is a plain "
+                              "language model: add --template alpaca to score its responses (as the "
+                              "instruction models are scored)") from None
+        raise
     tok = ckpt.tokenizer
     ids: list[int] = []
     for encoded in tok.encode_batch([d.text for d in documents]):

@@ -206,11 +206,11 @@ def finetune(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
         from llmstages.stages.classify import classification_task as make_task
     else:
         from llmstages.stages.instruct import instruction_task as make_task
-    parent = parent_info(recipe.init_from, base)
+    parent = parent_info(recipe.init_from, base, store)
     if recipe.task == "classify" and recipe.finetune.dapt_steps and not dry_run:
         from llmstages.stages.dapt import domain_adapt
         base, ref = domain_adapt(base, data, recipe, store, resume=resume, allow_change=allow_change, console=console)
-        parent = parent_info(ref, base)
+        parent = parent_info(ref, base, store)
         resume = resume and bool(store.checkpoints(recipe.run))  # killed during DAPT: the head starts fresh
     model, task = make_task(base, data, recipe, console=console)
     set_dropout(model, recipe.model.dropout)
@@ -222,7 +222,7 @@ def finetune(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
                       highlight=False)
     if dry_run:
         from llmstages.dryrun import estimate
-        return estimate(model, recipe, task, console)
+        return estimate(model, recipe, task, console, data=data.path)
     result = train(model, base.tokenizer, recipe, task, store, stage="finetune",
                    parent=parent, resume=resume, allow_change=allow_change,
                    console=console)

@@ -32,5 +32,5 @@ def merge(model_ref: str, store: Store, *, run: str | None = None) -> Path:
         raise UserError(f"run {run!r} already exists in {store.root}", hint="choose another name with --run NAME")
     merge_lora(ckpt.model)
     meta = {k: v for k, v in ckpt.meta.items() if k not in _OWN}
-    meta.update(stage="merge", parent=parent_info(model_ref, ckpt), created=now_iso())
+    meta.update(stage="merge", parent=parent_info(model_ref, ckpt, store), created=now_iso())
     return save_checkpoint(store, run, int(ckpt.meta.get("step") or 0), ckpt.model, ckpt.tokenizer, meta)

@@ -51,6 +51,8 @@ def get_or_prepare(recipe: Recipe, store: Store, console: Console | None = None,
     console = console or Console(stderr=True)
     plan = make_plan(recipe, store, console=console)
     if is_committed(plan.folder):
+        if not plan.folder.name.startswith(f"{plan.name}-") and is_main_process():
+            console.print(f"using the prepared dataset {plan.folder} (the same data and settings)", highlight=False)
         return PreparedDataset.open(plan.folder)
     if not is_main_process():
         deadline = time.monotonic() + wait_s
@@ -69,7 +71,7 @@ def prepare(recipe: Recipe, store: Store, *, console: Console | None = None, for
     `plan`: the recipe's plan when the caller has made it already (the sources are hashed once)."""
     console = console or Console(stderr=True)
     started = time.perf_counter()
-    plan = plan or make_plan(recipe, store, console=console)
+    plan = plan or make_plan(recipe, store, console=console, reuse=not force)  # --force: under its own name
     if not force and is_committed(plan.folder):
         console.print(f"up to date: {plan.folder} (same input and settings; --force prepares it again)",
                       highlight=False)

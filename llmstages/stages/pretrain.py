@@ -94,7 +94,7 @@ def build_model(recipe: Recipe, store: Store, data: PreparedDataset,
             raise UserError(f"init_from={recipe.init_from} is a classifier; pretraining needs a language model")
         check_tokenizer(ckpt.tokenizer, data, recipe.init_from)
         set_dropout(ckpt.model, recipe.model.dropout)
-        return ckpt.model, ckpt.tokenizer, parent_info(recipe.init_from, ckpt)
+        return ckpt.model, ckpt.tokenizer, parent_info(recipe.init_from, ckpt, store)
     tokenizer = data.tokenizer
     torch.manual_seed(recipe.train.seed)
     return GPT(model_config(recipe.model, tokenizer.vocab_size)), tokenizer, None
@@ -131,6 +131,6 @@ def pretrain(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
     task = pretrain_task(model, tokenizer, data, recipe)
     if dry_run:
         from llmstages.dryrun import estimate
-        return estimate(model, recipe, task, console)
+        return estimate(model, recipe, task, console, data=data.path)
     return train(model, tokenizer, recipe, task, store, stage="pretrain", parent=parent, resume=resume,
                  allow_change=allow_change, console=console)
