@@ -27,6 +27,8 @@ BENCHES = {
     "train": ["bench_train.py"],
     "generate": ["bench_generate.py"],
     "classify": ["bench_classify.py"],
+    # peak memory per process of DDP, FSDP and FSDP + activation checkpointing (2 processes, ~3 GB)
+    "memory": ["bench_memory.py"],
     # 5-fold cross-validation of finetune-spam vs TF-IDF baselines (needs the quickstart base and scikit-learn)
     "spam_cv": ["spam_cv.py"],
     # About 40 minutes: the old and the new pretraining recipe at 2.5, 5 and 10 minutes each.

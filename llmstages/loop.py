@@ -185,7 +185,8 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
     plan = StepPlan(cfg, 0 if cfg.max_time else cfg.total_steps(task.examples_per_epoch), state, dctx, device)
 
     # --- model, optimizer ---------------------------------------------------------------------------
-    model.to(device).train()
+    sharded = dctx.enabled and cfg.strategy == "fsdp"
+    model.to("cpu" if sharded else device).train()  # fsdp moves each process's shards to the device itself
     set_activation_checkpointing(model, cfg.activation_checkpointing)
     stepped = dctx.wrap(model, device, strategy=cfg.strategy, precision=precision, compile=cfg.compile)
     optimizer = build_optimizer(model, cfg, device)  # after sharding: over the shards

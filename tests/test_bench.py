@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -51,3 +53,19 @@ def test_generate_benchmark_runs_on_tiny_settings():
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["benchmark"] == "generate" and figures["new_tokens"] == 4
     assert figures["tokens_per_s_with_cache"] > 0 and figures["tokens_per_s_without_cache"] > 0
+
+
+@pytest.mark.slow
+def test_memory_benchmark_runs_on_tiny_settings():
+    result = bench(str(BENCH / "bench_memory.py"), "--n-layer", "2", "--n-embd", "64", "--block-size", "32",
+                   "--micro-batch", "2", "--vocab-size", "256", "--steps", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["benchmark"] == "memory" and list(figures["variants"]) == ["ddp", "fsdp", "fsdp+ac"]
+    for variant in figures["variants"].values():
+        assert [r["rank"] for r in variant["ranks"]] == [0, 1]
+        assert variant["max_train_peak_rss_mib"] > 0
+    # the same model on the same tokens: every variant ends at the same loss on each rank
+    losses = {name: [r["loss"] for r in v["ranks"]] for name, v in figures["variants"].items()}
+    assert losses["fsdp"] == pytest.approx(losses["ddp"], abs=1e-3) and losses["fsdp+ac"] == pytest.approx(
+        losses["ddp"], abs=1e-3)
