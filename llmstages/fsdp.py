@@ -26,8 +26,11 @@ are restricted here (`_Reader`, `_Planner`) so that loading a checkpoint never r
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -115,7 +118,9 @@ def save_optimizer(tmp: Path | None, model: GPT, optimizer: Optimizers) -> None:
     folder = [str(tmp) if tmp is not None else None]
     if dist.is_initialized():
         dist.broadcast_object_list(folder, src=0)
-    dcp.save({"optimizer": optimizer_state(model, optimizer)}, checkpoint_id=Path(folder[0]) / OPTIMIZER_DIR)
+    with _one_process_is_fine():
+        dcp.save({"optimizer": optimizer_state(model, optimizer)}, checkpoint_id=Path(folder[0]) / OPTIMIZER_DIR,
+                 no_dist=not dist.is_initialized())
 
 
 def has_sharded_optimizer(path: Path) -> bool:
@@ -133,7 +138,8 @@ def load_optimizer(path: Path, model: GPT, optimizer: Optimizers) -> None:
     base_lrs = [group["base_lr"] for group in optimizer.param_groups]
     state = {"optimizer": optimizer_state(model, optimizer)}
     try:
-        dcp.load(state, storage_reader=_Reader(folder), planner=_Planner())
+        with _one_process_is_fine():
+            dcp.load(state, storage_reader=_Reader(folder), planner=_Planner(), no_dist=not dist.is_initialized())
     except (Exception, CheckpointException) as err:  # DCP wraps every rank's failure in one (a BaseException)
         raise UserError(f"{folder}: the sharded optimizer state does not load ({_reason(err)})",
                         hint="resume from an earlier checkpoint of the run (run@STEP)") from None
@@ -153,7 +159,9 @@ def read_optimizer_files(path: Path) -> dict:
     """The whole sharded optimizer state of checkpoint `path`, read by one process (for verify)."""
     state: dict = {}  # filled from the index (dcp.load would keep only the keys given), as dcp_to_torch_save does
     try:
-        _load_state_dict(state, storage_reader=_Reader(path / OPTIMIZER_DIR), planner=_EmptyPlanner(), no_dist=True)
+        with _one_process_is_fine():
+            _load_state_dict(state, storage_reader=_Reader(path / OPTIMIZER_DIR), planner=_EmptyPlanner(),
+                             no_dist=True)
     except (Exception, CheckpointException) as err:  # a missing shard, a refused index, a truncated file
         raise UserError(f"{path / OPTIMIZER_DIR}: unreadable sharded optimizer state ({_reason(err)})") from None
     return state
@@ -196,6 +204,14 @@ class _Planner(_SafeBytes, DefaultLoadPlanner):
 
 class _EmptyPlanner(_SafeBytes, _EmptyStateDictLoadPlanner):
     pass
+
+
+@contextlib.contextmanager
+def _one_process_is_fine() -> Iterator[None]:
+    """DCP warns at every save and load without a process group; one process is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _reason(err: BaseException) -> str:

@@ -40,8 +40,8 @@ def launch(store, *args, procs=1, env=None, timeout=600):
                           env=dict(ENV, **(env or {})), timeout=timeout)
 
 
-def log(store) -> list[dict]:
-    return [json.loads(line) for line in (Path(store) / "runs/syn/log.jsonl").read_text().splitlines()]
+def log(store, run="syn") -> list[dict]:
+    return [json.loads(line) for line in (Path(store) / "runs" / run / "log.jsonl").read_text().splitlines()]
 
 
 def figures(records):
@@ -242,6 +242,7 @@ def test_fsdp_refuses_muon_and_rollback():
     assert build_recipe({"train": {"strategy": "fsdp", "activation_checkpointing": True}}).train.strategy == "fsdp"
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_a_sharded_optimizer_index_that_asks_for_code_is_refused(tmp_path):
     """DCP writes its index with pickle: reading it back must not run what a hostile file asks for."""
     import torch.distributed.checkpoint as dcp
@@ -258,3 +259,77 @@ def test_a_sharded_optimizer_index_that_asks_for_code_is_refused(tmp_path):
     with pytest.raises(UserError, match="the checkpoint index asks for posix.system"):
         read_optimizer_files(tmp_path)
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.slow
+def test_instruct_finetune_through_the_cli_with_fsdp_and_lora(tmp_path, data_file):
+    """The instruct stage as users run it (rank 0 prepares the data, samples at each eval), LoRA on a
+    sharded base: torchrun with 2 processes logs the 1-process losses."""
+    from llmstages.checkpoint import save_checkpoint
+    from llmstages.templates import format_prompt
+    from llmstages.tokenizer import train_bpe
+
+    source = data_file("instruction-data.json")
+    records = json.loads(source.read_text())[:300]
+    tok = train_bpe([format_prompt("alpaca", r["instruction"], r["input"]) + r["output"] for r in records], 512)
+    for name in ("one", "two"):
+        torch.manual_seed(0)
+        base = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=96, n_layer=2, n_head=2, n_embd=32))
+        save_checkpoint(Store(tmp_path / name), "base", 1, base, tok, {"task": "pretrain"})
+    args = ["finetune", "--task", "instruct", "init_from=base", "run=inst", "train.epochs=0", "train.max_steps=4",
+            "train.micro_batch_size=4", "train.global_batch_size=8", "train.eval_every=2", "train.eval_batches=2",
+            "train.warmup_steps=1", "train.log_every=1", "train.precision=fp32", "finetune.eval_samples=1",
+            "finetune.trainable=lora", "train.strategy=fsdp"]
+    env = dict(ENV, LLMSTAGES_DATA=str(source.parent))
+    single = subprocess.run([sys.executable, "-m", "llmstages", "--store", str(tmp_path / "one"), *args],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",
+                             str(next(_ports)), "-m", "llmstages", "--store", str(tmp_path / "two"), *args],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = log(tmp_path / "one", "inst"), log(tmp_path / "two", "inst")
+    assert_close(two, one)
+    assert all(len(r["samples"]) == 1 for r in two if "val_loss" in r)
+    assert verify_checkpoint(Store(tmp_path / "two").latest("inst")) == []
+
+
+@pytest.mark.slow
+def test_fsdp_in_bf16_trains_close_to_fp32(tmp_path, two):
+    """MixedPrecisionPolicy: bf16 gathered weights and compute, fp32 gradient averaging and masters."""
+    result = launch(tmp_path, "train.precision=bf16", procs=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bf16 on cpu x 2 processes (fsdp)" in result.stderr
+    bf16 = [r["loss"] for r in log(tmp_path) if "loss" in r]
+    fp32 = [r["loss"] for r in log(two) if "loss" in r]
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05)
+
+
+def test_the_optimizer_state_round_trips_through_dcp_in_one_process(tmp_path):
+    """save_optimizer / load_optimizer without a process group (an fsdp run on one process, or a resume
+    on one process): the same state back, this recipe's base_lr kept, the saved lr restored."""
+    from llmstages.fsdp import load_optimizer, save_optimizer
+    from llmstages.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    cfg = build_recipe({"train": {"lr": 1e-2, "min_lr": 1e-3}}).train
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    x = torch.randint(0, 64, (2, 16))
+    for _ in range(2):
+        model(x, targets=x).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    save_optimizer(tmp_path, model, opt)
+
+    again = build_optimizer(model, build_recipe({"train": {"lr": 5e-3, "min_lr": 1e-3}}).train, torch.device("cpu"))
+    load_optimizer(tmp_path, model, again)
+    before, after = opt.state_dict()["adamw"], again.state_dict()["adamw"]
+    assert before["state"].keys() == after["state"].keys() and len(before["state"]) > 0
+    for key, state in before["state"].items():
+        assert all(torch.equal(state[name], after["state"][key][name]) for name in ("step", "exp_avg", "exp_avg_sq"))
+    assert [g["base_lr"] for g in again.param_groups] == [5e-3, 5e-3]  # the new recipe's, as after --allow-change
+
+    (tmp_path / "optimizer" / "__0_0.distcp").write_bytes(b"truncated")
+    with pytest.raises(UserError, match="the sharded optimizer state does not load"):
+        load_optimizer(tmp_path, model, build_optimizer(model, cfg, torch.device("cpu")))
