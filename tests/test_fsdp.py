@@ -128,7 +128,7 @@ def two_nodes(stores, *args):
     machines would; node r trains with store stores[r]."""
     port = str(next(_ports))
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(r),
-                               "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                               "--nproc_per_node", "1", "--local-addr", "127.0.0.1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
                                "--rdzv-id", "test", str(SCRIPT), str(stores[r]), STEPS, *FSDP, *args],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for r in (0, 1)]
     return [(p.wait(timeout=600), p.stderr.read()) for p in procs]
