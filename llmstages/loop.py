@@ -33,9 +33,8 @@ import torch
 import torch.nn as nn
 from rich.console import Console
 
-from llmstages import __version__, spikes
+from llmstages import __version__, fsdp, spikes
 from llmstages.budget import StepPlan
-from llmstages import fsdp
 from llmstages.checkpoint import check_disk, load_for_resume, nonfinite, restore_optimizer, save_checkpoint
 from llmstages.config import Recipe, dump_yaml, to_dict
 from llmstages.distributed import DistContext, check_shared_store, init_distributed
@@ -404,14 +403,14 @@ def commit(run: Run, state: RunState, improved: bool, last_ckpt: Path | None) ->
                                hint="lower train.lr or train.weight_decay, raise train.warmup_steps; "
                                     "then resume with --resume --allow-change")
     dctx.mean_(state.loss_sum)
-    sharded = recipe.train.strategy == "fsdp"
-    weights = fsdp.full_state(run.raw_model) if sharded else None  # every rank joins the gather
-    shards = (lambda tmp: fsdp.save_optimizer(tmp, run.raw_model, run.optimizer)) if sharded else None
+    fsdp_format = recipe.train.strategy == "fsdp"  # one process too: the format follows the recipe
+    weights = fsdp.full_state(run.raw_model) if fsdp_format else None  # every rank joins the gather
+    shards = (lambda tmp: fsdp.save_optimizer(tmp, run.raw_model, run.optimizer)) if fsdp_format else None
     path = None
     if not dctx.is_main and shards is not None:
         shards(None)  # into the folder rank 0 opens
     if dctx.is_main:
-        saved = state.to_saved(None if sharded else run.optimizer.state_dict(), world_size=dctx.world_size,
+        saved = state.to_saved(None if fsdp_format else run.optimizer.state_dict(), world_size=dctx.world_size,
                                seed=recipe.train.seed, accum=run.accum)
         meta = {"task": run.task.kind, "stage": run.stage, "metrics": state.metrics, "parent": run.parent,
                 "data_fingerprint": run.task.data_fingerprint, "tokens_seen": state.tokens_seen, "created": now_iso(),
