@@ -148,8 +148,9 @@ def load_optimizer(path: Path, model: GPT, optimizer: Optimizers) -> None:
     for group, base_lr in zip(optimizer.param_groups, base_lrs):
         group["base_lr"] = base_lr
     bad = torch.tensor([float(bool(nonfinite(state)))])
-    if dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank checked its own shards
+    if dist.is_initialized():  # every rank checked its own shards (nccl reduces CUDA tensors only)
+        bad = bad.cuda() if dist.get_backend() == "nccl" else bad
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item():
         raise UserError(f"{folder}: refused: non-finite values in the optimizer state",
                         hint="resume from an earlier checkpoint of the run (run@STEP)")
