@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from llmstages.errors import UserError
@@ -67,8 +67,7 @@ def shard(model: GPT, device: torch.device, precision: str) -> GPT:
         policy = MixedPrecisionPolicy()
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    register_fsdp_forward_method(model, "hidden")  # gathers the root's weights for callers of model.hidden
+    fully_shard(model, mesh=mesh, mp_policy=policy)  # the stages call the model itself (forward), never its parts
     return model
 
 
