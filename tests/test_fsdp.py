@@ -123,22 +123,31 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_process(tmp_path, killed, one)
     assert_close(log(tmp_path), log(one))
 
 
-def two_nodes(stores, *args):
+def two_nodes(stores, *args, logs: Path):
     """Two torchrun agents of one process each, meeting at a c10d rendezvous on 127.0.0.1, as two
-    machines would; node r trains with store stores[r]."""
+    machines would; node r trains with store stores[r]. Returns (exit code, output) per node."""
     port = str(next(_ports))
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(r),
-                               "--nproc_per_node", "1", "--local-addr", "127.0.0.1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-                               "--rdzv-id", "test", str(SCRIPT), str(stores[r]), STEPS, *FSDP, *args],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for r in (0, 1)]
-    return [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    procs = []
+    for r in (0, 1):
+        out = open(logs / f"node{r}.txt", "w")  # a file, not a pipe: a full pipe would stall the whole job
+        procs.append((subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(r), "--nproc_per_node",
+             "1", "--local-addr", "127.0.0.1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+             "--rdzv-id", "test", str(SCRIPT), str(stores[r]), STEPS, *FSDP, *args],
+            stdout=out, stderr=subprocess.STDOUT, env=ENV), out))
+    results = []
+    for proc, out in procs:
+        code = proc.wait(timeout=600)
+        out.close()
+        results.append((code, Path(out.name).read_text()))
+    return results
 
 
 @pytest.mark.slow
 def test_two_nodes_on_localhost_train_into_one_store(tmp_path, two):
     """Activation checkpointing on as well: the same losses as `two` without it."""
     store = tmp_path / "shared"
-    results = two_nodes([store, store], "train.activation_checkpointing=true")
+    results = two_nodes([store, store], "train.activation_checkpointing=true", logs=tmp_path)
     assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
     assert sorted(p.name for p in (store / "runs/syn").glob("step-*")) == ["step-000008", "step-000012"]
     assert_close(log(store), log(two))
@@ -147,7 +156,7 @@ def test_two_nodes_on_localhost_train_into_one_store(tmp_path, two):
 
 @pytest.mark.slow
 def test_two_nodes_with_separate_stores_are_refused_before_training(tmp_path):
-    results = two_nodes([tmp_path / "a", tmp_path / "b"])
+    results = two_nodes([tmp_path / "a", tmp_path / "b"], logs=tmp_path)
     assert all(code != 0 for code, _ in results)
     text = results[0][1] + results[1][1]
     assert "is not one filesystem shared by every process" in text and "rank 1 on" in text
