@@ -129,14 +129,14 @@ def check_shared_store(dctx: DistContext, root: Path, wait_s: float = 10.0) -> N
     while not (seen := _reads(probe, nonce[0])) and time.monotonic() < deadline:
         time.sleep(0.2)
     found: list = [None] * dctx.world_size
-    dist.all_gather_object(found, (seen, dctx.rank, socket.gethostname()))
+    dist.all_gather_object(found, (seen, dctx.rank, socket.gethostname(), str(Path(root).resolve())))
     if dctx.is_main:
         probe.unlink(missing_ok=True)
-    blind = [(rank, host) for seen, rank, host in found if not seen]
+    blind = [(rank, host, path) for seen, rank, host, path in found if not seen]
     if blind:
-        where = ", ".join(f"rank {rank} on {host}" for rank, host in blind)
-        raise UserError(f"the store {Path(root).resolve()} is not one filesystem shared by every process: "
-                        f"{where} cannot read the file {probe.name} that rank 0 wrote there",
+        where = ", ".join(f"rank {rank} on {host} (store {path})" for rank, host, path in blind)
+        raise UserError(f"the store is not one filesystem shared by every process: {where} cannot read the file "
+                        f"{probe.name} that rank 0 on {found[0][2]} wrote into {found[0][3]}",
                         hint="put the store on a filesystem every node mounts at the same path (NFS, Lustre, "
                              "...) and pass it to every node: --store DIR or $LLMSTAGES_STORE")
 

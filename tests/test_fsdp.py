@@ -159,7 +159,8 @@ def test_two_nodes_with_separate_stores_are_refused_before_training(tmp_path):
     results = two_nodes([tmp_path / "a", tmp_path / "b"], logs=tmp_path)
     assert all(code != 0 for code, _ in results)
     text = results[0][1] + results[1][1]
-    assert "is not one filesystem shared by every process" in text and "rank 1 on" in text
+    assert "the store is not one filesystem shared by every process: rank 1 on" in text
+    assert str(tmp_path / "a") in text and str(tmp_path / "b") in text  # both paths: the mismatch shows
     assert "--store DIR or $LLMSTAGES_STORE" in text
     assert not (tmp_path / "a" / "runs" / "syn").exists() or not list((tmp_path / "a/runs/syn").glob("step-*"))
 
