@@ -292,15 +292,15 @@ def _verify_sharded_optimizer(path: Path) -> list[str]:
     return []
 
 
-def restore_optimizer(saved: tuple[dict, dict], model: GPT, optimizer: Any) -> None:
+def restore_optimizer(saved: tuple[dict, dict], model: GPT, optimizer: Any, *, sharded: bool) -> None:
     """Load into `optimizer` the state of the checkpoint `saved` (tensors, info) came from: the one in
-    train_state.pt, or (train.strategy=fsdp) the sharded one beside it, resharded onto this run."""
-    from llmstages import fsdp
-
+    train_state.pt, or (train.strategy=fsdp) the sharded one beside it, resharded onto this run
+    (`sharded`: the model is, by FSDP)."""
     tensors, info = saved
     if "optimizer" not in tensors:
+        from llmstages import fsdp  # imported when used: torch.distributed.checkpoint takes ~0.7 s
         fsdp.load_optimizer(Path(info["loaded_from"]), model, optimizer)
-    elif fsdp.is_sharded(model):
+    elif sharded:
         raise UserError(f"{info['loaded_from']}: its optimizer state is one file (a train.strategy=ddp run); "
                         "a train.strategy=fsdp run reads a sharded one",
                         hint="resume with the train.strategy the run started with")
