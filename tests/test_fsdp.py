@@ -343,3 +343,27 @@ def test_the_optimizer_state_round_trips_through_dcp_in_one_process(tmp_path):
     (tmp_path / "optimizer" / "__0_0.distcp").write_bytes(b"truncated")
     with pytest.raises(UserError, match="the sharded optimizer state does not load"):
         load_optimizer(tmp_path, model, build_optimizer(model, cfg, torch.device("cpu")))
+
+
+def test_dry_run_reports_per_process_memory_for_the_launch_it_plans(monkeypatch):
+    """`WORLD_SIZE=N llmstages ... --dry-run` (or the dry run under torchrun): figures per process."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from llmstages.dryrun import estimate
+    from llmstages.loop import TrainTask
+    from llmstages.objectives import lm_loss
+
+    model = GPT(GPTConfig(vocab_size=4096, block_size=16, n_layer=2, n_head=2, n_embd=64))  # ~1 MiB embedding
+    batch = {"input_ids": torch.zeros(2, 16, dtype=torch.long), "targets": torch.zeros(2, 16, dtype=torch.long),
+             "n_tokens": 32}
+    task = TrainTask("pretrain", lambda i: batch, lm_loss, lambda m: {}, "x")
+    recipe = build_recipe({"train": {"strategy": "fsdp", "activation_checkpointing": True, "micro_batch_size": 2,
+                                     "global_batch_size": 8, "max_steps": 3, "device": "cpu", "precision": "fp32"}})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    figures = estimate(model, recipe, task, Console(file=StringIO(), width=200))
+    assert figures["processes"] == 2 and figures["strategy"] == "fsdp" and figures["activation checkpointing"] is True
+    assert figures["micro-batches per step"] == 2  # 8 = 2 per micro-batch x 2 micro-batches x 2 processes
+    assert figures["estimated gathered weights (MiB)"] > 0 and "estimated ddp buckets (MiB)" not in figures
+    assert all(block.checkpointing for block in model.transformer.h)  # measured as it will run
