@@ -31,6 +31,8 @@ BENCHES = {
     "packing": ["bench_packing.py"],
     # `llmstages runs` / show / recipes / --help on the demo's store (or a made-up one): target under 0.5 s
     "browse": ["bench_browse.py"],
+    # peak memory per process of DDP, FSDP and FSDP + activation checkpointing (2 processes, ~3 GB)
+    "memory": ["bench_memory.py"],
     # 5-fold cross-validation of finetune-spam vs TF-IDF baselines (needs the quickstart base and scikit-learn)
     "spam_cv": ["spam_cv.py"],
     # About 40 minutes: the old and the new pretraining recipe at 2.5, 5 and 10 minutes each.

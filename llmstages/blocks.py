@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from llmstages.modelconfig import GPTConfig
 
@@ -200,7 +201,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With `checkpointing` (train.activation_checkpointing) a training forward keeps only the block's
+    input x (B, T, C) for the backward pass, which runs the block again to get the rest (non-reentrant
+    torch.utils.checkpoint; the RNG state is replayed, so dropout masks and gradients are the same).
+    It happens inside forward, so FSDP's gather of the block's weights wraps the recomputation too."""
 
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
@@ -208,8 +214,15 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
+        self.checkpointing = False
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.checkpointing and cache is None and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, rope, None, mask, use_reentrant=False)
+        return self._forward(x, rope, cache, mask)
+
+    def _forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, cache, mask)
         return x + self.mlp(self.ln_2(x))

@@ -6,6 +6,8 @@
     meta.json           stage, step, metrics, parent checkpoint (lineage), data + tokenizer fingerprints
     train_state.pt      optimizer state and torch RNG states (loaded with torch.load(weights_only=True))
     train_state.json    step, tokens seen, best, loss window, sampler position, Python/NumPy RNG states
+    optimizer/          train.strategy=fsdp only: the optimizer state sharded, one file per rank
+                        (fsdp.py), instead of the one in train_state.pt
     MANIFEST            sha256 + size of every file above (store.py writes it last)
 
 Saving goes through `Store.commit` (atomic: a hidden folder, MANIFEST, one rename). Loading checks
@@ -35,7 +37,7 @@ from llmstages.jsonio import read_json
 from llmstages.model import GPT
 from llmstages.store import Store, manifest_fingerprint, step_name, verify
 from llmstages.tokenizer import Tokenizer
-from llmstages.weights import load_plain_tensors, load_weights, load_weights_into, read_model_config
+from llmstages.weights import load_plain_tensors, load_weights, load_weights_into, nonfinite, read_model_config
 
 STATE_TENSORS, STATE_INFO = "train_state.pt", "train_state.json"
 
@@ -54,9 +56,11 @@ class Checkpoint:
         return str(self.path) if self.path is not None else self.meta.get("source", "?")
 
 
-def write_model_files(folder: Path, model: GPT, tokenizer: Tokenizer, meta: dict) -> None:
-    """Weights, config, tokenizer and meta of `model` into `folder` (the caller makes it atomic)."""
-    state = {k: v.to("cpu") for k, v in model.state_for_saving().items()}
+def write_model_files(folder: Path, model: GPT, tokenizer: Tokenizer, meta: dict,
+                      weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Weights, config, tokenizer and meta of `model` into `folder` (the caller makes it atomic);
+    `weights`: the state to write instead of the model's own (a sharded model's, gathered)."""
+    state = {k: v.to("cpu") for k, v in (weights if weights is not None else model.state_for_saving()).items()}
     save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
     (folder / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2))
     tokenizer.save(folder / TOKENIZER)
@@ -70,12 +74,18 @@ def write_train_state(folder: Path, tensors: dict[str, Any], info: dict) -> None
 
 
 def save_checkpoint(store: Store, run: str, step: int, model: GPT, tokenizer: Tokenizer, meta: dict,
-                    train_state: tuple[dict, dict] | None = None) -> Path:
+                    train_state: tuple[dict, dict] | None = None, *, weights: dict[str, torch.Tensor] | None = None,
+                    shards: Callable[[Path], None] | None = None) -> Path:
     """Commit one checkpoint of `run` at `step`; returns its folder. A full disk is a DiskFull error
-    (exit 3): the temporary folder is removed by store.commit and the committed checkpoints are untouched."""
+    (exit 3): the temporary folder is removed by store.commit and the committed checkpoints are untouched.
+
+    `weights` replaces the model's own state (fsdp: gathered on rank 0); `shards(tmp)` writes the files
+    every rank writes together (fsdp: the optimizer shards; the other ranks call it with None)."""
     try:
         with store.commit(run, step) as tmp:
-            write_model_files(tmp, model, tokenizer, dict(meta, run=run, step=step))
+            if shards is not None:
+                shards(tmp)
+            write_model_files(tmp, model, tokenizer, dict(meta, run=run, step=step), weights)
             if train_state is not None:
                 write_train_state(tmp, *train_state)
     except (OSError, SafetensorError, RuntimeError) as err:
@@ -213,7 +223,8 @@ class CorruptCheckpoint(UserError):
 
 def verify_checkpoint(path: Path) -> list[str]:
     """Every problem of a committed checkpoint folder: sha256 against MANIFEST, then model.json, the
-    weights (names, shapes, finite values) and the train state (readable, finite). Empty = it verifies."""
+    weights (names, shapes, finite values) and the train state (readable, finite; a sharded optimizer
+    state read whole). Empty = it verifies."""
     if problems := verify(path):
         return problems
     try:
@@ -223,17 +234,36 @@ def verify_checkpoint(path: Path) -> list[str]:
             tensors, _ = load_train_state(path)
             if bad := nonfinite(tensors):
                 return [f"{path / STATE_TENSORS}: refused: non-finite values in {', '.join(bad[:5])}"]
+        if (path / "optimizer").is_dir():
+            return _verify_sharded_optimizer(path)
     except UserError as err:
         return [err.message]
     return []
 
 
-def nonfinite(value: Any, prefix: str = "") -> list[str]:
-    """Names of the floating tensors inside nested dicts/lists of `value` that hold NaN or inf."""
-    if torch.is_tensor(value):
-        return [prefix or "tensor"] if value.is_floating_point() and not bool(torch.isfinite(value).all()) else []
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
-    return [name for key, v in items for name in nonfinite(v, f"{prefix}.{key}" if prefix else str(key))]
+def _verify_sharded_optimizer(path: Path) -> list[str]:
+    from llmstages import fsdp  # imported here: torch.distributed is needed only for fsdp checkpoints
+
+    state = fsdp.read_optimizer_files(path)  # a UserError naming the folder when it does not read
+    if bad := nonfinite(state):
+        return [f"{path / fsdp.OPTIMIZER_DIR}: refused: non-finite values in {', '.join(bad[:5])}"]
+    return []
+
+
+def restore_optimizer(saved: tuple[dict, dict], model: GPT, optimizer: Any, *, sharded: bool) -> None:
+    """Load into `optimizer` the state of the checkpoint `saved` (tensors, info) came from: the one in
+    train_state.pt, or (train.strategy=fsdp) the sharded one beside it, resharded onto this run
+    (`sharded`: the model is, by FSDP)."""
+    tensors, info = saved
+    if "optimizer" not in tensors:
+        from llmstages import fsdp  # imported when used: torch.distributed.checkpoint takes ~0.7 s
+        fsdp.load_optimizer(Path(info["loaded_from"]), model, optimizer)
+    elif sharded:
+        raise UserError(f"{info['loaded_from']}: its optimizer state is one file (a train.strategy=ddp run); "
+                        "a train.strategy=fsdp run reads a sharded one",
+                        hint="resume with the train.strategy the run started with")
+    else:
+        optimizer.load_state_dict(tensors["optimizer"])
 
 
 def _load_verified(store: Store, recipe: Recipe, model: GPT, tokenizer: Tokenizer, data_fingerprint: str,

@@ -229,7 +229,12 @@ def _train(stage_fn, stage: str, recipe, resume: bool, allow_change: bool, dry_r
     """Run a training stage (or its --dry-run) and print the summary on the main process."""
     from llmstages.loop import print_summary
 
-    result = stage_fn(recipe, _store(), resume=resume, allow_change=allow_change, dry_run=dry_run,
+    store = _store()
+    if not dry_run and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # before rank 0 prepares the data the other ranks wait for: a store they cannot see is said now
+        from llmstages.distributed import check_shared_store, init_distributed
+        check_shared_store(init_distributed(recipe.train.device)[0], store.root)
+    result = stage_fn(recipe, store, resume=resume, allow_change=allow_change, dry_run=dry_run,
                       console=err_console)
     if not dry_run and _is_main_process():
         print_summary(err_console, result, f"{stage} {recipe.run}")

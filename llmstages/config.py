@@ -224,6 +224,14 @@ class TrainConfig:
     compile: bool = False
     # auto = cuda if available, else cpu.
     device: str = _f("auto", choices=("auto", "cpu", "cuda"))
+    # Under torchrun. ddp: every process holds the whole model, its gradients and optimizer state
+    # (DistributedDataParallel) | fsdp: each of N processes holds 1/N of them (PyTorch FSDP2, one unit
+    # per block) and gathers a block's weights only while it computes it; its checkpoints hold the
+    # optimizer state sharded (torch.distributed.checkpoint). llmstages/fsdp.py.
+    strategy: str = _f("ddp", choices=("ddp", "fsdp"))
+    # Keep only each block's input in the forward pass and recompute the block in the backward pass:
+    # activation memory of about one block instead of all of them, for ~1/3 more compute.
+    activation_checkpointing: bool = False
     # Stop after this many evaluations without improvement of `best_metric` (0 = never).
     patience: int = _f(0, ge=0)
     # Metric that picks the best checkpoint: val_loss (lower is better), or accuracy / f1 (higher).
@@ -420,6 +428,11 @@ def _cross_checks(recipe: Recipe, problems: list[tuple[str, str]]) -> None:
         problems.append(("train.global_batch_size", problem))
     if ok("train.min_lr", "train.lr") and t.min_lr > t.lr:
         problems.append(("train.min_lr", f"{t.min_lr} is above train.lr={t.lr}"))
+    if t.strategy == "fsdp" and t.optimizer == "muon":
+        problems.append(("train.strategy", "fsdp shards each weight matrix, Muon orthogonalises whole matrices: "
+                         "use train.optimizer=adamw with fsdp, or train.strategy=ddp with muon"))
+    if t.strategy == "fsdp" and t.spike == "rollback":
+        problems.append(("train.spike", "rollback is not supported with train.strategy=fsdp yet: use skip or warn"))
     if t.max_time:
         try:
             parse_duration(t.max_time)

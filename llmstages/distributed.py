@@ -1,19 +1,30 @@
 """Scale-out with torch.distributed: the same command runs one process or many under `torchrun`.
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; we then join a process group (nccl on CUDA, gloo on
-CPU), each rank takes its share of the micro-batches, DDP averages gradients, and rank 0 alone
-writes checkpoints and logs.
+CPU), each rank takes its share of the micro-batches, DDP averages gradients (or FSDP shards the
+model: train.strategy, fsdp.py), and rank 0 alone writes the store (an FSDP checkpoint's optimizer
+shards excepted: every rank writes its own into the folder rank 0 commits).
+
+Several machines: torchrun --nnodes N --node_rank R --rdzv-endpoint HOST:PORT on each (README). Every
+process reads the store (prepared data, checkpoints to resume from), so it must be one shared
+filesystem; `check_shared_store` makes sure of it before anything is trained.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from llmstages.errors import UserError
 
 
 @dataclass
@@ -55,16 +66,24 @@ class DistContext:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor
 
-    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """The model as the training step calls it: DDP-wrapped under torchrun, else as it is."""
+    def wrap(self, model: nn.Module, device: torch.device, *, strategy: str = "ddp", precision: str = "fp32",
+             compile: bool = False) -> nn.Module:
+        """The model as the training step calls it. One process: as it is (compiled if asked). ddp: a
+        DDP wrapper around it. fsdp: `model` itself, sharded in place (fsdp.py), then compiled if asked."""
+        if self.enabled and strategy == "fsdp":
+            from llmstages.fsdp import shard
+            model = shard(model, device, precision)
+            return torch.compile(model) if compile else model
+        model = torch.compile(model) if compile else model
         if not self.enabled:
             return model
         from torch.nn.parallel import DistributedDataParallel as DDP
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def grad_sync(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager:
-        """DDP averages gradients only on the last micro-step of an accumulation (no_sync before it)."""
-        if self.enabled and not last_micro_step:
+        """DDP averages gradients only on the last micro-step of an accumulation (no_sync before it).
+        FSDP reduce-scatters every micro-step: sharded gradients accumulate, no full copy is kept."""
+        if self.enabled and not last_micro_step and hasattr(model, "no_sync"):
             return model.no_sync()
         return contextlib.nullcontext()
 
@@ -91,3 +110,39 @@ def init_distributed(device_name: str) -> tuple[DistContext, str]:
         torch.cuda.set_device(local_rank)
         return DistContext(rank, local_rank, world), f"cuda:{local_rank}"
     return DistContext(rank, local_rank, world), "cpu"
+
+
+def check_shared_store(dctx: DistContext, root: Path, wait_s: float = 10.0) -> None:
+    """Every rank: refuse a store that is not one filesystem for the whole job. Rank 0 writes a file
+    with a fresh nonce into the store; every rank must read it back (a shared filesystem may show a new
+    file late: each tries for up to `wait_s` seconds)."""
+    if not dctx.enabled:
+        return
+    nonce = [uuid.uuid4().hex if dctx.is_main else None]
+    dist.broadcast_object_list(nonce, src=0)
+    probe = Path(root) / f".shared-check-{nonce[0]}"
+    if dctx.is_main:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(nonce[0])
+    dctx.barrier()
+    deadline = time.monotonic() + wait_s
+    while not (seen := _reads(probe, nonce[0])) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    found: list = [None] * dctx.world_size
+    dist.all_gather_object(found, (seen, dctx.rank, socket.gethostname(), str(Path(root).resolve())))
+    if dctx.is_main:
+        probe.unlink(missing_ok=True)
+    blind = [(rank, host, path) for seen, rank, host, path in found if not seen]
+    if blind:
+        where = ", ".join(f"rank {rank} on {host} (store {path})" for rank, host, path in blind)
+        raise UserError(f"the store is not one filesystem shared by every process: {where} cannot read the file "
+                        f"{probe.name} that rank 0 on {found[0][2]} wrote into {found[0][3]}",
+                        hint="put the store on a filesystem every node mounts at the same path (NFS, Lustre, "
+                             "...) and pass it to every node: --store DIR or $LLMSTAGES_STORE")
+
+
+def _reads(path: Path, text: str) -> bool:
+    try:
+        return path.read_text() == text
+    except OSError:
+        return False

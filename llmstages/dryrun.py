@@ -3,8 +3,10 @@
 Nothing is trained or written: the figures come from timing a few forward/backward passes of
 the real model on real batches (no optimizer step), so the estimate reflects this machine. Before
 that, the memory of the run is estimated from the model and the batch shape (weights, gradients,
-optimizer states, activations); when it exceeds what the device has free, a warning says so and the
-measuring steps are skipped (they would run out of memory).
+optimizer states, activations) per process, for train.strategy, train.precision and
+train.activation_checkpointing on WORLD_SIZE processes; when it exceeds what the device has free, a
+warning says so and the measuring steps are skipped (they would run out of memory). The measuring
+steps run on this one process, unsharded.
 """
 
 from __future__ import annotations
@@ -18,18 +20,24 @@ from rich.console import Console
 
 from llmstages.config import Recipe, dump_yaml
 from llmstages.loop import TrainTask
-from llmstages.model import GPT, flops_per_token, num_params
+from llmstages.model import GPT, flops_per_token, num_params, set_activation_checkpointing
 from llmstages.runlog import summary_table
 from llmstages.runtime import autocast, peak_device_mb, peak_rss_mb, resolve_device, resolve_precision
 
 
-def memory_estimate(model: GPT, batch_shape: tuple[int, int], precision: str, trainable_layers: int) -> dict[str, float]:
-    """Bytes of a training step, by part (a rough guide, not a measurement).
+def memory_estimate(model: GPT, batch_shape: tuple[int, int], precision: str, trainable_layers: int, *,
+                    strategy: str = "ddp", world_size: int = 1, checkpointing: bool = False) -> dict[str, float]:
+    """Bytes of a training step on one process, by part (a rough guide, not a measurement).
 
     weights: as stored; gradients: one per trainable weight, same type; optimizer: AdamW's two moments
-    (Muon keeps one, so this is an upper bound) in fp32; activations kept for the backward pass, per
-    token and trainable layer about 8 C + 3 F values (norm inputs, q/k/v, attention output, residuals,
-    MLP hidden and its activation), plus the logits (B, T, V) in fp32 and their gradient.
+    (Muon keeps one, so this is an upper bound) in fp32. Under ddp every process holds all of them,
+    plus DDP's gradient buckets (a second copy of the gradients); under fsdp 1/N of each, plus the
+    weights gathered at a time: the root unit (embeddings, head) and two blocks (the one computing and
+    the one prefetched), in bf16 under bf16.
+    activations kept for the backward pass: per token and trainable layer about 8 C + 3 F values (norm
+    inputs, q/k/v, attention output, residuals, MLP hidden and its activation); with checkpointing
+    only each block's input (C values) plus one block's worth while it is recomputed; plus the logits
+    (B, T, V) in fp32 and their gradient.
     """
     seen, weights, trainable = set(), 0, 0
     for p in model.parameters():
@@ -42,10 +50,22 @@ def memory_estimate(model: GPT, batch_shape: tuple[int, int], precision: str, tr
     B, T = batch_shape
     c = model.config
     act_bytes = 2 if precision == "bf16" else 4
-    per_token = trainable_layers * (8 * c.n_embd + 3 * c.mlp_width) * act_bytes
+    block = 8 * c.n_embd + 3 * c.mlp_width  # values kept per token by one block
+    per_token = (trainable_layers * c.n_embd + block if checkpointing else trainable_layers * block) * act_bytes
     outputs = c.num_classes if c.num_classes else c.vocab_size
     activations = B * T * per_token + 2 * B * T * outputs * 4
-    return {"weights": weights, "gradients": trainable, "optimizer": 8 * n_trainable, "activations": activations}
+    parts = {"weights": weights, "gradients": trainable, "optimizer": 8 * n_trainable, "activations": activations}
+    if strategy == "fsdp" and world_size > 1:
+        blocks = list(model.transformer.h)
+        block_numel = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)
+        root_numel = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) - sum(
+            p.numel() for b in blocks for p in b.parameters())
+        gathered = (root_numel + 2 * block_numel) * (2 if precision == "bf16" else 4)
+        parts = {k: v / world_size if k != "activations" else v for k, v in parts.items()}
+        parts["gathered weights"] = gathered
+    elif world_size > 1:
+        parts["ddp buckets"] = trainable
+    return parts
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -75,12 +95,17 @@ def estimate(model: GPT, recipe: Recipe, task: TrainTask, console: Console, data
     writes = {"writes": f"no run; only the prepared dataset {data}" if data is not None else "no run"}
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    accum = cfg.accumulation(world_size=1)  # the estimate is for one process
+    # Per process of a launch of WORLD_SIZE processes (torchrun sets it; set it by hand to plan one).
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accum = cfg.accumulation(world_size=world)
     steps = None if cfg.budget_seconds else cfg.total_steps(task.examples_per_epoch)  # a budget: measured below
     first = task.batch(0)
-    parts = memory_estimate(model, tuple(first["input_ids"].shape), precision, trainable_layer_count(model))
+    parts = memory_estimate(model, tuple(first["input_ids"].shape), precision, trainable_layer_count(model),
+                            strategy=cfg.strategy, world_size=world, checkpointing=cfg.activation_checkpointing)
     need, free = sum(parts.values()), free_memory(device)
-    planned = {f"estimated {k} (MiB)": round(v / (1 << 20), 1) for k, v in parts.items()}
+    planned = {"processes": world, "strategy": cfg.strategy if world > 1 else "one process",
+               "activation checkpointing": cfg.activation_checkpointing}
+    planned.update({f"estimated {k} (MiB)": round(v / (1 << 20), 1) for k, v in parts.items()})
     planned["estimated total (MiB)"] = round(need / (1 << 20), 1)
     if free is not None:
         planned[f"free on {device.type} (MiB)"] = round(free / (1 << 20), 1)
@@ -96,6 +121,7 @@ def estimate(model: GPT, recipe: Recipe, task: TrainTask, console: Console, data
         console.print(summary_table(f"dry run: {recipe.run} (nothing trained)", figures))
         return figures
     model.to(device).train()
+    set_activation_checkpointing(model, cfg.activation_checkpointing)  # measured as it will run (unsharded)
     amp = autocast(device, precision)
 
     def micro_step(index: int) -> int:

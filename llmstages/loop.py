@@ -37,12 +37,12 @@ from rich.console import Console
 
 from llmstages import __version__, spikes
 from llmstages.budget import StepPlan
-from llmstages.checkpoint import check_disk, load_for_resume, nonfinite, save_checkpoint
+from llmstages.checkpoint import check_disk, load_for_resume, nonfinite, restore_optimizer, save_checkpoint
 from llmstages.config import Recipe, dump_yaml, to_dict
-from llmstages.distributed import DistContext, init_distributed
+from llmstages.distributed import DistContext, check_shared_store, init_distributed
 from llmstages.errors import StopTraining, UserError
 from llmstages.loggers import TENSORBOARD_DIR, open_loggers, require_packages
-from llmstages.model import GPT, flops_per_token, num_params
+from llmstages.model import GPT, flops_per_token, num_params, set_activation_checkpointing
 from llmstages.optim import build_optimizer, set_lr
 from llmstages.runlog import RunLog, TrainProgress, summary_table
 from llmstages.runstate import RunState, restore_rng
@@ -170,6 +170,7 @@ def train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, sto
     """Train `model` on `task` as `recipe.train` says, committing checkpoints of run `recipe.run` to `store`."""
     dctx, device_name = init_distributed(recipe.train.device)
     try:
+        check_shared_store(dctx, store.root)
         return fit(model, tokenizer, recipe, task, store, dctx, resolve_device(device_name), stage=stage,
                    parent=parent, resume=resume, allow_change=allow_change, console=console or Console(stderr=True))
     finally:
@@ -187,12 +188,14 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
     plan = StepPlan(cfg, 0 if cfg.max_time else cfg.total_steps(task.examples_per_epoch), state, dctx, device)
 
     # --- model, optimizer ---------------------------------------------------------------------------
-    model.to(device).train()
-    stepped = dctx.wrap(torch.compile(model) if cfg.compile else model, device)
-    optimizer = build_optimizer(model, cfg, device)
+    sharded = dctx.enabled and cfg.strategy == "fsdp"
+    model.to("cpu" if sharded else device).train()  # fsdp moves each process's shards to the device itself
+    set_activation_checkpointing(model, cfg.activation_checkpointing)
+    stepped = dctx.wrap(model, device, strategy=cfg.strategy, precision=precision, compile=cfg.compile)
+    optimizer = build_optimizer(model, cfg, device)  # after sharding: over the shards
     trainable = [p for p in model.parameters() if p.requires_grad]
     if saved is not None:
-        optimizer.load_state_dict(saved[0]["optimizer"])
+        restore_optimizer(saved, model, optimizer, sharded=sharded)
         restore_rng(*saved)
     state.to(device)
     run = Run(recipe, task, store, tokenizer, dctx, device, stage, parent, model=stepped, raw_model=model,
@@ -206,7 +209,7 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
                          + (f"{plan.end} steps" if not plan.timed else f"steps for {cfg.max_time} of training")
                          + f" of "
                          f"{cfg.global_batch_size} sequences, {precision} on {device}"
-                         + (f" x {dctx.world_size} processes" if dctx.enabled else "")
+                         + (f" x {dctx.world_size} processes ({cfg.strategy})" if dctx.enabled else "")
                          + (f", resuming at step {state.step}" if resume else ""))
 
     stop = StopFlag()
@@ -253,6 +256,7 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
                 continue
             if action == "step":
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else None
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # fsdp
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.add_step(step_loss)
@@ -377,8 +381,13 @@ def evaluate(run: Run, state: RunState, window: Window) -> bool:
     """Validation figures (logged, plotted, kept in `state`); True when the best metric improved."""
     started, train_time = time.perf_counter(), state.train_time
     metrics = _metrics(run.raw_model, run.task, run.amp)
-    if run.task.on_eval is not None and run.dctx.is_main:
-        metrics.update(run.task.on_eval(run.raw_model) or {})
+    if run.task.on_eval is not None:  # e.g. sampling, on rank 0 alone: from a whole copy of a sharded model
+        sampled = run.raw_model
+        if run.recipe.train.strategy == "fsdp":
+            from llmstages import fsdp  # imported when used: torch.distributed.checkpoint takes ~0.7 s
+            sampled = fsdp.plain_copy(run.raw_model, run.device)
+        if run.dctx.is_main:
+            metrics.update(run.task.on_eval(sampled) or {})
     improved = state.record_eval(metrics, run.recipe.train.best_metric)
     if run.dctx.is_main:
         run.log.write({"step": state.step, **{k: v for k, v in metrics.items() if _loggable(v)},
@@ -393,26 +402,39 @@ def evaluate(run: Run, state: RunState, window: Window) -> bool:
 def commit(run: Run, state: RunState, improved: bool, last_ckpt: Path | None) -> Path | None:
     """Every rank joins (the saved loss window is the mean over ranks, as a log step takes it); rank 0
     commits the checkpoint, records the best and prunes. Returns the new checkpoint on rank 0.
+    train.strategy=fsdp: the weights are gathered on rank 0 and every rank writes its optimizer shards.
 
-    Weights and optimizer state are checked finite first (every rank holds the same ones): a diverged
-    update is never committed, so `last_ckpt` is always a finite checkpoint to go back to."""
+    Weights and optimizer state are checked finite first (each rank its own shards under fsdp, so the
+    ranks decide together): a diverged update is never committed, so `last_ckpt` is always a finite
+    checkpoint to go back to."""
     recipe, store, dctx = run.recipe, run.store, run.dctx
-    if bad := nonfinite({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict()}):
+    bad = nonfinite({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict()})
+    if dctx.any_true(bool(bad), run.device):
         where = f"the last finite checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
         raise TrainingDiverged(f"the weights or optimizer state became non-finite (nan/inf) by step {state.step} "
-                               f"({len(bad)} tensors, e.g. {', '.join(bad[:3])}); not saved, {where}",
+                               f"({len(bad)} tensors here, e.g. {', '.join(bad[:3]) or 'on another rank'}); "
+                               f"not saved, {where}",
                                hint="lower train.lr or train.weight_decay, raise train.warmup_steps; "
                                     "then resume with --resume --allow-change")
     dctx.mean_(state.loss_sum)
+    fsdp_format = recipe.train.strategy == "fsdp"  # one process too: the format follows the recipe
+    weights = shards = None
+    if fsdp_format:
+        from llmstages import fsdp
+        weights = fsdp.full_state(run.raw_model)  # every rank joins the gather
+        shards = lambda tmp: fsdp.save_optimizer(tmp, run.raw_model, run.optimizer)  # noqa: E731
     path = None
+    if not dctx.is_main and shards is not None:
+        shards(None)  # into the folder rank 0 opens
     if dctx.is_main:
-        saved = state.to_saved(run.optimizer.state_dict(), world_size=dctx.world_size, seed=recipe.train.seed,
-                               accum=run.accum)
+        saved = state.to_saved(None if fsdp_format else run.optimizer.state_dict(), world_size=dctx.world_size,
+                               seed=recipe.train.seed, accum=run.accum)
         meta = {"task": run.task.kind, "stage": run.stage, "metrics": state.metrics, "parent": run.parent,
                 "data_fingerprint": run.task.data_fingerprint, "tokens_seen": state.tokens_seen, "created": now_iso(),
                 "llmstages_version": __version__, "train": to_dict(recipe.train),
                 "generate": to_dict(recipe.generate), "data_settings": to_dict(recipe.data), **run.task.meta}
-        path = save_checkpoint(store, recipe.run, state.step, run.raw_model, run.tokenizer, meta, saved)
+        path = save_checkpoint(store, recipe.run, state.step, run.raw_model, run.tokenizer, meta, saved,
+                               weights=weights, shards=shards)
         if improved:
             store.set_best(recipe.run, state.best["step"], state.best["metric"], state.best["value"])
         store.prune(recipe.run, recipe.train.keep_last)

@@ -26,7 +26,7 @@ from llmstages.modelconfig import ARCHS, SIZES, GPTConfig
 from llmstages.objectives import head_loss
 
 __all__ = ["ARCHS", "SIZES", "GPT", "GPTConfig", "KVCache", "build_config", "flops_per_token", "num_params",
-           "set_dropout"]
+           "set_activation_checkpointing", "set_dropout"]
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -158,6 +158,12 @@ def set_dropout(model: GPT, p: float) -> None:
             module.p = p
         elif isinstance(module, CausalSelfAttention):
             module.dropout = p
+
+
+def set_activation_checkpointing(model: GPT, on: bool) -> None:
+    """Recompute every block in the backward pass instead of keeping its activations (Block.checkpointing)."""
+    for block in model.transformer.h:
+        block.checkpointing = on
 
 
 def build_config(size: str = "tiny", *, vocab_size: int, arch: str = "gpt2", **overrides) -> GPTConfig:

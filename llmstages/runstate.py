@@ -143,10 +143,12 @@ class RunState:
         return improved
 
     # --- the saved form ------------------------------------------------------------------------------
-    def to_saved(self, optimizer_state: dict, *, world_size: int, seed: int, accum: int) -> tuple[dict, dict]:
+    def to_saved(self, optimizer_state: dict | None, *, world_size: int, seed: int, accum: int) -> tuple[dict, dict]:
         """(tensors, info) for a checkpoint: this state, the optimizer's, and the RNG states right now."""
         tensors, rng = _rng_state()
-        tensors.update(optimizer=optimizer_state, loss_sum=self.loss_sum.detach().cpu())
+        tensors["loss_sum"] = self.loss_sum.detach().cpu()
+        if optimizer_state is not None:  # None: train.strategy=fsdp saves it sharded, beside (fsdp.py)
+            tensors["optimizer"] = optimizer_state
         info = {"step": self.step, "tokens_seen": self.tokens_seen, "loss_count": self.loss_count, "best": self.best,
                 "evals_since_best": self.evals_since_best, "metrics": self.metrics, "rng": rng,
                 "elapsed": self.elapsed, "excluded": self.excluded, "plan": self.plan, "world_size": world_size,

@@ -8,6 +8,7 @@ hostile even when its MANIFEST verifies. Before a model is built for real:
     check_state         tensor names, shapes and dtypes against the model the config describes,
                         built on the `meta` device (no memory), naming the first bad tensors
     check_finite        no NaN / inf in any tensor (a diverged run's weights are never loaded)
+    nonfinite           the same question for nested state (optimizer states, sharded or not)
     load_plain_tensors  torch.load(weights_only=True) with a refusal that names the file and does not
                         suggest weights_only=False
 
@@ -143,6 +144,16 @@ def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
                         f"{_some(bad)}",
                         hint="these weights come from a diverged run or are corrupt; use other weights "
                              "(for a run, an earlier checkpoint: run@STEP)")
+
+
+def nonfinite(value: Any, prefix: str = "") -> list[str]:
+    """Names of the floating tensors inside nested dicts/lists of `value` that hold NaN or inf. A sharded
+    tensor (FSDP's DTensor) is checked on this process's shard only: the caller combines the ranks."""
+    if torch.is_tensor(value):
+        local = value.to_local() if hasattr(value, "to_local") else value
+        return [prefix or "tensor"] if local.is_floating_point() and not bool(torch.isfinite(local).all()) else []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    return [name for key, v in items for name in nonfinite(v, f"{prefix}.{key}" if prefix else str(key))]
 
 
 def safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:

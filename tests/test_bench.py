@@ -82,3 +82,19 @@ def test_browse_benchmark_runs_on_tiny_settings(tmp_path):
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["benchmark"] == "browse" and set(figures["commands"]) == {"runs", "show", "recipes", "help"}
     assert not any(f["imports_torch"] for f in figures["commands"].values())
+
+
+@pytest.mark.slow
+def test_memory_benchmark_runs_on_tiny_settings():
+    result = bench(str(BENCH / "bench_memory.py"), "--n-layer", "2", "--n-embd", "64", "--block-size", "32",
+                   "--micro-batch", "2", "--vocab-size", "256", "--steps", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["benchmark"] == "memory" and list(figures["variants"]) == ["ddp", "fsdp", "fsdp+ac"]
+    for variant in figures["variants"].values():
+        assert [r["rank"] for r in variant["ranks"]] == [0, 1]
+        assert variant["max_train_peak_rss_mib"] > 0
+    # the same model on the same tokens: every variant ends at the same loss on each rank
+    losses = {name: [r["loss"] for r in v["ranks"]] for name, v in figures["variants"].items()}
+    assert losses["fsdp"] == pytest.approx(losses["ddp"], abs=1e-3) and losses["fsdp+ac"] == pytest.approx(
+        losses["ddp"], abs=1e-3)

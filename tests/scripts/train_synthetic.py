@@ -1,13 +1,18 @@
 """Train a 2-layer model on Tiny-Shakespeare-like synthetic text through the shared loop (no prepare step).
 
     python train_synthetic.py STORE STEPS [--resume] [--allow-change] [--nan-at STEP] [--nan-grad-at STEP]
-                              [--spike-at STEP] [--signal SIG@MICRO[@parent]] [--sleep S] [KEY=VALUE ...]
+                              [--spike-at STEP] [--signal SIG@MICRO[@parent]] [--sleep S] [--classify]
+                              [--sample] [KEY=VALUE ...]
 
 --nan-at: the loss is NaN from step index STEP on; --nan-grad-at: the loss stays finite but its
 gradient is NaN from STEP on (the update makes the weights NaN before any loss shows it);
 --spike-at: the loss of step index STEP only is 50x (a bad batch).
 --sleep S: every micro-batch also sleeps S seconds, so that a step takes a steady time on a busy
 machine (tests of train.max_time).
+--classify: a 2-class head read at each window's last token (the label: whether the window holds more
+"the" than "my" tokens), trained as the classify stage trains; --sample: every evaluation also samples
+8 greedy tokens on rank 0 (as instruct's on_eval does). finetune.trainable=lora|last_blocks:N freezes
+as fine-tuning does.
 
 Used by tests/test_loop.py in real subprocesses (kill, resume, torchrun). Exit codes follow the CLI.
 `--signal TERM@31` sends SIGTERM to this process while it computes micro-batch 31 (rank 0 only; the
@@ -29,7 +34,10 @@ from llmstages.config import build_recipe
 from llmstages.errors import StopTraining, UserError
 from llmstages.loop import TrainTask, train
 from llmstages.model import GPT
+from llmstages.classification import classification_loss
 from llmstages.objectives import lm_loss, lm_metrics
+from llmstages.sampling import generate_tokens
+from llmstages.stages.finetune import set_trainable
 from llmstages.data.windows import WindowSampler, fixed_windows
 from llmstages.stages.pretrain import model_config
 from llmstages.store import Store
@@ -66,7 +74,12 @@ def main() -> int:
         "max_steps": int(steps), "micro_batch_size": 4, "global_batch_size": 8, "eval_every": 10,
         "save_every": 10, "log_every": 5, "warmup_steps": 3, "lr": 3e-3, "min_lr": 3e-4}}, overrides)
     torch.manual_seed(0)
-    model = GPT(model_config(recipe.model, tok.vocab_size))  # tiny, 64 tokens, unless overridden
+    config = model_config(recipe.model, tok.vocab_size)  # tiny, 64 tokens, unless overridden
+    if "--classify" in flags:
+        config.num_classes, config.class_names = 2, ["fewer", "more"]
+    model = GPT(config)
+    if recipe.finetune.trainable != "all":
+        set_trainable(model, recipe.finetune)
     sampler = WindowSampler([train_ids], 64, 4, recipe.train.seed)
     val = fixed_windows([val_ids], 64, 4, 2)
 
@@ -74,7 +87,7 @@ def main() -> int:
         if batch["micro"] in signals:
             os.kill(*reversed(signals.pop(batch["micro"])))  # mid-step: after the batch is drawn, before backward
         time.sleep(sleep)
-        value = lm_loss(m, batch)
+        value = classification_loss(m, batch) if "--classify" in flags else lm_loss(m, batch)
         if nan_grad_at is not None and batch["index"] >= nan_grad_at:
             # sqrt(0) is 0 forward, its gradient is inf: 0 * inf = NaN reaches every weight, the loss stays finite
             value = value + 0 * sum((p * 0).sum() for p in m.parameters()).sqrt()
@@ -82,11 +95,33 @@ def main() -> int:
             value = value * 50
         return value * float("nan") if nan_at is not None and batch["index"] >= nan_at else value
 
+    the, my = tok.encode(" the")[0], tok.encode(" my")[0]
+
+    def classified(b):  # LM windows -> (input_ids, last_index, targets: 1 when "the" outnumbers "my")
+        ids = b["input_ids"]
+        labels = ((ids == the).sum(1) > (ids == my).sum(1)).long()
+        return dict(b, last_index=torch.full((ids.size(0),), ids.size(1) - 1), targets=labels)
+
     def batch(index):
-        return dict(sampler(index), index=index // (recipe.train.global_batch_size // 4), micro=index)
+        b = sampler(index)
+        b = classified(b) if "--classify" in flags else b
+        return dict(b, index=index // (recipe.train.global_batch_size // 4), micro=index)
+
+    def evaluate(m):
+        if "--classify" in flags:
+            return {"val_loss": sum(float(classification_loss(m, classified(b))) for b in val) / len(val)}
+        return lm_metrics(m, val)
+
+    def sample(m):
+        was_training = m.training
+        try:
+            return {"sample": list(generate_tokens(m, tok.encode(" the king"), max_new_tokens=8))}
+        finally:
+            m.train(was_training)
 
     data_fingerprint = rest[rest.index("--data") + 1] if "--data" in rest else "synthetic"
-    task = TrainTask("pretrain", batch, loss, lambda m: lm_metrics(m, val), data_fingerprint)
+    task = TrainTask("classify" if "--classify" in flags else "pretrain", batch, loss, evaluate, data_fingerprint,
+                     on_eval=sample if "--sample" in flags else None)
     try:
         result = train(model, tok, recipe, task, Store(store), stage="pretrain", resume="--resume" in flags,
                        allow_change="--allow-change" in flags)
