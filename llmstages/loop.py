@@ -64,6 +64,7 @@ class TrainTask:
     data_fingerprint: str
     examples_per_epoch: int | None = None  # for train.epochs
     meta: dict = field(default_factory=dict)  # added to every checkpoint's meta.json (labels, template...)
+    log_fields: dict = field(default_factory=dict)  # added to every training line of log.jsonl (padding share)
     on_eval: Callable[[nn.Module], dict] | None = None  # extra at each eval (e.g. sample generations)
 
 
@@ -369,7 +370,7 @@ def log_step(run: Run, state: RunState, window: Window, lr: float, grad_norm: to
               "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens": state.tokens_seen,
               "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4) if mfu is not None else None,
               "skipped": state.spikes.skipped + len(state.spikes.skip_steps),
-              "time": round(state.elapsed, 2), "train_time": round(state.train_time, 2)}
+              "time": round(state.elapsed, 2), "train_time": round(state.train_time, 2), **run.task.log_fields}
     if run.dctx.is_main:
         run.log.write(record)
     run.progress.update(state.step, {"loss": record["loss"], "lr": lr, "tok/s": round(tps),

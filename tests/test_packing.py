@@ -259,6 +259,7 @@ def test_packed_fine_tuning_trains_reports_padding_and_resumes_exactly(instructi
     log = [json.loads(line) for line in (store.run_dir("packed") / "log.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in log if "loss" in r}
     assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
+    assert {r["padding_share"] for r in log if "loss" in r} == {ckpt.meta["padding_share"]}  # the log says it too
 
     # the run killed after step 2: resumed, it logs the losses of the run never interrupted
     shutil.rmtree(store.run_dir("packed") / "step-000004")

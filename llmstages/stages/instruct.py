@@ -238,6 +238,7 @@ def instruction_task(base: Checkpoint, data: PreparedDataset, recipe: Recipe, *,
     task = TrainTask(kind="instruct", batch=batches, loss=lm_loss,
                      evaluate=lambda m: lm_metrics(m, val_batches, prefix="val_"),
                      data_fingerprint=data.fingerprint, examples_per_epoch=per_epoch, meta=meta,
+                     log_fields={"padding_share": meta["padding_share"]},
                      on_eval=on_eval)
     return model, task
 
