@@ -20,8 +20,10 @@ It goes through the store's commit like any checkpoint: rank 0 opens the tempora
 ranks learn its path, every rank writes its shards into it, and rank 0 writes MANIFEST last (after
 DCP has collected every rank's write) and renames it into place.
 
-DCP reads its index with pickle and its non-tensor values with torch.load(weights_only=False); both
-are restricted here (`_Reader`, `_Planner`) so that loading a checkpoint never runs code.
+Loading never runs code from the checkpoint: DCP's own reader would unpickle its index freely and
+load non-tensor values without weights_only, so `_Reader` reads the index through an allow-list
+unpickler (DCP's metadata classes only) and `_Planner` loads those values with weights_only=True
+(tests/test_fsdp.py refuses an index that asks for code).
 """
 
 from __future__ import annotations
