@@ -24,7 +24,7 @@ from llmstages.cli import main as cli_main
 from llmstages.config import build_recipe
 from llmstages.data.prepared import LabeledSplit
 from llmstages.errors import StopTraining
-from llmstages.model import GPT, GPTConfig
+from llmstages.model import GPT, GPTConfig, build_config
 from llmstages.stages.classify import classifier_from
 from llmstages.stages.finetune import finetune
 from llmstages.store import Store
@@ -93,15 +93,23 @@ def test_long_texts_keep_their_first_block_size_tokens():
     assert batch["n_tokens"] == 18
 
 
-def test_classifier_copies_every_base_weight_but_the_lm_head(tokenizer):
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+def test_classifier_takes_every_base_weight_but_the_lm_head_without_a_copy(tokenizer, arch):
     torch.manual_seed(0)
-    lm = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    lm = GPT(build_config(vocab_size=tokenizer.vocab_size, arch=arch, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    base_state = {k: v.clone() for k, v in lm.state_for_saving().items() if not k.startswith("lm_head.")}
+    shared = {k: v.data_ptr() for k, v in lm.state_dict().items()}
     model = classifier_from(lm, ["a", "b", "c"], seed=1)
     assert model.config.num_classes == 3 and model.config.class_names == ["a", "b", "c"]
-    base_state, state = lm.state_for_saving(), model.state_for_saving()
+    state = model.state_for_saving()
     assert set(state) == set(base_state) | {"score.weight"}
     assert all(torch.equal(state[k], v) for k, v in base_state.items())
+    # the base's tensors themselves, not copies: a 1B base is not held twice (issue 14)
+    assert all(state[k].data_ptr() == shared[k] for k in base_state)
+    assert not any(p.is_meta for p in model.parameters()) and all(p.requires_grad for p in model.parameters())
     assert state["score.weight"].shape == (3, 32) and state["score.weight"].std() < 0.05  # a small new head
+    again = classifier_from(GPT(lm.config), ["a", "b", "c"], seed=1)
+    assert torch.equal(again.score.weight, model.score.weight)  # the head's init depends on the seed alone
 
 
 # --- training batches and balance --------------------------------------------------------------------------

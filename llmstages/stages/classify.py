@@ -41,24 +41,32 @@ EVAL_BATCH = 64
 # the model and the task
 # ---------------------------------------------------------------------------------------------------
 def classifier_from(base: GPT, labels: list[str], seed: int, pooling: str = "last") -> GPT:
-    """A copy of `base` whose LM head is replaced by a `len(labels)`-way class head.
+    """`base` with its LM head replaced by a `len(labels)`-way class head.
 
-    Every base weight is copied except the LM head (tied to the token embedding, which is copied).
-    The new head `score` gets GPT-2's small init, N(0, 0.02), seeded by `seed`. A base that is already
-    a classifier of exactly these classes keeps its head (fine-tuning it further). LoRA adapters of
-    the base must have none (`finetune` merges them first).
+    The classifier is built on the `meta` device and takes over the base's tensors (assign, no copy),
+    so a 1B base is never held twice; the base must not be used afterwards (the fine-tune trains
+    these very tensors). Weights are fp32, as a fresh model's would be. The LM head (tied to the
+    token embedding, which is kept) is dropped. The new head `score` (K, C) gets GPT-2's small init,
+    N(0, 0.02), seeded by `seed`. A base that is already a classifier of exactly these classes keeps
+    its head (fine-tuning it further). LoRA adapters of the base must have none (`finetune` merges
+    them first).
     """
     config = GPTConfig.from_dict(dict(base.config.to_dict(), num_classes=len(labels), class_names=list(labels),
                                       pooling=pooling))
-    torch.manual_seed(seed)
-    model = GPT(config)
+    with torch.device("meta"):
+        model = GPT(config)
     keep_head = base.is_classifier and base.config.class_names == list(labels)
-    state = {k: v for k, v in base.state_for_saving().items()
+    state = {k: v.float() if v.is_floating_point() else v for k, v in base.state_for_saving().items()
              if not k.startswith("lm_head.") and (keep_head or not k.startswith("score."))}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"score.weight"}:
+    if "score.weight" not in state:
+        generator = torch.Generator().manual_seed(seed)
+        state["score.weight"] = torch.randn(len(labels), config.n_embd, generator=generator).mul_(0.02).to(
+            base.transformer.wte.weight.device)
+    expected = set(model.state_dict())
+    if set(state) != expected:
         raise UserError(f"the base weights do not fit a classifier of the same shape "
-                        f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+                        f"(missing {sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]})")
+    model.load_state_dict(state, assign=True)
     return model
 
 

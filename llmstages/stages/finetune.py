@@ -214,6 +214,7 @@ def finetune(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
         resume = resume and bool(store.checkpoints(recipe.run))  # killed during DAPT: the head starts fresh
     model, task = make_task(base, data, recipe, console=console)
     set_dropout(model, recipe.model.dropout)
+    torch.manual_seed(recipe.train.seed)  # LoRA's A matrices draw from the global RNG: same seed, same run
     set_trainable(model, recipe.finetune)
     console.print(f"trainable: {trainable_summary(model)}", highlight=False)
     if recipe.finetune.frozen_dtype != "fp32":
