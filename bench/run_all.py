@@ -50,7 +50,9 @@ def machine() -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    # the intra-op threads a run uses (runtime.set_threads): OMP_NUM_THREADS when set, else one per core
+    info = {"cpu": cpu, "cores": cores, "threads": int(os.environ.get("OMP_NUM_THREADS") or cores),
             "cpu_fast_bf16": cpu_has_fast_bf16(), "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     return info

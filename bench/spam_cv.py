@@ -190,11 +190,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
     parser.add_argument("--work", help="store and fold files of the CV runs (default: store/spam-cv)")
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--only", default="", metavar="F,F",
+                        help="run these folds only (0-based; a screen of settings; the summary covers them)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 folds, few steps, a tiny base")
     args = parser.parse_args(argv)
     if args.quick:
         args.folds = 2
         args.overrides = QUICK + args.overrides
+    chosen = [int(f) for f in args.only.split(",") if f] or list(range(args.folds))
+    if not set(chosen) <= set(range(args.folds)):
+        parser.error(f"--only {args.only}: folds are 0..{args.folds - 1}")
 
     from llmstages.config import load_recipe
     from llmstages.data.split import stratified_folds
@@ -222,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         base_ref = str(Store().resolve(recipe.init_from))
 
     per_fold = []
-    for fold in range(args.folds):
+    for fold in chosen:
         parts = fold_parts(texts, labels, folds, fold, recipe)
         print(f"fold {fold + 1}/{args.folds}: train {len(parts['train'])}, val {len(parts['val'])}, "
               f"test {len(parts['test'])}", file=sys.stderr, flush=True)
@@ -233,8 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
         print("  " + "  ".join(f"{s} acc {row[s]['accuracy']:.4f} f1 {row[s]['f1']:.4f}" for s in SYSTEMS),
               file=sys.stderr, flush=True)
     result = {"command": "python bench/spam_cv.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "data": str(path), "messages": len(texts), "positive": positive, "folds": args.folds, "seed": args.seed,
-              "recipe": args.recipe, "base": base_ref, "overrides": args.overrides, "per_fold": per_fold}
+              "data": str(path), "messages": len(texts), "positive": positive, "folds": args.folds,
+              "scored_folds": chosen, "seed": args.seed, "recipe": args.recipe, "base": base_ref, "overrides": args.overrides, "per_fold": per_fold}
     result["summary"] = summary(per_fold)
     print_table(result)
     text = json.dumps(result)

@@ -98,3 +98,24 @@ def test_memory_benchmark_runs_on_tiny_settings():
     losses = {name: [r["loss"] for r in v["ranks"]] for name, v in figures["variants"].items()}
     assert losses["fsdp"] == pytest.approx(losses["ddp"], abs=1e-3) and losses["fsdp+ac"] == pytest.approx(
         losses["ddp"], abs=1e-3)
+
+
+@pytest.mark.slow  # one fold of a tiny model, DAPT included: about 20 s
+def test_spam_cv_scores_the_chosen_folds_against_both_baselines(data_file, tmp_path):
+    sms = data_file("sms_spam/SMSSpamCollection.tsv")
+    result = bench(str(BENCH / "spam_cv.py"), "--quick", "--only", "1", "--data", str(sms),
+                   "--work", str(tmp_path / "cv"), "--out", str(tmp_path / "cv.json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures == json.loads((tmp_path / "cv.json").read_text())
+    assert figures["folds"] == 2 and figures["scored_folds"] == [1] and figures["messages"] == 4738
+    (fold,) = figures["per_fold"]
+    # the held-out fold is half of the messages; the other half is split into training and validation parts
+    assert fold["fold"] == 1 and sum(fold["sizes"].values()) == 4738 and abs(fold["sizes"]["test"] - 2369) <= 20
+    for system in ("gpt", "char_svm", "word_lr"):
+        assert 0.5 < fold[system]["accuracy"] <= 1 and fold[system]["errors"] == round(
+            (1 - fold[system]["accuracy"]) * fold["sizes"]["test"])
+    assert figures["summary"]["gpt_minus_char_svm"]["accuracy"]["per_fold"] == [
+        fold["gpt"]["accuracy"] - fold["char_svm"]["accuracy"]]
+    bad = bench(str(BENCH / "spam_cv.py"), "--quick", "--only", "2", "--data", str(sms), "--work", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "--only 2: folds are 0..1" in bad.stderr and not (tmp_path / "x").exists()
