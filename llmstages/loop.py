@@ -183,35 +183,13 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
         console: Console) -> TrainResult:
     """The training loop; the steps are numbered 1..max_steps, `state.step` counts the finished ones."""
     cfg = recipe.train
-    accum, precision = cfg.accumulation(dctx.world_size), resolve_precision(cfg.precision, device)
     require_packages(cfg.loggers)  # train.loggers: refused before the run folder is touched
     state, saved = start_or_resume(model, tokenizer, recipe, task, store, dctx, resume, allow_change)
-    plan = StepPlan(cfg, 0 if cfg.max_time else cfg.total_steps(task.examples_per_epoch), state, dctx, device)
-
-    # --- model, optimizer ---------------------------------------------------------------------------
-    sharded = dctx.enabled and cfg.strategy == "fsdp"
-    model.to("cpu" if sharded else device).train()  # fsdp moves each process's shards to the device itself
-    set_activation_checkpointing(model, cfg.activation_checkpointing)
-    stepped = dctx.wrap(model, device, strategy=cfg.strategy, precision=precision, compile=cfg.compile)
-    optimizer = build_optimizer(model, cfg, device)  # after sharding: over the shards
+    run = build_run(model, tokenizer, recipe, task, store, dctx, device, state, saved, stage=stage, parent=parent,
+                    console=console)
+    announce(run, state, resume)
+    plan, optimizer = run.plan, run.optimizer
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if saved is not None:
-        restore_optimizer(saved, model, optimizer, sharded=sharded)
-        restore_rng(*saved)
-    state.to(device)
-    run = Run(recipe, task, store, tokenizer, dctx, device, stage, parent, model=stepped, raw_model=model,
-              optimizer=optimizer, amp=autocast(device, precision), accum=accum, plan=plan,
-              log=RunLog(store.run_dir(recipe.run), open_loggers(cfg.loggers, store.run_dir(recipe.run), recipe.run,
-                                                                to_dict(recipe)) if dctx.is_main else None),
-              progress=TrainProgress(console, plan.end, state.step, enabled=dctx.is_main),
-              peak=peak_flops(device, precision) if dctx.is_main else float("nan"))
-    run.progress.message(f"[bold]{stage}[/bold] run [cyan]{recipe.run}[/cyan]: {num_params(model):,} parameters "
-                         f"({num_params(model, trainable_only=True):,} trainable), "
-                         + (f"{plan.end} steps" if not plan.timed else f"steps for {cfg.max_time} of training")
-                         + f" of "
-                         f"{cfg.global_batch_size} sequences, {precision} on {device}"
-                         + (f" x {dctx.world_size} processes ({cfg.strategy})" if dctx.enabled else "")
-                         + (f", resuming at step {state.step}" if resume else ""))
 
     stop = StopFlag()
     stop.install()
@@ -281,6 +259,43 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
     seconds = state.elapsed
     return TrainResult(recipe.run, state.step, last_ckpt, state.metrics, state.best, seconds, state.tokens_seen,
                        state.tokens_seen / seconds if seconds > 0 else 0.0, stopped_early, state.train_time)
+
+
+def build_run(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store: Store, dctx: DistContext,
+              device: torch.device, state: RunState, saved: tuple[dict, dict] | None, *, stage: str,
+              parent: dict | None, console: Console) -> Run:
+    """The fixed parts of a run: the step plan, the model on its device (sharded, wrapped, compiled), the
+    optimizer (restored on resume, with the RNGs), the log and the progress bar."""
+    cfg = recipe.train
+    accum, precision = cfg.accumulation(dctx.world_size), resolve_precision(cfg.precision, device)
+    plan = StepPlan(cfg, 0 if cfg.max_time else cfg.total_steps(task.examples_per_epoch), state, dctx, device)
+    sharded = dctx.enabled and cfg.strategy == "fsdp"
+    model.to("cpu" if sharded else device).train()  # fsdp moves each process's shards to the device itself
+    set_activation_checkpointing(model, cfg.activation_checkpointing)
+    stepped = dctx.wrap(model, device, strategy=cfg.strategy, precision=precision, compile=cfg.compile)
+    optimizer = build_optimizer(model, cfg, device)  # after sharding: over the shards
+    if saved is not None:
+        restore_optimizer(saved, model, optimizer, sharded=sharded)
+        restore_rng(*saved)
+    state.to(device)
+    run_dir = store.run_dir(recipe.run)
+    loggers = open_loggers(cfg.loggers, run_dir, recipe.run, to_dict(recipe)) if dctx.is_main else None
+    return Run(recipe, task, store, tokenizer, dctx, device, stage, parent, model=stepped, raw_model=model,
+               optimizer=optimizer, amp=autocast(device, precision), accum=accum, plan=plan,
+               log=RunLog(run_dir, loggers), progress=TrainProgress(console, plan.end, state.step, enabled=dctx.is_main),
+               peak=peak_flops(device, precision) if dctx.is_main else float("nan"))
+
+
+def announce(run: Run, state: RunState, resume: bool) -> None:
+    """The run's first line: parameters, steps (or the time budget), batch, precision, processes."""
+    cfg, model, dctx = run.recipe.train, run.raw_model, run.dctx
+    precision = resolve_precision(cfg.precision, run.device)
+    steps = f"{run.plan.end} steps" if not run.plan.timed else f"steps for {cfg.max_time} of training"
+    run.progress.message(f"[bold]{run.stage}[/bold] run [cyan]{run.recipe.run}[/cyan]: {num_params(model):,} "
+                         f"parameters ({num_params(model, trainable_only=True):,} trainable), {steps} of "
+                         f"{cfg.global_batch_size} sequences, {precision} on {run.device}"
+                         + (f" x {dctx.world_size} processes ({cfg.strategy})" if dctx.enabled else "")
+                         + (f", resuming at step {state.step}" if resume else ""))
 
 
 def start_or_resume(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store: Store,
