@@ -22,7 +22,8 @@ import json
 import sys
 from pathlib import Path
 
-from timed_runs import QUICK_DATA, QUICK_MODEL, machine, median, parse_budget, prepare, step_times, train
+from timed_runs import (QUICK_DATA, QUICK_MODEL, add_clock_args, machine, median, parse_budget, prepare,
+                        step_times, train)
 
 MODERN, GPT2 = "quickstart-modern", "quickstart-gpt2"
 # Each choice of the modern preset and the setting that switches it back to GPT-2's.
@@ -73,11 +74,7 @@ def main() -> None:
     parser.add_argument("--vocab", default="", help="vocabulary sizes to sweep, e.g. 2048,4096,8192")
     parser.add_argument("--no-blocks", action="store_true", help="only the vocabulary sweep")
     parser.add_argument("--eval-every", type=int, default=50, help="steps between evaluations")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
-    parser.add_argument("--clock", default="steps", choices=("steps", "wall"),
-                        help="steps: the budget as steps at each row's measured step time (robust to a busy "
-                             "host); wall: train.max_time (see timed_runs.py)")
-    parser.add_argument("--step-rounds", type=int, default=3, help="--clock steps: rounds of step-time runs")
+    add_clock_args(parser)
     parser.add_argument("--store", default="store-bench", help="the bench's own store (data prepared once)")
     parser.add_argument("--quick", action="store_true", help="a smoke test of seconds (figures mean nothing)")
     args = parser.parse_args()

@@ -29,8 +29,8 @@ import json
 import sys
 from pathlib import Path
 
-from timed_runs import (QUICK_DATA, QUICK_MODEL, machine, median, parse_budget, prepare, step_times, time_to,
-                        time_to_from_budgets, train)
+from timed_runs import (QUICK_DATA, QUICK_MODEL, add_clock_args, machine, median, parse_budget, prepare,
+                        step_times, time_to, time_to_from_budgets, train)
 
 OLD, NEW = "quickstart-gpt2", "quickstart-modern"
 
@@ -60,11 +60,7 @@ def main() -> None:
                         help="quickstart-modern with these overrides (repeatable)")
     parser.add_argument("--rounds", type=int, default=1, help="repeats of every run (medians reported)")
     parser.add_argument("--eval-every", type=int, default=20, help="steps between evaluations")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
-    parser.add_argument("--clock", default="steps", choices=("steps", "wall"),
-                        help="steps: budgets as steps at each recipe's measured step time (robust to a busy "
-                             "host); wall: train.max_time (see timed_runs.py)")
-    parser.add_argument("--step-rounds", type=int, default=3, help="--clock steps: rounds of step-time runs")
+    add_clock_args(parser)
     parser.add_argument("--step-s", action="append", default=[], metavar="NAME=SECONDS",
                         help="--clock steps: a recipe's step time measured before (its measuring is skipped)")
     parser.add_argument("--skip", action="append", default=[], metavar="NAME@BUDGET",

@@ -20,6 +20,7 @@ Not a benchmark itself: run_all.py runs bench_recipes.py (and ablate.py when ask
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -173,6 +174,16 @@ def time_to_from_budgets(points: list[tuple[float, float]], target: float) -> fl
     """The same from the (budget, final val bits/byte) of annealed runs: each point is a run that
     ended at min_lr, so this is the time an annealed run needs (None: no budget reached it)."""
     return time_to(sorted(points), target)
+
+
+def add_clock_args(parser: argparse.ArgumentParser) -> None:
+    """--precision, --clock and --step-rounds: what every equal-time bench takes (see the docstring)."""
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="resolved once ('auto': bf16 where it is fast) and used by every run")
+    parser.add_argument("--clock", default="steps", choices=("steps", "wall"),
+                        help="steps: budgets as steps at each run's measured step time (robust to a busy "
+                             "host); wall: train.max_time")
+    parser.add_argument("--step-rounds", type=int, default=3, help="--clock steps: rounds of step-time runs")
 
 
 def parse_budget(text: str) -> float:
