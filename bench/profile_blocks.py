@@ -5,8 +5,10 @@
 For each arch x precision: torch.profiler over a few forward + backward + optimizer steps of a small
 model, giving the step time, the share of self CPU time of each group of ops (matmuls, attention,
 norms, the MLP activation, rotary embeddings, embeddings + loss + soft-cap, optimizer, the rest), and the number
-of profiled op calls per step at sequence lengths T and 2T. That count is the same at both lengths
-when nothing runs once per token in Python (a per-token loop would double it). Prints one JSON object.
+of profiled op calls per step at sequence lengths T and 2T, the batch halved at 2T so that a step
+holds the same tokens (the fp32 loss runs over chunks of tokens, objectives.head_loss, a fixed count
+per step then). That count is the same at both lengths when nothing runs once per position in Python
+(a per-position loop would double it). Prints one JSON object.
 Timing figures from a busy machine mean little; the op counts and shares are what this checks.
 """
 
@@ -51,7 +53,7 @@ def labelled_rope():
         blocks.apply_rope = original
 
 
-def step_fn(arch: str, precision: str, args, block_size: int):
+def step_fn(arch: str, precision: str, args, block_size: int, batch: int):
     torch.manual_seed(0)
     config = build_config("", vocab_size=2048, arch=arch, n_layer=args.layers, n_head=4, n_embd=args.width,
                           block_size=block_size)
@@ -59,7 +61,7 @@ def step_fn(arch: str, precision: str, args, block_size: int):
     train_cfg = build_recipe({"train": {"optimizer": "muon" if arch == "modern" else "adamw"}}).train
     optimizer = build_optimizer(model, train_cfg, torch.device("cpu"))
     amp = autocast(torch.device("cpu"), precision)
-    data = torch.randint(0, 2048, (args.batch, block_size + 1))
+    data = torch.randint(0, 2048, (batch, block_size + 1))
 
     def step():
         with amp:
@@ -71,8 +73,8 @@ def step_fn(arch: str, precision: str, args, block_size: int):
     return step
 
 
-def profile_one(arch: str, precision: str, args, block_size: int) -> dict:
-    step = step_fn(arch, precision, args, block_size)
+def profile_one(arch: str, precision: str, args, block_size: int, batch: int) -> dict:
+    step = step_fn(arch, precision, args, block_size, batch)
     step(), step()  # warm-up: allocations, first-call dispatch
     with labelled_rope(), profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
@@ -103,15 +105,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the smallest sizes (a smoke test)")
     args = parser.parse_args()
     if args.quick:
-        args.layers, args.width, args.batch, args.block, args.steps = 1, 64, 2, 32, 1
+        args.layers, args.width, args.batch, args.block, args.steps = 1, 64, 4, 32, 1
+    if args.batch < 4 or args.batch % 2:
+        parser.error(f"--batch {args.batch}: an even batch of at least 4 is needed (it is halved at 2T, and a "
+                     "batch of 1 takes other op paths)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     result = {"benchmark": "profile_blocks", "cpu_fast_bf16": cpu_has_fast_bf16(), "torch": torch.__version__,
               "shape": {"layers": args.layers, "width": args.width, "batch": args.batch, "T": args.block},
               "runs": {}}
     for arch in ("gpt2", "modern"):
         for precision in ("fp32", "bf16"):
-            figures = profile_one(arch, precision, args, args.block)
-            longer = profile_one(arch, precision, args, 2 * args.block)
+            figures = profile_one(arch, precision, args, args.block, args.batch)
+            longer = profile_one(arch, precision, args, 2 * args.block, args.batch // 2)  # the same tokens
             figures["op_calls_per_step_2T"] = longer["op_calls_per_step"]
             figures["no_python_per_token"] = longer["op_calls_per_step"] == figures["op_calls_per_step"]
             figures["step_ms_2T"] = longer["step_ms"]
