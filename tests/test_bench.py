@@ -119,3 +119,16 @@ def test_spam_cv_scores_the_chosen_folds_against_both_baselines(data_file, tmp_p
         fold["gpt"]["accuracy"] - fold["char_svm"]["accuracy"]]
     bad = bench(str(BENCH / "spam_cv.py"), "--quick", "--only", "2", "--data", str(sms), "--work", str(tmp_path / "x"))
     assert bad.returncode == 2 and "--only 2: folds are 0..1" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def test_plot_recipes_draws_the_bench_json(tmp_path):
+    curve = [[30.0, 2.4], [60.0, 2.2]]
+    result = {"clock": "steps", "machine": {"cores": 2, "precision": "fp32"},
+              "target": {"recipe": "gpt2", "budget_s": 60.0, "val_bpb": 2.3},
+              "recipes": {name: {"runs": {"30s": [{"curve": curve[:1]}], "60s": [{"curve": curve}, {"curve": []}]}}
+                          for name in ("gpt2", "modern")}}
+    (tmp_path / "r.json").write_text(json.dumps(result))
+    out = tmp_path / "plots" / "r.png"
+    done = bench(str(BENCH / "plot_recipes.py"), str(tmp_path / "r.json"), "--out", str(out), timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
