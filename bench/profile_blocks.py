@@ -37,20 +37,40 @@ GROUPS = {  # op name fragments -> group (first match wins); "rope" comes from a
 }
 
 
+LABELS = ("rope", "norm")  # forward calls run inside profiler ranges of these names (see `labelled`)
+
+
 @contextmanager
-def labelled_rope():
-    """apply_rope inside a profiler range named `rope` (its ops then count as rope, not as `other`)."""
-    original = blocks.apply_rope
+def labelled():
+    """apply_rope and F.rms_norm inside profiler ranges named `rope` and `norm`: on CPU both are composites
+    of small ops (mul, cat, pow, mean, rsqrt...), which would otherwise count as `other` or `activation`."""
+    import torch.nn.functional as F
 
-    def labelled(x, cos, sin):
+    originals = (blocks.apply_rope, F.rms_norm)
+
+    def rope(x, cos, sin):
         with record_function("rope"):
-            return original(x, cos, sin)
+            return originals[0](x, cos, sin)
 
-    blocks.apply_rope = labelled
+    def rms_norm(*args, **kwargs):
+        with record_function("norm"):
+            return originals[1](*args, **kwargs)
+
+    blocks.apply_rope, F.rms_norm = rope, rms_norm
     try:
         yield
     finally:
-        blocks.apply_rope = original
+        blocks.apply_rope, F.rms_norm = originals
+
+
+def group_of(event) -> str:
+    """The group of a profiled op: a labelled range it runs inside, else its name."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name in LABELS:
+            return parent.name
+        parent = parent.cpu_parent
+    return next((g for g, keys in GROUPS.items() if any(k in event.name for k in keys)), "other")
 
 
 def step_fn(arch: str, precision: str, args, block_size: int, batch: int):
@@ -76,21 +96,15 @@ def step_fn(arch: str, precision: str, args, block_size: int, batch: int):
 def profile_one(arch: str, precision: str, args, block_size: int, batch: int) -> dict:
     step = step_fn(arch, precision, args, block_size, batch)
     step(), step()  # warm-up: allocations, first-call dispatch
-    with labelled_rope(), profile(activities=[ProfilerActivity.CPU]) as prof:
+    with labelled(), profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
             step()
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    shares = {name: 0.0 for name in [*GROUPS, "rope", "other"]}
-    rope_total = next((e.cpu_time_total for e in events if e.key == "rope"), 0.0)  # forward ops under the label
+    events = [e for e in prof.events() if e.name not in LABELS]
+    shares = {name: 0.0 for name in [*GROUPS, *LABELS, "other"]}
     for e in events:
-        if e.key == "rope":
-            continue
-        group = next((g for g, keys in GROUPS.items() if any(k in e.key for k in keys)), "other")
-        shares[group] += e.self_cpu_time_total
-    shares["rope"] = rope_total
-    shares["other"] = max(0.0, shares["other"] - rope_total)  # rope's forward ops are among `other`
-    calls = sum(e.count for e in events if e.key != "rope") / args.steps
+        shares[group_of(e)] += e.self_cpu_time_total
+    total = sum(shares.values())
+    calls = len(events) / args.steps
     return {"step_ms": round(total / 1000 / args.steps, 2), "op_calls_per_step": round(calls),
             "self_time_share": {k: round(v / total, 3) for k, v in shares.items()}}
 
