@@ -172,8 +172,12 @@ def train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, sto
     dctx, device_name = init_distributed(recipe.train.device)
     try:
         check_shared_store(dctx, store.root)
-        return fit(model, tokenizer, recipe, task, store, dctx, resolve_device(device_name), stage=stage,
-                   parent=parent, resume=resume, allow_change=allow_change, console=console or Console(stderr=True))
+        result = fit(model, tokenizer, recipe, task, store, dctx, resolve_device(device_name), stage=stage,
+                     parent=parent, resume=resume, allow_change=allow_change, console=console or Console(stderr=True))
+        # Every rank is past its last collective before any tears the group down: a rank that destroyed it
+        # first sometimes aborted its peer at exit ("terminate called without an active exception").
+        dctx.barrier()
+        return result
     finally:
         dctx.close()
 
