@@ -28,6 +28,7 @@ from llmstages.config import Recipe
 from llmstages.data.examples import data_settings, read_examples
 from llmstages.data.prepared import LabeledSplit, PreparedDataset
 from llmstages.errors import UserError, listed
+from llmstages.interop.load import assign_weights
 from llmstages.jsonio import dumps
 from llmstages.loop import TrainResult, TrainTask
 from llmstages.model import GPT, GPTConfig
@@ -56,18 +57,14 @@ def classifier_from(base: GPT, labels: list[str], seed: int, pooling: str = "las
     with torch.device("meta"):
         model = GPT(config)
     keep_head = base.is_classifier and base.config.class_names == list(labels)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in base.state_for_saving().items()
+    state = {k: v for k, v in base.state_for_saving().items()
              if not k.startswith("lm_head.") and (keep_head or not k.startswith("score."))}
     if "score.weight" not in state:
         generator = torch.Generator().manual_seed(seed)
         state["score.weight"] = torch.randn(len(labels), config.n_embd, generator=generator).mul_(0.02).to(
             base.transformer.wte.weight.device)
-    expected = set(model.state_dict())
-    if set(state) != expected:
-        raise UserError(f"the base weights do not fit a classifier of the same shape "
-                        f"(missing {sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]})")
-    model.load_state_dict(state, assign=True)
-    return model
+    # the one place outside weights enter a model: shapes, finiteness and completeness checked there
+    return assign_weights(model, iter(state.items()), torch.float32, "the base model as a classifier")
 
 
 def classification_task(base: Checkpoint, data: PreparedDataset, recipe: Recipe, *,
