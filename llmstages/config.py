@@ -81,6 +81,11 @@ class DataConfig:
     # auto = the init_from model's tokenizer when there is one, else train one; "train" = train a
     # byte-level BPE on the corpus; otherwise a tokenizer.json path (or a folder holding one).
     tokenizer: str = "auto"
+    # Lowercase every text before it is tokenized. The tokenizer gets a Lowercase normalizer (a trained
+    # one, or the model's with init_from), and the model keeps it: `classify`, `evaluate` and `generate`
+    # lowercase their input too, and decoded text comes back lowercase. For classifiers whose classes do
+    # not depend on letter case (SMS spam: shouted ham looked like spam to a base that read novels).
+    lowercase: bool = False
     # Vocabulary size when training a tokenizer (includes <|endoftext|>).
     vocab_size: int = _f(8192, ge=260, le=1 << 20)
     # Train the tokenizer on at most about this many bytes of the train split, sampled with split_seed

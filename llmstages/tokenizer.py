@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from llmstages.errors import UserError
 
@@ -52,6 +52,22 @@ class Tokenizer:
     def with_eot(self, token: str) -> "Tokenizer":
         """The same tokenizer with `token` as its end-of-text (e.g. a chat template's end of turn)."""
         return Tokenizer(self.inner, dict(self.config, eos_token=token))
+
+    @property
+    def lowercases(self) -> bool:
+        """Whether the tokenizer lowercases text before splitting it (a Lowercase normalizer, alone or in a
+        Sequence, or a BERT normalizer with lowercase on)."""
+        return _lowercases(json.loads(self.to_str()).get("normalizer"))
+
+    def lowercased(self) -> "Tokenizer":
+        """The same vocabulary and merges with a Lowercase normalizer after any normalizer it has: every text
+        is lowercased before it is split, here and wherever the tokenizer.json is loaded (data.lowercase)."""
+        if self.lowercases:
+            return self
+        inner = HFTokenizer.from_str(self.to_str())
+        lower = normalizers.Lowercase()
+        inner.normalizer = normalizers.Sequence([inner.normalizer, lower]) if inner.normalizer else lower
+        return Tokenizer(inner, self.config)
 
     @property
     def chat_template(self) -> str | None:
@@ -120,6 +136,16 @@ class Tokenizer:
         return self.inner.decode(list(ids), skip_special_tokens=skip_special)
 
 
+def _lowercases(normalizer: dict | None) -> bool:
+    """Whether a tokenizer.json "normalizer" entry lowercases."""
+    if not isinstance(normalizer, dict):
+        return False
+    kind = normalizer.get("type")
+    if kind == "Sequence":
+        return any(_lowercases(n) for n in normalizer.get("normalizers") or [])
+    return kind == "Lowercase" or (kind == "BertNormalizer" and bool(normalizer.get("lowercase")))
+
+
 def read_tokenizer_config(path: Path) -> dict:
     """A tokenizer_config.json as a dict ({} when there is none)."""
     if not path.exists():
@@ -176,9 +202,13 @@ def byte_level_bpe() -> HFTokenizer:
     return tok
 
 
-def train_bpe(texts: Iterator[str] | Iterable[str], vocab_size: int, *, length: int | None = None) -> Tokenizer:
-    """Train a byte-level BPE with `vocab_size` entries (the 256 bytes, merges, and <|endoftext|>)."""
+def train_bpe(texts: Iterator[str] | Iterable[str], vocab_size: int, *, length: int | None = None,
+              lowercase: bool = False) -> Tokenizer:
+    """Train a byte-level BPE with `vocab_size` entries (the 256 bytes, merges, and <|endoftext|>);
+    `lowercase`: lowercase the text before it is split, in training and in every later use."""
     tok = byte_level_bpe()
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[EOT],

@@ -175,6 +175,15 @@ def test_tokenizer_is_trained_on_a_bounded_sample_of_train(tmp_path, store_dir):
     assert 20_000 <= info["trained_on_chars"] < 20_000 + (1 << 16)
 
 
+@pytest.mark.parametrize("task", ["pretrain", "classify"])
+def test_lowercase_trains_a_lowercasing_tokenizer(tmp_path, store_dir, task):
+    rng = random.Random(4)
+    rows = [{"text": document(rng).upper() if i % 2 else document(rng), "label": "ab"[i % 2]} for i in range(40)]
+    source = write_jsonl(tmp_path / "d.jsonl", rows)
+    ds = run(recipe(task, source=[str(source)], tokenizer="train", lowercase=True), store_dir)
+    assert ds.tokenizer.lowercases and ds.tokenizer.encode("The END") == ds.tokenizer.encode("the end")
+
+
 def test_gpt2_tokenizer_file_gives_gpt2_ids(tmp_path, store_dir, gpt2_tokenizer_dir):
     docs = ["Hello world, it's a test.", "Second   document\twith\nodd   spacing 123."]
     source = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in docs])

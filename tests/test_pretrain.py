@@ -204,6 +204,11 @@ def test_continued_pretraining_from_init_from(cli, tmp_path, reference_run, data
     step = base.meta["step"]
     assert show.returncode == 0  # the readable lineage: this run, then its parent one level down
     assert re.search(rf"└─ \S+tiny-verdict/step-0*{step}\s+task=pretrain step={step}\n", show.stdout)
+    # data.lowercase: the base's tokenizer gains a Lowercase normalizer, and the continued model keeps it
+    lower = cli("--store", str(tmp_path / "store3"), "pretrain", str(path), "data.lowercase=true")
+    assert lower.returncode == 0, lower.stderr[-3000:]
+    child = load_checkpoint("more", Store(tmp_path / "store3"))
+    assert child.tokenizer.lowercases and child.tokenizer.fingerprint == base.tokenizer.lowercased().fingerprint
 
 
 def test_pretrain_refuses_bad_starting_points_before_step_1(recipe, store_dir, capsys, monkeypatch, tmp_path):

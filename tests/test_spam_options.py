@@ -25,12 +25,16 @@ from safetensors.torch import load_file
 
 from llmstages.checkpoint import load_checkpoint, save_checkpoint
 from llmstages.classification import classification_loss, decide, roc_auc
+from llmstages.classification import predict
 from llmstages.config import build_recipe
+from llmstages.data.plan import choose_tokenizer, fingerprint_settings, make_plan
 from llmstages.data.split import stratified_folds
 from llmstages.errors import RecipeError
 from llmstages.model import GPT, GPTConfig
 from llmstages.stages.finetune import finetune
+from llmstages.stages.prepare import get_or_prepare
 from llmstages.store import Store
+from llmstages.tokenizer import Tokenizer, train_bpe
 from spamdata import labeled_rows, quiet, save_base, spam_tokenizer
 from spamdata import write_tsv as write_rows
 
@@ -187,6 +191,50 @@ def test_pooling_is_saved_and_average_last_averages_the_last_checkpoints(tmp_pat
 def test_average_last_needs_that_many_kept_checkpoints(tmp_path):
     with pytest.raises(RecipeError, match="finetune.average_last"):
         build_recipe(raw_recipe(tmp_path / "x.tsv", keep_last=1), ["finetune.average_last=3"])
+
+
+# --- data.lowercase ----------------------------------------------------------------------------------------------
+def test_a_lowercased_tokenizer_reads_every_case_alike_and_keeps_it_when_saved(tokenizer, tmp_path):
+    lower = tokenizer.lowercased()
+    assert not tokenizer.lowercases and lower.lowercases
+    assert tokenizer.encode("WIN Free CASH") != tokenizer.encode("win free cash")
+    assert lower.encode("WIN Free CASH") == lower.encode("win free cash") == tokenizer.encode("win free cash")
+    assert lower.fingerprint != tokenizer.fingerprint  # data tokenized by one is refused for the other
+    assert lower.lowercased().fingerprint == lower.fingerprint  # a lowercased child fine-tuned again: no second one
+    lower.save(tmp_path / "tokenizer.json")
+    assert Tokenizer.from_file(tmp_path / "tokenizer.json").encode("CALL ME") == tokenizer.encode("call me")
+    assert train_bpe(["Hello World hello world"] * 20, 280, lowercase=True).lowercases
+
+
+def test_data_lowercase_fine_tunes_on_lowercased_text_and_the_classifier_keeps_it(tmp_path, store_dir, base, tokenizer):
+    base_tokenizer = tokenizer
+    rows = [(label, text.upper() if i % 3 == 0 else text) for i, (label, text) in enumerate(labeled_rows(60))]
+    source = write_rows(tmp_path / "sms.tsv", rows)
+    store = Store(store_dir)
+    recipe = build_recipe(raw_recipe(source), ["data.lowercase=true"])
+    finetune(recipe, store, console=quiet())
+    child = load_checkpoint(store.latest("clf"))
+    assert child.tokenizer.lowercases
+    data = get_or_prepare(recipe, store, quiet())
+    assert data.manifest["tokenizer_fingerprint"] == child.tokenizer.fingerprint
+    train = data.records("train")
+    shouted = [i for i, row in enumerate(train.texts()) if row["text"].isupper()]
+    assert shouted  # the file's text is kept as read; its tokens are those of the lowercased text
+    for i in shouted:
+        assert list(train.example(i)) == base_tokenizer.encode(train.texts()[i]["text"].lower())
+    # classify and evaluate lowercase their input through the saved tokenizer
+    out = predict(child.model, child.tokenizer, ["WIN FREE CASH NOW", "win free cash now"])
+    assert out[0]["probabilities"] == out[1]["probabilities"]
+
+
+def test_lowercase_off_leaves_the_dataset_fingerprint_as_before(tmp_path, store_dir, base):
+    source = write_tsv(tmp_path / "sms.tsv", 20)
+    store = Store(store_dir)
+    off, on = (build_recipe(raw_recipe(source), [f"data.lowercase={v}"]) for v in ("false", "true"))
+    choice_off, choice_on = choose_tokenizer(off, store), choose_tokenizer(on, store)
+    assert "lowercase" not in fingerprint_settings(off, choice_off)  # datasets prepared before keep theirs
+    assert not choice_off.tokenizer.lowercases and choice_on.tokenizer.lowercases
+    assert make_plan(off, store).fingerprint != make_plan(on, store).fingerprint
 
 
 # --- cross-validation folds -----------------------------------------------------------------------------------

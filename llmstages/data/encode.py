@@ -138,10 +138,11 @@ def training_sample(texts: Sequence[str], max_bytes: int, seed: int) -> tuple[li
     return [pieces[i] for i in sorted(chosen)], size
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int, *, max_bytes: int, seed: int) -> tuple[Tokenizer, dict]:
+def train_tokenizer(texts: Sequence[str], vocab_size: int, *, max_bytes: int, seed: int,
+                    lowercase: bool = False) -> tuple[Tokenizer, dict]:
     """A byte-level BPE trained on (a sample of) `texts`; and what it was trained on, for the manifest."""
     sample, size = training_sample(texts, max_bytes, seed)
-    tokenizer = train_bpe(iter(sample), vocab_size, length=len(sample))
+    tokenizer = train_bpe(iter(sample), vocab_size, length=len(sample), lowercase=lowercase)
     return tokenizer, {"kind": "trained", "vocab_size_asked": vocab_size, "trained_on_chars": size,
                        "sample_bytes_limit": max_bytes, "sampled": max_bytes > 0 and size < sum(map(len, texts))}
 
@@ -186,11 +187,11 @@ class TokenizerSample:
         """The sampled pieces in the order they arrived."""
         return [item[3] for item in sorted(self.heap, key=lambda item: item[1])]
 
-    def train(self, vocab_size: int) -> tuple[Tokenizer, dict]:
+    def train(self, vocab_size: int, *, lowercase: bool = False) -> tuple[Tokenizer, dict]:
         """A byte-level BPE trained on the sample; and what it was trained on, for the manifest."""
         sample = self.pieces()
         if not sample:
             raise ValueError("no text to train the tokenizer on")
-        tokenizer = train_bpe(iter(sample), vocab_size, length=len(sample))
+        tokenizer = train_bpe(iter(sample), vocab_size, length=len(sample), lowercase=lowercase)
         return tokenizer, {"kind": "trained", "vocab_size_asked": vocab_size, "trained_on_chars": self.size,
                            "sample_bytes_limit": self.max_bytes, "sampled": self.size < self.seen}

@@ -130,6 +130,8 @@ def fingerprint_settings(recipe: Recipe, choice: TokenizerChoice) -> dict:
     if choice.kind != "train":
         for key in TRAINING_ONLY:
             settings.pop(key)
+    if not settings["lowercase"]:
+        settings.pop("lowercase")  # off: datasets prepared before the setting existed keep their fingerprint
     return settings
 
 
@@ -152,6 +154,8 @@ def choose_tokenizer(recipe: Recipe, store: Store) -> TokenizerChoice:
     """data.tokenizer: auto (the init_from model's, else train), train, or a tokenizer.json / folder.
     An instruction recipe with template hf ends responses with the chat template's end-of-turn token."""
     choice = _choose_tokenizer(recipe, store)
+    if choice.tokenizer is not None:
+        choice.tokenizer = recipe_tokenizer(recipe, choice.tokenizer)
     if recipe.task == "instruct" and recipe.finetune.template == "hf":
         if choice.tokenizer is None:
             raise UserError("finetune.template=hf uses the chat template of the model's tokenizer, but this "
@@ -160,6 +164,12 @@ def choose_tokenizer(recipe: Recipe, store: Store) -> TokenizerChoice:
         from llmstages.templates import chat_tokenizer
         choice.tokenizer = chat_tokenizer("hf", choice.tokenizer)
     return choice
+
+
+def recipe_tokenizer(recipe: Recipe, tokenizer: Tokenizer) -> Tokenizer:
+    """A model's (or file's) tokenizer as the recipe tokenizes: lowercasing with data.lowercase. A run from
+    init_from trains with this one and its checkpoints keep it."""
+    return tokenizer.lowercased() if recipe.data.lowercase else tokenizer
 
 
 def _choose_tokenizer(recipe: Recipe, store: Store) -> TokenizerChoice:

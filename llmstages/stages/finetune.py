@@ -18,6 +18,7 @@ from rich.console import Console
 
 from llmstages.checkpoint import Checkpoint, load_checkpoint, parent_info
 from llmstages.config import FinetuneConfig, Recipe, recipes_dir
+from llmstages.data.plan import recipe_tokenizer
 from llmstages.distributed import is_main_process
 from llmstages.errors import UserError
 from llmstages.lora import add_lora, merge_lora
@@ -187,6 +188,7 @@ def finetune(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
     if recipe.task == "instruct":  # template hf: the run's end-of-text is the chat template's end of turn
         from llmstages.templates import chat_tokenizer
         base.tokenizer = chat_tokenizer(recipe.finetune.template, base.tokenizer)
+    base.tokenizer = recipe_tokenizer(recipe, base.tokenizer)  # data.lowercase: the child keeps it
     say_inherited(console, recipe, base)
     if base.model.config.lora_rank > 0:
         merge_lora(base.model)  # a LoRA base is folded into plain weights; this run adds its own adapters

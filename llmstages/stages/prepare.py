@@ -105,7 +105,8 @@ def prepare(recipe: Recipe, store: Store, *, console: Console | None = None, for
         with _progress(console) as progress:
             progress.add_task(f"training tokenizer (vocab {data.vocab_size:,})", total=None, count="")
             tokenizer, tok_info = train_tokenizer([_text(e) for e in splits["train"]], data.vocab_size,
-                                                  max_bytes=data.tokenizer_sample_bytes, seed=data.split_seed)
+                                                  max_bytes=data.tokenizer_sample_bytes, seed=data.split_seed,
+                                                  lowercase=data.lowercase)
     tok_info["seconds"] = round(time.perf_counter() - t0, 3)
     dtype = token_dtype(tokenizer.vocab_size)
 

@@ -122,7 +122,7 @@ def _scan_and_tokenizer(plan: Plan, work: Path, console: Console) -> tuple[dict,
             raise UserError("no text to train the tokenizer on", hint="check data.source")
         with _progress(console) as progress:
             progress.add_task(f"training tokenizer (vocab {data.vocab_size:,})", total=None, done="", count="")
-            tokenizer, tok_info = sample.train(data.vocab_size)
+            tokenizer, tok_info = sample.train(data.vocab_size, lowercase=data.lowercase)
     else:
         tokenizer, tok_info = plan.tokenizer.tokenizer, {"kind": plan.tokenizer.kind, "from": plan.tokenizer.ref}
     tok_info["seconds"] = round(time.perf_counter() - t0, 3)

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from llmstages.checkpoint import Checkpoint, load_checkpoint, parent_info, read_model_json
 from llmstages.config import ModelConfig, Recipe
-from llmstages.data.plan import parent_tokenizer
+from llmstages.data.plan import parent_tokenizer, recipe_tokenizer
 from llmstages.data.prepared import PreparedDataset
 from llmstages.data.windows import WindowSampler, fixed_windows
 from llmstages.errors import UserError
@@ -92,6 +92,7 @@ def build_model(recipe: Recipe, store: Store, data: PreparedDataset,
         say_inherited(console or Console(stderr=True), recipe, ckpt)
         if ckpt.model.is_classifier:
             raise UserError(f"init_from={recipe.init_from} is a classifier; pretraining needs a language model")
+        ckpt.tokenizer = recipe_tokenizer(recipe, ckpt.tokenizer)
         check_tokenizer(ckpt.tokenizer, data, recipe.init_from)
         set_dropout(ckpt.model, recipe.model.dropout)
         return ckpt.model, ckpt.tokenizer, parent_info(recipe.init_from, ckpt, store)
@@ -123,7 +124,7 @@ def pretrain(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
     if not dry_run:  # refusals that need no data come before it is prepared
         check_run_start(store, recipe.run, resume)
     if recipe.init_from:  # parent_tokenizer: a missing base says which command makes it
-        tokenizer = parent_tokenizer(recipe.init_from, store)
+        tokenizer = recipe_tokenizer(recipe, parent_tokenizer(recipe.init_from, store))
         refuse_classifier_base(recipe.init_from, store)  # the root cause first: no tokenizer can fix that
         check_data_tokenizer(recipe, store, tokenizer)
     data = get_or_prepare(recipe, store, console)
