@@ -1,5 +1,6 @@
 """Issue 13's classifier options: the decision threshold, ROC AUC, pooling, label smoothing, weight
-averaging, domain-adaptive pretraining (resumed exactly after SIGKILL) and the CV folds of bench/spam_cv.py.
+averaging, domain-adaptive pretraining (resumed exactly after SIGKILL), data.lowercase, the seeding of LoRA
+adapters, and the CV folds of bench/spam_cv.py.
 
 Tiny models built here; small synthetic labeled files in tmp dirs.
 """
@@ -191,6 +192,24 @@ def test_pooling_is_saved_and_average_last_averages_the_last_checkpoints(tmp_pat
 def test_average_last_needs_that_many_kept_checkpoints(tmp_path):
     with pytest.raises(RecipeError, match="finetune.average_last"):
         build_recipe(raw_recipe(tmp_path / "x.tsv", keep_last=1), ["finetune.average_last=3"])
+
+
+# --- seeding ----------------------------------------------------------------------------------------------------
+def test_lora_adapters_start_from_train_seed_whatever_drew_from_the_rng_before(tmp_path, store_dir, base):
+    source = write_tsv(tmp_path / "sms.tsv", 40)
+    store = Store(store_dir)
+
+    def adapters(run: str, seed: int, noise: int) -> dict:
+        torch.manual_seed(noise)  # whatever the process drew before (another run, a test, an import)
+        recipe = build_recipe(raw_recipe(source, run=run, max_steps=2, seed=seed),
+                              ["finetune.trainable=lora", "finetune.lora_rank=2", "finetune.lora_targets=[c_attn]"])
+        finetune(recipe, store, console=quiet())
+        weights = load_file(str(store.latest(run) / "model.safetensors"))
+        return {k: v for k, v in weights.items() if "lora_" in k}
+
+    first, again, other_seed = adapters("a", 0, noise=1), adapters("b", 0, noise=2), adapters("c", 1, noise=1)
+    assert first and all(torch.equal(first[k], again[k]) for k in first)  # same seed: the same run
+    assert not all(torch.equal(first[k], other_seed[k]) for k in first)
 
 
 # --- data.lowercase ----------------------------------------------------------------------------------------------
