@@ -30,7 +30,7 @@ from llmstages.classification import predict
 from llmstages.config import build_recipe
 from llmstages.data.plan import choose_tokenizer, fingerprint_settings, make_plan
 from llmstages.data.split import stratified_folds
-from llmstages.errors import RecipeError
+from llmstages.errors import RecipeError, UserError
 from llmstages.model import GPT, GPTConfig
 from llmstages.stages.finetune import finetune
 from llmstages.stages.prepare import get_or_prepare
@@ -244,6 +244,20 @@ def test_data_lowercase_fine_tunes_on_lowercased_text_and_the_classifier_keeps_i
     # classify and evaluate lowercase their input through the saved tokenizer
     out = predict(child.model, child.tokenizer, ["WIN FREE CASH NOW", "win free cash now"])
     assert out[0]["probabilities"] == out[1]["probabilities"]
+
+
+def test_a_resume_that_flips_lowercase_is_refused_even_when_changes_are_allowed(tmp_path, store_dir, base):
+    source = write_tsv(tmp_path / "sms.tsv", 40)
+    store = Store(store_dir)
+    finetune(build_recipe(raw_recipe(source, max_steps=4), ["data.lowercase=true"]), store, console=quiet())
+    run_dir = store.run_dir("clf")
+    before = sorted(p.name for p in run_dir.iterdir())
+    flipped = build_recipe(raw_recipe(source, max_steps=6), ["data.lowercase=false"])
+    with pytest.raises(UserError, match="recipe differs"):
+        finetune(flipped, store, resume=True, console=quiet())
+    with pytest.raises(UserError, match="another tokenizer"):  # tokens of another text: never continued
+        finetune(flipped, store, resume=True, allow_change=True, console=quiet())
+    assert sorted(p.name for p in run_dir.iterdir()) == before  # the run is as it was
 
 
 def test_lowercase_off_leaves_the_dataset_fingerprint_as_before(tmp_path, store_dir, base):

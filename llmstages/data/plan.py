@@ -154,22 +154,25 @@ def choose_tokenizer(recipe: Recipe, store: Store) -> TokenizerChoice:
     """data.tokenizer: auto (the init_from model's, else train), train, or a tokenizer.json / folder.
     An instruction recipe with template hf ends responses with the chat template's end-of-turn token."""
     choice = _choose_tokenizer(recipe, store)
+    if choice.tokenizer is None and recipe.task == "instruct" and recipe.finetune.template == "hf":
+        raise UserError("finetune.template=hf uses the chat template of the model's tokenizer, but this "
+                        "recipe trains a new tokenizer", hint="set init_from to a model with a chat_template "
+                        "(e.g. hf:HuggingFaceTB/SmolLM2-135M), or use template alpaca or chat")
     if choice.tokenizer is not None:
         choice.tokenizer = recipe_tokenizer(recipe, choice.tokenizer)
-    if recipe.task == "instruct" and recipe.finetune.template == "hf":
-        if choice.tokenizer is None:
-            raise UserError("finetune.template=hf uses the chat template of the model's tokenizer, but this "
-                            "recipe trains a new tokenizer", hint="set init_from to a model with a chat_template "
-                            "(e.g. hf:HuggingFaceTB/SmolLM2-135M), or use template alpaca or chat")
-        from llmstages.templates import chat_tokenizer
-        choice.tokenizer = chat_tokenizer("hf", choice.tokenizer)
     return choice
 
 
 def recipe_tokenizer(recipe: Recipe, tokenizer: Tokenizer) -> Tokenizer:
-    """A model's (or file's) tokenizer as the recipe tokenizes: lowercasing with data.lowercase. A run from
-    init_from trains with this one and its checkpoints keep it."""
-    return tokenizer.lowercased() if recipe.data.lowercase else tokenizer
+    """A model's (or file's) tokenizer as the recipe tokenizes: lowercasing with data.lowercase; for an
+    instruction recipe with template hf, ending at the chat template's end of turn. The data is prepared
+    with this one, a run from init_from trains with it, and its checkpoints keep it."""
+    if recipe.data.lowercase:
+        tokenizer = tokenizer.lowercased()
+    if recipe.task == "instruct" and recipe.finetune.template == "hf":
+        from llmstages.templates import chat_tokenizer
+        tokenizer = chat_tokenizer("hf", tokenizer)
+    return tokenizer
 
 
 def _choose_tokenizer(recipe: Recipe, store: Store) -> TokenizerChoice:

@@ -185,10 +185,7 @@ def finetune(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
         raise UserError(f"the recipe's task is {recipe.task}; finetune runs classify or instruct recipes",
                         hint="use `llmstages pretrain` for pretraining recipes")
     base = load_base(recipe, store)
-    if recipe.task == "instruct":  # template hf: the run's end-of-text is the chat template's end of turn
-        from llmstages.templates import chat_tokenizer
-        base.tokenizer = chat_tokenizer(recipe.finetune.template, base.tokenizer)
-    base.tokenizer = recipe_tokenizer(recipe, base.tokenizer)  # data.lowercase: the child keeps it
+    base.tokenizer = recipe_tokenizer(recipe, base.tokenizer)  # lowercasing, template hf's end of turn: kept
     say_inherited(console, recipe, base)
     if base.model.config.lora_rank > 0:
         merge_lora(base.model)  # a LoRA base is folded into plain weights; this run adds its own adapters
