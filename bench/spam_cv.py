@@ -5,6 +5,7 @@
     python bench/spam_cv.py                           # 5 folds, the shipped recipe, JSON on stdout
     python bench/spam_cv.py --folds 5 --base quickstart finetune.pooling=mean --out cv-mean.json
     python bench/spam_cv.py --quick                   # smoke test: 2 folds, a tiny base, a few steps
+    python bench/spam_cv.py --combine cv.json cv-s1.json --out cv-seeds.json   # seeds averaged per fold
 
 Every message of the shared SMS file (4,738) is scored exactly once, by a model that never saw it:
 the messages are dealt into k folds stratified by label, with exact duplicates kept in one fold
@@ -166,6 +167,37 @@ def summary(per_fold: list[dict]) -> dict:
     return out
 
 
+def combine(results: list[dict], names: list[str]) -> dict:
+    """Runs of the same folds with other GPT settings (e.g. train.seed) -> one result whose GPT figures
+    are, per fold, the mean over the runs; the summary (mean +- std over folds, GPT minus each baseline)
+    is then computed as for one run. `seeds` keeps each run's own GPT means, for the spread over seeds.
+
+    The runs must share the data, the fold assignment and the scored folds; the baselines are fitted on
+    the same parts, so they must agree too (else the folds were not the same)."""
+    first = results[0]
+    same = ("data", "messages", "positive", "folds", "scored_folds", "seed")
+    for name, other in zip(names[1:], results[1:]):
+        for key in same:
+            if other.get(key) != first.get(key):
+                raise ValueError(f"{name}: {key} is {other.get(key)!r}, {names[0]} has {first.get(key)!r}; "
+                                 "only runs of the same folds can be combined")
+        for mine, theirs in zip(first["per_fold"], other["per_fold"]):
+            if any(mine[s] != theirs[s] for s in SYSTEMS[1:]):
+                raise ValueError(f"{name}: the baselines of fold {mine['fold']} differ from {names[0]}'s; "
+                                 "only runs of the same folds can be combined")
+    per_fold = []
+    for rows in zip(*(r["per_fold"] for r in results)):
+        gpt = {key: statistics.fmean(row["gpt"][key] for row in rows) for key in FIGURES + ("roc_auc",)}
+        per_fold.append({"fold": rows[0]["fold"], "sizes": rows[0]["sizes"], "gpt": gpt,
+                         **{s: rows[0][s] for s in SYSTEMS[1:]}})
+    seeds = [{"file": name, "command": r["command"], "overrides": r["overrides"],
+              **{key: r["summary"]["gpt"][key]["mean"] for key in FIGURES}} for name, r in zip(names, results)]
+    result = {key: first[key] for key in same + ("recipe", "base")}
+    result.update(command="python bench/spam_cv.py --combine " + " ".join(names), combined=seeds, per_fold=per_fold)
+    result["summary"] = summary(per_fold)
+    return result
+
+
 def print_table(result: dict) -> None:
     s = result["summary"]
     lines = [f"{'system':<12} " + " ".join(f"{k:>17}" for k in FIGURES)]
@@ -193,7 +225,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", default="", metavar="F,F",
                         help="run these folds only (0-based; a screen of settings; the summary covers them)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 folds, few steps, a tiny base")
+    parser.add_argument("--combine", nargs="+", metavar="RUN.json",
+                        help="train nothing: average the GPT figures of these runs (same folds, e.g. two seeds) "
+                             "per fold and summarise them as one")
     args = parser.parse_args(argv)
+    if args.combine:
+        try:
+            result = combine([json.loads(Path(name).read_text()) for name in args.combine], args.combine)
+        except (OSError, ValueError, KeyError) as err:
+            parser.error(f"--combine: {err}")
+        return report(result, args.out)
     if args.quick:
         args.folds = 2
         args.overrides = QUICK + args.overrides
@@ -241,11 +282,15 @@ def main(argv: list[str] | None = None) -> dict:
               "data": str(path), "messages": len(texts), "positive": positive, "folds": args.folds,
               "scored_folds": chosen, "seed": args.seed, "recipe": args.recipe, "base": base_ref, "overrides": args.overrides, "per_fold": per_fold}
     result["summary"] = summary(per_fold)
+    return report(result, args.out)
+
+
+def report(result: dict, out: str | None) -> dict:
+    """The table on stderr, the JSON on stdout (and in `out`)."""
     print_table(result)
-    text = json.dumps(result)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(text)
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
     return result
 
 

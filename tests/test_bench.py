@@ -121,6 +121,40 @@ def test_spam_cv_scores_the_chosen_folds_against_both_baselines(data_file, tmp_p
     assert bad.returncode == 2 and "--only 2: folds are 0..1" in bad.stderr and not (tmp_path / "x").exists()
 
 
+def _cv_run(gpt_accuracy: list[float], seed: int, svm_accuracy: float = 0.99) -> dict:
+    """A spam_cv.py result of 2 folds of 100 messages (only the figures --combine reads)."""
+    def figures(acc: float) -> dict:
+        return {"accuracy": acc, "precision": acc, "recall": acc, "f1": acc, "errors": round((1 - acc) * 100)}
+    per_fold = [{"fold": f, "sizes": {"train": 180, "val": 20, "test": 100},
+                 "gpt": dict(figures(a), roc_auc=a), "char_svm": figures(svm_accuracy), "word_lr": figures(0.95)}
+                for f, a in enumerate(gpt_accuracy)]
+    common = {"data": "sms.tsv", "messages": 200, "positive": "spam", "folds": 2, "scored_folds": [0, 1],
+              "seed": 0, "recipe": "finetune-spam", "base": "base", "overrides": [f"train.seed={seed}"],
+              "command": f"python bench/spam_cv.py train.seed={seed}"}
+    means = {k: {"mean": sum(f["gpt"][k] for f in per_fold) / 2} for k in ("accuracy", "precision", "recall",
+                                                                           "f1", "errors")}
+    return dict(common, per_fold=per_fold, summary={"gpt": means})
+
+
+def test_spam_cv_combines_seeds_per_fold_and_refuses_other_folds(tmp_path):
+    (tmp_path / "s0.json").write_text(json.dumps(_cv_run([0.98, 0.99], 0)))
+    (tmp_path / "s1.json").write_text(json.dumps(_cv_run([0.99, 1.00], 1)))
+    result = bench(str(BENCH / "spam_cv.py"), "--combine", str(tmp_path / "s0.json"), str(tmp_path / "s1.json"),
+                   "--out", str(tmp_path / "both.json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    both = json.loads((tmp_path / "both.json").read_text())
+    # per fold the mean of the two seeds (0.985, 0.995), then mean and spread over the folds
+    assert [f["gpt"]["accuracy"] for f in both["per_fold"]] == pytest.approx([0.985, 0.995])
+    assert both["summary"]["gpt"]["accuracy"]["mean"] == pytest.approx(0.99)
+    assert both["summary"]["gpt"]["accuracy"]["std"] == pytest.approx(0.01 / 2 ** 0.5)
+    assert both["summary"]["gpt_minus_char_svm"]["accuracy"]["per_fold"] == pytest.approx([-0.005, 0.005])
+    assert [s["accuracy"] for s in both["combined"]] == pytest.approx([0.985, 0.995])
+    # a run whose baselines differ was not made on the same folds
+    (tmp_path / "other.json").write_text(json.dumps(_cv_run([0.99, 0.99], 2, svm_accuracy=0.97)))
+    bad = bench(str(BENCH / "spam_cv.py"), "--combine", str(tmp_path / "s0.json"), str(tmp_path / "other.json"))
+    assert bad.returncode == 2 and "baselines of fold 0 differ" in bad.stderr
+
+
 def test_plot_recipes_draws_the_bench_json(tmp_path):
     curve = [[30.0, 2.4], [60.0, 2.2]]
     result = {"clock": "steps", "machine": {"cores": 2, "precision": "fp32"},
