@@ -170,7 +170,7 @@ def summary(per_fold: list[dict]) -> dict:
 def combine(results: list[dict], names: list[str]) -> dict:
     """Runs of the same folds with other GPT settings (e.g. train.seed) -> one result whose GPT figures
     are, per fold, the mean over the runs; the summary (mean +- std over folds, GPT minus each baseline)
-    is then computed as for one run. `seeds` keeps each run's own GPT means, for the spread over seeds.
+    is then computed as for one run. `combined` lists each run's own GPT means (the spread over seeds).
 
     The runs must share the data, the fold assignment and the scored folds; the baselines are fitted on
     the same parts, so they must agree too (else the folds were not the same)."""
