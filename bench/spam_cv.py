@@ -230,6 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "per fold and summarise them as one")
     args = parser.parse_args(argv)
     if args.combine:
+        if args.overrides or args.only or args.quick:
+            parser.error("--combine trains nothing: give the runs' JSON files alone (and --out)")
         try:
             result = combine([json.loads(Path(name).read_text()) for name in args.combine], args.combine)
         except (OSError, ValueError, KeyError) as err:

@@ -131,8 +131,8 @@ def _cv_run(gpt_accuracy: list[float], seed: int, svm_accuracy: float = 0.99) ->
     common = {"data": "sms.tsv", "messages": 200, "positive": "spam", "folds": 2, "scored_folds": [0, 1],
               "seed": 0, "recipe": "finetune-spam", "base": "base", "overrides": [f"train.seed={seed}"],
               "command": f"python bench/spam_cv.py train.seed={seed}"}
-    means = {k: {"mean": sum(f["gpt"][k] for f in per_fold) / 2} for k in ("accuracy", "precision", "recall",
-                                                                           "f1", "errors")}
+    means = {k: {"mean": sum(f["gpt"][k] for f in per_fold) / len(per_fold)}
+             for k in ("accuracy", "precision", "recall", "f1", "errors")}
     return dict(common, per_fold=per_fold, summary={"gpt": means})
 
 
@@ -151,8 +151,14 @@ def test_spam_cv_combines_seeds_per_fold_and_refuses_other_folds(tmp_path):
     assert [s["accuracy"] for s in both["combined"]] == pytest.approx([0.985, 0.995])
     # a run whose baselines differ was not made on the same folds
     (tmp_path / "other.json").write_text(json.dumps(_cv_run([0.99, 0.99], 2, svm_accuracy=0.97)))
-    bad = bench(str(BENCH / "spam_cv.py"), "--combine", str(tmp_path / "s0.json"), str(tmp_path / "other.json"))
-    assert bad.returncode == 2 and "baselines of fold 0 differ" in bad.stderr
+    bad = bench(str(BENCH / "spam_cv.py"), "--combine", str(tmp_path / "s0.json"), str(tmp_path / "other.json"),
+                "--out", str(tmp_path / "no.json"))
+    assert bad.returncode == 2 and "baselines of fold 0 differ" in bad.stderr and not (tmp_path / "no.json").exists()
+    missing = bench(str(BENCH / "spam_cv.py"), "--combine", str(tmp_path / "s0.json"), str(tmp_path / "gone.json"))
+    assert missing.returncode == 2 and "gone.json" in missing.stderr
+    # overrides or a fold screen would be silently ignored: refused
+    mixed = bench(str(BENCH / "spam_cv.py"), "train.seed=3", "--combine", str(tmp_path / "s0.json"))
+    assert mixed.returncode == 2 and "trains nothing" in mixed.stderr
 
 
 def test_plot_recipes_draws_the_bench_json(tmp_path):
