@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import yaml
 
 from llmstages.errors import RecipeError, UserError
+from llmstages.modelconfig import LORA_TARGETS
 from llmstages.store import RUN_NAME_RE
 from llmstages.recipe_parse import RecipeParser, read_yaml, recipe_diff  # noqa: F401 (re-exported)
 
@@ -300,9 +301,6 @@ def parse_duration(text: str) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"{text!r}: a time budget must be more than 0 seconds")
     return seconds
-
-
-LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # the linear layers of a transformer block (model.py)
 
 
 @dataclass

@@ -24,6 +24,7 @@ ARCHS: dict[str, dict] = {
     "modern": dict(pos_emb="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, bias=False,
                    tie_embeddings=False, logit_softcap=15.0),
 }
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # the linear layers of a transformer block (blocks.py)
 CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu"),
            "pooling": ("last", "mean")}
 
@@ -91,6 +92,10 @@ class GPTConfig:
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r}: use one of {', '.join(allowed)}")
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if self.lora_rank > 0 and (unknown or not self.lora_targets):
+            raise ValueError(f"lora_rank={self.lora_rank} needs lora_targets from {', '.join(LORA_TARGETS)}; "
+                             f"got {self.lora_targets}")
 
     @property
     def kv_heads(self) -> int:
