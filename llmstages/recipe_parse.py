@@ -1,6 +1,6 @@
 """Reading recipes: safe YAML, conversion by declared type, validation, "did you mean" suggestions.
 
-The recipe schema itself (the dataclasses) is in config.py; this module turns raw YAML and KEY=VALUE
+The recipe schema itself (the dataclasses) is in recipe_schema.py; this module turns raw YAML and KEY=VALUE
 overrides into it, collecting every problem with its dotted path instead of stopping at the first.
 """
 

@@ -81,7 +81,7 @@ def test_a_new_run_name_reuses_the_prepared_dataset_of_the_same_fingerprint(tmp_
 
 
 def test_the_model_size_comment_names_every_size():
-    source = (Path(__file__).parents[1] / "llmstages" / "config.py").read_text()
+    source = (Path(__file__).parents[1] / "llmstages" / "recipe_schema.py").read_text()
     cls = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == "ModelConfig")
     size_line = next(n.lineno for n in cls.body if isinstance(n, ast.AnnAssign) and n.target.id == "size")
     lines = source.splitlines()[:size_line - 1]

@@ -19,7 +19,7 @@ from llmstages.tokenizer import StreamDecoder
 
 @dataclass
 class Sampling(GenerateConfig):
-    """How to pick tokens: the recipe's `generate` settings (config.py holds their defaults, the only
+    """How to pick tokens: the recipe's `generate` settings (recipe_schema.py holds their defaults, the only
     place they are set) plus a seed; `from_checkpoint` fills what the user left unset from the checkpoint."""
 
     seed: int | None = None
