@@ -12,17 +12,20 @@ import sys
 from io import StringIO
 from pathlib import Path
 
+import pytest
 import torch
 from rich.console import Console
 
 from llmstages.checkpoint import save_checkpoint
 from llmstages.cli import main as cli_main
 from llmstages.config import build_recipe
+from llmstages.errors import UserError
 from llmstages.model import GPT, GPTConfig
 from llmstages.modelconfig import SIZES
 from llmstages.stages.prepare import get_or_prepare, prepare
 from llmstages.store import Store
 from llmstages.tokenizer import train_bpe
+from llmstages.weights import config_from_mapping
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_synthetic.py"
 
@@ -100,3 +103,13 @@ def test_one_is_singular_in_counts(tmp_path, capsys):
         (tmp / "model.json").write_text(json.dumps({"vocab_size": 300}))
     assert cli_main(["--store", str(store.root), "verify", "r"]) == 2
     assert "1 folder checked, 1 bad" in capsys.readouterr().out
+
+
+def test_lora_rank_without_usable_targets_is_an_impossible_model_config():
+    """model.json with adapters but no layer to put them on: a UserError naming the file and the field
+    (it was a bare ValueError from add_lora, found by the model.json fuzz test)."""
+    for targets in ([], ["wte"]):
+        with pytest.raises(UserError) as err:
+            config_from_mapping({"vocab_size": 300, "lora_rank": 1, "lora_targets": targets}, "r/step-1/model.json")
+        assert "r/step-1/model.json" in err.value.message and "lora_targets" in err.value.message
+    assert config_from_mapping({"vocab_size": 300, "lora_rank": 1, "lora_targets": ["c_attn"]}, "m").lora_rank == 1
