@@ -8,10 +8,12 @@ locally a missing package skips; with LLMSTAGES_REQUIRE_TEST_DEPS=1 (CI) it fail
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,29 @@ def need_module(name: str):
         if REQUIRE_DEPS:
             pytest.fail(message, pytrace=False)
         pytest.skip(message, allow_module_level=True)
+
+
+# Two implementations of the same network (ours and transformers') are compared in float64: in float32
+# their kernels round differently from one CPU to another (vector width, attention's fast exp), by up to
+# ~3e-5 on logits of size ~2. In float64 the kernels agree to ~1e-14; what is left is float32 rounding
+# that both sides keep on purpose: the rotary cos/sin tables (computed in float32 by each) and an
+# export's merged LoRA weights (stored in float32), ~2e-7 on the logits. A wrong weight mapping moves
+# them by ~1e-1, so this bound is tighter than the float32 one and the same on every machine.
+FP64_TOL = 1e-6
+
+
+@contextlib.contextmanager
+def float64(*modules) -> Iterator[None]:
+    """Run `modules` in float64 inside the block (no_grad), back in float32 after it (an exact round trip)."""
+    import torch
+    for module in modules:
+        module.double()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module in modules:
+            module.float()
 
 
 @pytest.fixture

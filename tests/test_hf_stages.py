@@ -14,6 +14,8 @@ from rich.console import Console
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import FP64_TOL, float64  # noqa: E402
+
 from llmstages.checkpoint import load_checkpoint  # noqa: E402
 from llmstages.config import build_recipe  # noqa: E402
 from llmstages.data.prepared import PreparedDataset  # noqa: E402
@@ -76,10 +78,10 @@ def recipe(task: str, source: Path, base: Path, run: str, **finetune_settings):
 
 def logits_match_transformers(ckpt, out: Path, idx: torch.Tensor, cls) -> None:
     theirs = cls.from_pretrained(out).eval()
-    with torch.no_grad():
-        ours = ckpt.model.eval()(idx) if not ckpt.model.is_classifier else \
-            ckpt.model.eval()(idx, last_index=torch.full((idx.size(0),), idx.size(1) - 1))
-        torch.testing.assert_close(theirs(idx).logits, ours, atol=1e-5, rtol=0)
+    with float64(ckpt.model.eval(), theirs):
+        ours = ckpt.model(idx) if not ckpt.model.is_classifier else \
+            ckpt.model(idx, last_index=torch.full((idx.size(0),), idx.size(1) - 1))
+        torch.testing.assert_close(theirs(idx).logits, ours, atol=FP64_TOL, rtol=0)
 
 
 @pytest.mark.parametrize("trainable", ["all", "last_blocks:1", "lora"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import need_module
+from conftest import FP64_TOL, float64, need_module
 from safetensors.torch import load_file, save_file
 
 from llmstages.checkpoint import Checkpoint, load_checkpoint, load_tokenizer, save_checkpoint
@@ -36,7 +36,6 @@ from transformers import (  # noqa: E402
     GPT2Tokenizer,
 )
 
-TOL = 1e-5
 SHAPE = dict(n_layer=2, n_head=2, n_embd=64)
 
 
@@ -103,8 +102,8 @@ def test_import_gives_transformers_logits(hf_lm):
     assert ckpt.meta["ref"] == f"hf:{folder.resolve()}" and len(ckpt.meta["fingerprint"]) == 16
     assert ckpt.model.config.n_layer == 2 and ckpt.model.config.block_size == 128
     idx = random_ids(50257, (2, 40))
-    with torch.no_grad():
-        torch.testing.assert_close(ckpt.model(idx), hf(idx).logits, atol=TOL, rtol=0)
+    with float64(ckpt.model, hf):
+        torch.testing.assert_close(ckpt.model(idx), hf(idx).logits, atol=FP64_TOL, rtol=0)
 
 
 def test_greedy_generation_matches_transformers(hf_lm):
@@ -128,9 +127,9 @@ def test_import_sequence_classifier(tmp_path, gpt2_tokenizer_dir):
     assert ckpt.meta["task"] == "classify"
     assert ckpt.model.config.num_classes == 3 and ckpt.model.config.class_names == list(labels.values())
     idx = random_ids(50256, (2, 16))
-    with torch.no_grad():
+    with float64(ckpt.model, hf):
         torch.testing.assert_close(ckpt.model(idx, last_index=torch.tensor([15, 15])), hf(idx).logits,
-                                   atol=TOL, rtol=0)
+                                   atol=FP64_TOL, rtol=0)
 
 
 def _strip_prefix_add_buffers(folder: Path) -> None:
@@ -167,8 +166,8 @@ def test_import_weight_layouts(hf_lm, layout):
     layout(folder)
     ckpt = load_hf(str(folder))
     idx = random_ids(50257, (1, 12))
-    with torch.no_grad():
-        torch.testing.assert_close(ckpt.model(idx), hf(idx).logits, atol=TOL, rtol=0)
+    with float64(ckpt.model, hf):
+        torch.testing.assert_close(ckpt.model(idx), hf(idx).logits, atol=FP64_TOL, rtol=0)
 
 
 class _RunsCode:
@@ -269,8 +268,8 @@ def test_export_lm_loads_in_transformers(tmp_path, small_tokenizer):
     hf, info = GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     idx = random_ids(small_tokenizer.vocab_size, (2, 30))
-    with torch.no_grad():
-        torch.testing.assert_close(hf.eval()(idx).logits, ckpt.model(idx), atol=TOL, rtol=0)
+    with float64(ckpt.model, hf.eval()):
+        torch.testing.assert_close(hf(idx).logits, ckpt.model(idx), atol=FP64_TOL, rtol=0)
     gen = GenerationConfig.from_pretrained(out)
     assert gen.eos_token_id == small_tokenizer.eot_id and gen.do_sample and gen.top_k == 40
     hf_tok = AutoTokenizer.from_pretrained(out)
@@ -292,10 +291,10 @@ def test_export_classifier_loads_as_sequence_classifier(tmp_path, small_tokenize
     idx = random_ids(small_tokenizer.vocab_size, (3, 20))
     mask = torch.arange(20)[None, :] < lengths[:, None]
     idx = idx.masked_fill(~mask, small_tokenizer.eot_id)
-    with torch.no_grad():
+    with float64(ckpt.model, hf):
         theirs = hf(input_ids=idx, attention_mask=mask.long()).logits  # (3, 2)
         ours = ckpt.model(idx, last_index=lengths - 1)
-    torch.testing.assert_close(theirs, ours, atol=TOL, rtol=0)
+    torch.testing.assert_close(theirs, ours, atol=FP64_TOL, rtol=0)
 
 
 def test_export_merges_lora_on_a_copy(tmp_path, small_tokenizer):
@@ -304,8 +303,8 @@ def test_export_merges_lora_on_a_copy(tmp_path, small_tokenizer):
     out = export_hf(ckpt, tmp_path / "export", force=False)
     hf = GPT2LMHeadModel.from_pretrained(out).eval()
     idx = random_ids(small_tokenizer.vocab_size, (2, 16))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(idx).logits, ckpt.model(idx), atol=TOL, rtol=0)
+    with float64(ckpt.model, hf):
+        torch.testing.assert_close(hf(idx).logits, ckpt.model(idx), atol=FP64_TOL, rtol=0)
     assert ckpt.model.config.lora_rank == 4 and any(isinstance(m, LoRALinear) for m in ckpt.model.modules())
 
 
