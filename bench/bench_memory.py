@@ -129,7 +129,9 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args)
+        from llmstages.distributed import exit_process
+        worker(args)
+        exit_process(0)  # a torchrun worker ends without the interpreter's teardown (see exit_process)
     if args.procs < 2:
         raise SystemExit("bench_memory: --procs must be 2 or more (one process shards nothing)")
     variants = [v for v in args.variants.split(",") if v]

@@ -1,5 +1,3 @@
-import sys
+from llmstages.cli import run
 
-from llmstages.cli import main
-
-sys.exit(main())
+run()

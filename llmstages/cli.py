@@ -20,7 +20,7 @@ import llmstages.cli_export  # noqa: F401
 from llmstages.cli_app import _Command, app, console, err_console
 from llmstages.errors import StopTraining, UserError
 
-__all__ = ["app", "console", "err_console", "main"]
+__all__ = ["app", "console", "err_console", "main", "run"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     return code if isinstance(code, int) else 0
 
 
+def run() -> None:
+    """The `llmstages` console script and `python -m llmstages`: `main`, then its exit code (a torchrun
+    worker ends without the interpreter's teardown: distributed.exit_process)."""
+    from llmstages.distributed import exit_process
+
+    exit_process(main())
+
+
 class _OutputClosed(Exception):
     """The reader of stdout went away (`llmstages generate ... | head -1`): how pipes end, not an error."""
 
@@ -101,4 +109,4 @@ for _info in app.registered_commands:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

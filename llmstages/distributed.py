@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -95,6 +97,26 @@ class DistContext:
 def is_main_process() -> bool:
     """Rank 0 of a torchrun launch, or a plain single process (known before any process group exists)."""
     return os.environ.get("RANK", "0") == "0"
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with `code`; a torchrun worker (WORLD_SIZE > 1) skips the interpreter's teardown.
+
+    A gloo worker thread lets go of a finished collective's tensors a moment after the collective has
+    returned, and that takes the GIL. If the interpreter is tearing down by then, Python stops that
+    thread in a way that aborts the process ("terminate called without an active exception"): a rank
+    that had finished and committed its checkpoint was reported failed, and torchrun failed the job
+    (seen in CI on busy hosts). The commands close and flush everything they write before they return,
+    so a worker flushes stdout and stderr and ends with os._exit.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+                pass
+        os._exit(code)
+    sys.exit(code)
 
 
 def init_distributed(device_name: str) -> tuple[DistContext, str]:

@@ -174,8 +174,8 @@ def train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, sto
         check_shared_store(dctx, store.root)
         result = fit(model, tokenizer, recipe, task, store, dctx, resolve_device(device_name), stage=stage,
                      parent=parent, resume=resume, allow_change=allow_change, console=console or Console(stderr=True))
-        # Every rank is past its last collective before any tears the group down: a rank that destroyed it
-        # first sometimes aborted its peer at exit ("terminate called without an active exception").
+        # Every rank is past its last collective before any tears the group down (and a worker's exit
+        # skips the interpreter's teardown: distributed.exit_process says why).
         dctx.barrier()
         return result
     finally:

@@ -211,6 +211,24 @@ def test_torchrun_stop_and_resume_matches_one_process(tmp_path, reference):
 
 
 # --- Muon + AdamW, modern blocks, warmup-stable-decay ------------------------------------------------------
+@pytest.mark.parametrize("world, printed", [("1", "work done\nteardown ran\n"), ("2", "work done\n")])
+def test_a_torchrun_worker_ends_without_the_interpreter_teardown(world, printed):
+    """exit_process: a worker (WORLD_SIZE > 1) flushes its output and skips the teardown, where a gloo
+    thread still letting go of a finished collective could abort it; a plain process exits as usual."""
+    code = ("import atexit; from llmstages.distributed import exit_process; "
+            "atexit.register(lambda: print('teardown ran')); print('work done'); exit_process(3)")
+    ended = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=dict(ENV, WORLD_SIZE=world), timeout=120)
+    assert (ended.returncode, ended.stdout) == (3, printed), ended.stderr
+    # The CLI ends through it: its output arrives, its exit code is kept
+    listed = subprocess.run([sys.executable, "-m", "llmstages", "recipes"], capture_output=True, text=True,
+                            env=dict(ENV, WORLD_SIZE=world), timeout=120)
+    assert listed.returncode == 0 and "finetune-spam" in listed.stdout, listed.stderr
+    refused = subprocess.run([sys.executable, "-m", "llmstages", "pretrain", "no-such-recipe"], capture_output=True,
+                             text=True, env=dict(ENV, WORLD_SIZE=world), timeout=120)
+    assert refused.returncode == 2 and "no-such-recipe" in refused.stderr
+
+
 MUON = ("model.arch=modern", "model.n_kv_head=1", "train.optimizer=muon", "train.schedule=wsd",
         "train.decay_frac=0.3", "train.muon_lr=0.02")
 

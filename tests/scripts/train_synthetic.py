@@ -39,6 +39,7 @@ from llmstages.objectives import lm_loss, lm_metrics
 from llmstages.sampling import generate_tokens
 from llmstages.stages.finetune import set_trainable
 from llmstages.data.windows import WindowSampler, fixed_windows
+from llmstages.distributed import exit_process
 from llmstages.stages.pretrain import model_config
 from llmstages.store import Store
 from llmstages.tokenizer import train_bpe
@@ -135,4 +136,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # as the CLI ends (a torchrun worker skips the teardown)
