@@ -6,6 +6,7 @@
     python bench/spam_cv.py --folds 5 --base quickstart finetune.pooling=mean --out cv-mean.json
     python bench/spam_cv.py --quick                   # smoke test: 2 folds, a tiny base, a few steps
     python bench/spam_cv.py --combine cv.json cv-s1.json --out cv-seeds.json   # seeds averaged per fold
+    python bench/spam_cv.py --merge cv-f01.json cv-f234.json --out cv.json     # --only runs joined
 
 Every message of the shared SMS file (4,738) is scored exactly once, by a model that never saw it:
 the messages are dealt into k folds stratified by label, with exact duplicates kept in one fold
@@ -198,6 +199,29 @@ def combine(results: list[dict], names: list[str]) -> dict:
     return result
 
 
+def merge(results: list[dict], names: list[str]) -> dict:
+    """Runs of one setting on different folds (a `--only` screen, then the other folds) -> one result
+    over all their folds, summarised as one run. Same data, fold assignment, recipe, base and overrides;
+    no fold scored twice."""
+    first = results[0]
+    same = ("data", "messages", "positive", "folds", "seed", "recipe", "base", "overrides")
+    for name, other in zip(names[1:], results[1:]):
+        for key in same:
+            if other.get(key) != first.get(key):
+                raise ValueError(f"{name}: {key} is {other.get(key)!r}, {names[0]} has {first.get(key)!r}; "
+                                 "only runs of one setting can be merged")
+    per_fold = sorted((row for r in results for row in r["per_fold"]), key=lambda row: row["fold"])
+    scored = [row["fold"] for row in per_fold]
+    if twice := sorted({f for f in scored if scored.count(f) > 1}):
+        raise ValueError(f"fold(s) {', '.join(map(str, twice))} scored by more than one run")
+    result = {key: first[key] for key in same}
+    result.update(command="python bench/spam_cv.py --merge " + " ".join(names), scored_folds=scored,
+                  merged=[{"file": name, "command": r["command"]} for name, r in zip(names, results)],
+                  per_fold=per_fold)
+    result["summary"] = summary(per_fold)
+    return result
+
+
 def print_table(result: dict) -> None:
     s = result["summary"]
     lines = [f"{'system':<12} " + " ".join(f"{k:>17}" for k in FIGURES)]
@@ -228,15 +252,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--combine", nargs="+", metavar="RUN.json",
                         help="train nothing: average the GPT figures of these runs (same folds, e.g. two seeds) "
                              "per fold and summarise them as one")
+    parser.add_argument("--merge", nargs="+", metavar="RUN.json",
+                        help="train nothing: join runs of one setting on different folds (--only) into one result")
     args = parser.parse_args(argv)
-    if args.combine:
-        if args.overrides or args.only or args.quick:
-            parser.error("--combine trains nothing: give the runs' JSON files alone (and --out)")
-        try:
-            result = combine([json.loads(Path(name).read_text()) for name in args.combine], args.combine)
-        except (OSError, ValueError, KeyError) as err:
-            parser.error(f"--combine: {err}")
-        return report(result, args.out)
+    for option, join in (("combine", combine), ("merge", merge)):
+        if names := getattr(args, option):
+            if args.overrides or args.only or args.quick or (args.combine and args.merge):
+                parser.error(f"--{option} trains nothing: give the runs' JSON files alone (and --out)")
+            try:
+                result = join([json.loads(Path(name).read_text()) for name in names], names)
+            except (OSError, ValueError, KeyError) as err:
+                parser.error(f"--{option}: {err}")
+            return report(result, args.out)
     if args.quick:
         args.folds = 2
         args.overrides = QUICK + args.overrides

@@ -161,6 +161,27 @@ def test_spam_cv_combines_seeds_per_fold_and_refuses_other_folds(tmp_path):
     assert mixed.returncode == 2 and "trains nothing" in mixed.stderr
 
 
+def test_spam_cv_merges_runs_of_other_folds_and_refuses_a_fold_twice(tmp_path):
+    """--merge joins a --only screen and the rest of the folds (one setting) into one 5-fold result."""
+    screen, rest = _cv_run([0.98, 0.99], 0), _cv_run([0.97], 0)
+    rest["per_fold"][0]["fold"], rest["scored_folds"] = 2, [2]
+    (tmp_path / "f01.json").write_text(json.dumps(screen))
+    (tmp_path / "f2.json").write_text(json.dumps(rest))
+    result = bench(str(BENCH / "spam_cv.py"), "--merge", str(tmp_path / "f2.json"), str(tmp_path / "f01.json"),
+                   "--out", str(tmp_path / "all.json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    joined = json.loads((tmp_path / "all.json").read_text())
+    assert joined["scored_folds"] == [0, 1, 2] and joined["overrides"] == ["train.seed=0"]
+    assert [f["gpt"]["accuracy"] for f in joined["per_fold"]] == pytest.approx([0.98, 0.99, 0.97])
+    assert joined["summary"]["gpt"]["accuracy"]["mean"] == pytest.approx(0.98)
+    assert joined["summary"]["gpt"]["accuracy"]["std"] == pytest.approx(0.01)
+    twice = bench(str(BENCH / "spam_cv.py"), "--merge", str(tmp_path / "f01.json"), str(tmp_path / "f01.json"))
+    assert twice.returncode == 2 and "fold(s) 0, 1 scored by more than one run" in twice.stderr
+    (tmp_path / "s1.json").write_text(json.dumps(dict(rest, overrides=["train.seed=1"])))
+    other = bench(str(BENCH / "spam_cv.py"), "--merge", str(tmp_path / "f01.json"), str(tmp_path / "s1.json"))
+    assert other.returncode == 2 and "only runs of one setting can be merged" in other.stderr
+
+
 def test_plot_recipes_draws_the_bench_json(tmp_path):
     curve = [[30.0, 2.4], [60.0, 2.2]]
     result = {"clock": "steps", "machine": {"cores": 2, "precision": "fp32"},
