@@ -168,6 +168,15 @@ def summary(per_fold: list[dict]) -> dict:
     return out
 
 
+def require_same(results: list[dict], names: list[str], keys: tuple[str, ...], rule: str) -> None:
+    """ValueError naming the first run whose `keys` differ from the first run's (`rule` says why it matters)."""
+    for name, other in zip(names[1:], results[1:]):
+        for key in keys:
+            if other.get(key) != results[0].get(key):
+                raise ValueError(f"{name}: {key} is {other.get(key)!r}, {names[0]} has {results[0].get(key)!r}; "
+                                 f"{rule}")
+
+
 def combine(results: list[dict], names: list[str]) -> dict:
     """Runs of the same folds with other GPT settings (e.g. train.seed) -> one result whose GPT figures
     are, per fold, the mean over the runs; the summary (mean +- std over folds, GPT minus each baseline)
@@ -177,11 +186,8 @@ def combine(results: list[dict], names: list[str]) -> dict:
     the same parts, so they must agree too (else the folds were not the same)."""
     first = results[0]
     same = ("data", "messages", "positive", "folds", "scored_folds", "seed")
+    require_same(results, names, same, "only runs of the same folds can be combined")
     for name, other in zip(names[1:], results[1:]):
-        for key in same:
-            if other.get(key) != first.get(key):
-                raise ValueError(f"{name}: {key} is {other.get(key)!r}, {names[0]} has {first.get(key)!r}; "
-                                 "only runs of the same folds can be combined")
         for mine, theirs in zip(first["per_fold"], other["per_fold"]):
             if any(mine[s] != theirs[s] for s in SYSTEMS[1:]):
                 raise ValueError(f"{name}: the baselines of fold {mine['fold']} differ from {names[0]}'s; "
@@ -205,11 +211,7 @@ def merge(results: list[dict], names: list[str]) -> dict:
     no fold scored twice."""
     first = results[0]
     same = ("data", "messages", "positive", "folds", "seed", "recipe", "base", "overrides")
-    for name, other in zip(names[1:], results[1:]):
-        for key in same:
-            if other.get(key) != first.get(key):
-                raise ValueError(f"{name}: {key} is {other.get(key)!r}, {names[0]} has {first.get(key)!r}; "
-                                 "only runs of one setting can be merged")
+    require_same(results, names, same, "only runs of one setting can be merged")
     per_fold = sorted((row for r in results for row in r["per_fold"]), key=lambda row: row["fold"])
     scored = [row["fold"] for row in per_fold]
     if twice := sorted({f for f in scored if scored.count(f) > 1}):
@@ -255,9 +257,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--merge", nargs="+", metavar="RUN.json",
                         help="train nothing: join runs of one setting on different folds (--only) into one result")
     args = parser.parse_args(argv)
+    if args.combine and args.merge:
+        parser.error("--combine and --merge: one at a time (merge each seed's folds, then combine the seeds)")
     for option, join in (("combine", combine), ("merge", merge)):
         if names := getattr(args, option):
-            if args.overrides or args.only or args.quick or (args.combine and args.merge):
+            if args.overrides or args.only or args.quick:
                 parser.error(f"--{option} trains nothing: give the runs' JSON files alone (and --out)")
             try:
                 result = join([json.loads(Path(name).read_text()) for name in names], names)

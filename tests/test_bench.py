@@ -180,6 +180,8 @@ def test_spam_cv_merges_runs_of_other_folds_and_refuses_a_fold_twice(tmp_path):
     (tmp_path / "s1.json").write_text(json.dumps(dict(rest, overrides=["train.seed=1"])))
     other = bench(str(BENCH / "spam_cv.py"), "--merge", str(tmp_path / "f01.json"), str(tmp_path / "s1.json"))
     assert other.returncode == 2 and "only runs of one setting can be merged" in other.stderr
+    both = bench(str(BENCH / "spam_cv.py"), "--merge", str(tmp_path / "f01.json"), "--combine", str(tmp_path / "f2.json"))
+    assert both.returncode == 2 and "one at a time" in both.stderr
 
 
 def test_plot_recipes_draws_the_bench_json(tmp_path):
