@@ -94,6 +94,9 @@ def _cross_checks(recipe: Recipe, problems: list[tuple[str, str]]) -> None:
         problems.append(("finetune.packing", f"packs instruction examples into shared rows; task {recipe.task} "
                          "has no such examples (pretraining rows are already full windows, a classifier reads one "
                          "text per row): set finetune.packing=false, or use task: instruct"))
+    if t.patience and t.best_metric == "none":
+        problems.append(("train.patience", f"{t.patience} evaluations without improvement, but train.best_metric is "
+                         "none (nothing to improve): set a best_metric (val_loss, accuracy, f1) or patience 0"))
     if ft.average_last > t.keep_last:
         problems.append(("finetune.average_last", f"{ft.average_last} is more than train.keep_last={t.keep_last} "
                          "checkpoints kept; raise train.keep_last"))

@@ -232,7 +232,9 @@ class TrainConfig:
     # Stop after this many evaluations without improvement of `best_metric` (0 = never).
     patience: int = _f(0, ge=0)
     # Metric that picks the best checkpoint: val_loss (lower is better), or accuracy / f1 (higher).
-    best_metric: str = _f("val_loss", choices=("val_loss", "accuracy", "f1"))
+    # none: no checkpoint is marked best (validation is still run and logged); the run's name then
+    # means its last checkpoint, and a classifier's test split scores that one.
+    best_metric: str = _f("val_loss", choices=("val_loss", "accuracy", "f1", "none"))
 
     def inherit(self, parent: dict | None) -> dict:
         """Take the INHERITED settings this recipe leaves unset from `parent` (the train settings a
@@ -317,6 +319,10 @@ class FinetuneConfig:
     pooling: str = _f("last", choices=("last", "mean"))
     # Classification: cross-entropy against (1 - e) * one-hot + e / K (0 = plain targets).
     label_smoothing: float = _f(0.0, ge=0.0, le=0.5)
+    # Classification: adversarial training (the fast gradient method): each step also trains on its
+    # batch with every text's token embeddings moved by this L2 distance in the direction that raises
+    # the loss most, and takes the mean of both losses (0 = off; about twice the compute per step).
+    adversarial_eps: float = _f(0.0, ge=0.0)
     # Classification: domain-adaptive pretraining first: this many next-token steps on the training
     # split's texts (run `<run>-dapt`, resumed like any run), then the class head is trained on that
     # model. dapt_lr 0 = train.lr.

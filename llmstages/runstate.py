@@ -128,7 +128,8 @@ class RunState:
         return loss
 
     def record_eval(self, metrics: dict, metric: str) -> bool:
-        """Keep an evaluation's figures; True when `metric` is better than the best so far."""
+        """Keep an evaluation's figures; True when `metric` is better than the best so far (never for
+        train.best_metric=none, which names no figure)."""
         self.metrics = metrics
         value = metrics.get(metric)
         if not isinstance(value, (int, float)):

@@ -168,8 +168,9 @@ def test_two_nodes_with_separate_stores_are_refused_before_training(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_with_lora_on_a_classifier_keeps_the_base_frozen(tmp_path):
-    """classify task (class head at the last token), LoRA adapters, samples at each eval on rank 0."""
-    args = ["--classify", "--sample", "finetune.trainable=lora", "finetune.lora_rank=2"]
+    """classify task (class head at the last token), LoRA adapters, samples at each eval on rank 0, and
+    adversarial training (two forwards of the sharded model per micro-batch, a gradient at its embeddings)."""
+    args = ["--classify", "--sample", "finetune.trainable=lora", "finetune.lora_rank=2", "finetune.adversarial_eps=0.5"]
     single, sharded = launch(tmp_path / "one", *args), launch(tmp_path / "two", *args, procs=2)
     assert single.returncode == 0, single.stderr[-3000:]
     assert sharded.returncode == 0, sharded.stderr[-3000:]

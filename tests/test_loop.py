@@ -169,6 +169,26 @@ def test_torchrun_two_processes_match_one_process(tmp_path, reference):
         assert two.get("tokens") == one.get("tokens")
 
 
+def test_torchrun_two_processes_with_adversarial_training_match_one_process(tmp_path):
+    """A classifier trained with finetune.adversarial_eps (two forwards per micro-batch, a gradient taken
+    at the embeddings of the DDP-wrapped model before the backward) logs what one process logs."""
+    args = ["--classify", "finetune.adversarial_eps=0.5"]
+    one = run(tmp_path / "one", 20, *args)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master-port", str(29500 + (os.getpid() + 29) % 1000), str(SCRIPT), str(tmp_path / "two"),
+                          "20", *args], capture_output=True, text=True, env=ENV, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    plain = run(tmp_path / "plain", 20, "--classify")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    single, ddp = log(tmp_path / "one"), log(tmp_path / "two")
+    assert [r["step"] for r in ddp] == [r["step"] for r in single]
+    for a, b in zip(single, ddp):
+        key = "loss" if "loss" in a else "val_loss"
+        assert b[key] == pytest.approx(a[key], rel=1e-4)
+    assert [r.get("loss") for r in single] != [r.get("loss") for r in log(tmp_path / "plain")]  # the option acts
+
+
 def test_lr_schedule_warmup_then_cosine_to_min_lr():
     cfg = build_recipe({"train": {"lr": 1.0, "min_lr": 0.1, "warmup_steps": 10}}).train
     assert lr_at(0, cfg, 110) == pytest.approx(0.1)

@@ -1,5 +1,5 @@
-"""Issue 13's classifier options: the decision threshold, ROC AUC, pooling, label smoothing, weight
-averaging, domain-adaptive pretraining (resumed exactly after SIGKILL), data.lowercase, the seeding of LoRA
+"""Issue 13's classifier options: the decision threshold, ROC AUC, pooling, label smoothing, adversarial
+training, weight averaging, domain-adaptive pretraining (resumed exactly after SIGKILL), data.lowercase, the seeding of LoRA
 adapters, and the CV folds of bench/spam_cv.py.
 
 Tiny models built here; small synthetic labeled files in tmp dirs.
@@ -172,6 +172,86 @@ def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
     expected = -(smoothed * logp).sum(-1).mean()
     assert classification_loss(Fixed(), batch, label_smoothing=0.1).item() == pytest.approx(expected.item(), rel=1e-6)
     assert classification_loss(Fixed(), batch).item() != pytest.approx(expected.item(), rel=1e-3)
+
+
+class GivenEmbeddings(torch.nn.Module):
+    """Stands in for a GPT's token embedding: returns the tensor it holds, whatever the ids."""
+
+    def __init__(self, embeddings: torch.Tensor):
+        super().__init__()
+        self.embeddings = embeddings
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings
+
+
+def test_adversarial_loss_is_the_mean_of_the_clean_loss_and_the_loss_one_push_uphill(tokenizer):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16,
+                          num_classes=2, class_names=["a", "b"]))
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]]), "last_index": torch.tensor([2, 4]),
+             "targets": torch.tensor([0, 1])}
+    eps = 0.5
+    adversarial = classification_loss(model, batch, adversarial_eps=eps)
+    adversarial.backward()
+    got = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    # by hand: the gradient of the clean loss at the token embeddings, a step of L2 length eps per text
+    wte = model.transformer.wte
+    embeddings = wte(batch["input_ids"])  # (2, 5, 16)
+    model.transformer.wte = GivenEmbeddings(embeddings)
+    clean = classification_loss(model, batch)
+    (grad,) = torch.autograd.grad(clean, embeddings, retain_graph=True)
+    assert torch.equal(grad[0, 3:], torch.zeros_like(grad[0, 3:]))  # padding is never pushed
+    step = eps * grad / grad.flatten(1).norm(dim=1)[:, None, None]
+    assert torch.allclose(step.flatten(1).norm(dim=1), torch.full((2,), eps))
+    pushed_embeddings = wte(batch["input_ids"]) + step  # the push is a constant: no gradient through it
+    model.transformer.wte = GivenEmbeddings(pushed_embeddings)
+    pushed = classification_loss(model, batch)
+    assert pushed.item() > clean.item()  # uphill
+    ((clean + pushed) / 2).backward()
+    assert adversarial.item() == pytest.approx(((clean + pushed) / 2).item(), rel=1e-6)
+    by_hand = dict(model.named_parameters(), **{"transformer.wte.weight": wte.weight})
+    assert by_hand.keys() == got.keys()
+    for name, p in by_hand.items():
+        assert torch.allclose(got[name], p.grad, atol=1e-6), name
+
+    model.transformer.wte = wte
+    wte.weight.requires_grad_(False)  # frozen embeddings (LoRA, trainable=head): still pushed, same loss
+    assert classification_loss(model, batch, adversarial_eps=eps).item() == pytest.approx(adversarial.item(), rel=1e-6)
+    with torch.no_grad():  # evaluation: the plain loss, no push
+        assert classification_loss(model, batch, adversarial_eps=eps).item() == pytest.approx(
+            classification_loss(model, batch).item(), rel=1e-6)
+
+
+def test_adversarial_eps_reaches_the_loss_and_a_negative_one_is_refused(tmp_path, store_dir, base):
+    with pytest.raises(RecipeError, match="finetune.adversarial_eps"):
+        build_recipe(raw_recipe(tmp_path / "x.tsv"), ["finetune.adversarial_eps=-0.1"])
+    source = write_tsv(tmp_path / "sms.tsv", 60)
+    losses = {}
+    for eps in ("0", "1.0"):
+        run = f"clf-{eps}"
+        finetune(build_recipe(raw_recipe(source, run=run), [f"finetune.adversarial_eps={eps}"]), Store(store_dir),
+                 console=quiet())
+        lines = [json.loads(x) for x in (store_dir / "runs" / run / "log.jsonl").read_text().splitlines()]
+        losses[eps] = [r["loss"] for r in lines if "loss" in r]
+    assert losses["1.0"][0] > losses["0"][0]  # the same first batch: the pushed half of the loss is larger
+
+
+def test_best_metric_none_scores_and_names_the_last_checkpoint(tmp_path, store_dir, base):
+    with pytest.raises(RecipeError, match="train.patience"):
+        build_recipe(raw_recipe(tmp_path / "x.tsv"), ["train.best_metric=none", "train.patience=2"])
+    source = write_tsv(tmp_path / "sms.tsv", 60)
+    store = Store(store_dir)
+    finetune(build_recipe(raw_recipe(source, keep_last=3), ["train.best_metric=none"]), store, console=quiet())
+    lines = [json.loads(x) for x in (store_dir / "runs/clf/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "f1" in r and "test_f1" not in r] == [2, 4]  # validation still runs
+    assert not (store_dir / "runs/clf/best.json").exists() and store.best("clf") is None
+    last = store.latest("clf")
+    assert last.name == "step-000004" and store.resolve("clf") == last
+    report = json.loads((store_dir / "runs/clf/test_metrics.json").read_text())
+    assert report["checkpoint"] == str(last)
 
 
 def test_pooling_is_saved_and_average_last_averages_the_last_checkpoints(tmp_path, store_dir, base):

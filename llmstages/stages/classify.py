@@ -97,7 +97,7 @@ def classification_task(base: Checkpoint, data: PreparedDataset, recipe: Recipe,
         return split_metrics(m, val, labels, pad_id, **decision) if val is not None else {}
 
     task = TrainTask(kind="classify", batch=batches,
-                     loss=lambda m, b: classification_loss(m, b, weight, ft.label_smoothing),
+                     loss=lambda m, b: classification_loss(m, b, weight, ft.label_smoothing, ft.adversarial_eps),
                      evaluate=evaluate, data_fingerprint=data.fingerprint, examples_per_epoch=batches.epoch_size,
                      meta={"labels": labels, "balance": balance, "truncated": truncated, "classify": decision})
     return model, task

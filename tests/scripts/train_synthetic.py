@@ -88,7 +88,8 @@ def main() -> int:
         if batch["micro"] in signals:
             os.kill(*reversed(signals.pop(batch["micro"])))  # mid-step: after the batch is drawn, before backward
         time.sleep(sleep)
-        value = classification_loss(m, batch) if "--classify" in flags else lm_loss(m, batch)
+        value = (classification_loss(m, batch, adversarial_eps=recipe.finetune.adversarial_eps) if "--classify" in flags
+                 else lm_loss(m, batch))
         if nan_grad_at is not None and batch["index"] >= nan_grad_at:
             # sqrt(0) is 0 forward, its gradient is inf: 0 * inf = NaN reaches every weight, the loss stays finite
             value = value + 0 * sum((p * 0).sum() for p in m.parameters()).sqrt()
