@@ -10,8 +10,7 @@ Shapes: B texts in a batch, T the longest of them in tokens, K classes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -78,26 +77,20 @@ def classification_loss(model: nn.Module, batch: dict, weight: torch.Tensor | No
     if weight is not None:
         weight = weight.to(batch["targets"].device)
 
-    def loss_of_forward() -> torch.Tensor:
-        logits = model(batch["input_ids"], last_index=batch["last_index"])  # (B, K)
+    def loss_of_forward(offset: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {} if offset is None else {"embedding_offset": offset}  # without a push: the plain call
+        logits = model(batch["input_ids"], last_index=batch["last_index"], **extra)  # (B, K)
         return F.cross_entropy(logits.float(), batch["targets"], weight=weight, label_smoothing=label_smoothing)
 
     if adversarial_eps <= 0 or not torch.is_grad_enabled():
         return loss_of_forward()
-    seen: list[torch.Tensor] = []
-
-    def watch(embeddings: torch.Tensor) -> torch.Tensor:
-        if not embeddings.requires_grad:  # frozen embeddings (LoRA, head only): nothing to lose by detaching
-            embeddings = embeddings.detach().requires_grad_()
-        seen.append(embeddings)
-        return embeddings
-
-    with _on_token_embeddings(model, watch):
-        clean = loss_of_forward()
-    (grad,) = torch.autograd.grad(clean, seen[0], retain_graph=True)  # (B, T, C); 0 at the padding
-    push = adversarial_step(grad, adversarial_eps).to(seen[0].dtype)
-    with _on_token_embeddings(model, lambda embeddings: embeddings + push):
-        pushed = loss_of_forward()
+    # A zero offset on the token embeddings, as a model input: its gradient is the loss's gradient at
+    # the embeddings, whether they are trained or frozen, and under DDP, FSDP and torch.compile alike.
+    n_embd = getattr(model, "module", model).config.n_embd  # DDP wraps the GPT as .module
+    zero = torch.zeros(*batch["input_ids"].shape, n_embd, device=batch["input_ids"].device, requires_grad=True)
+    clean = loss_of_forward(zero)
+    (grad,) = torch.autograd.grad(clean, zero, retain_graph=True)  # (B, T, C); 0 at the padding
+    pushed = loss_of_forward(adversarial_step(grad, adversarial_eps))
     return (clean + pushed) / 2
 
 
@@ -106,18 +99,6 @@ def adversarial_step(grad: torch.Tensor, eps: float) -> torch.Tensor:
     grad = grad.detach().float()
     length = grad.flatten(1).norm(dim=1).clamp_min(1e-12)  # (B,)
     return eps * grad / length[:, None, None]
-
-
-@contextmanager
-def _on_token_embeddings(model: nn.Module, change: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
-    """Inside, every forward of `model` (a GPT, or one wrapped by DDP) passes its token embeddings
-    (B, T, C) through `change`; a None from it keeps them as they are."""
-    embedding = getattr(model, "module", model).transformer.wte
-    handle = embedding.register_forward_hook(lambda module, inputs, output: change(output))
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @torch.no_grad()

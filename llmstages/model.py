@@ -72,7 +72,7 @@ class GPT(nn.Module):
         return not self.is_classifier and self.lm_head.weight is self.transformer.wte.weight
 
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, *, positions: torch.Tensor | None = None,
-               segments: torch.Tensor | None = None) -> torch.Tensor:
+               segments: torch.Tensor | None = None, embedding_offset: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states after ln_f: idx (B, T) token ids -> (B, T, C).
 
         Packed rows (several examples in one row, data/packing.py) give `positions` (B, T), each
@@ -87,6 +87,8 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device) if positions is None else positions  # (T,) | (B, T)
         mask = segment_mask(segments) if segments is not None else None  # (B, 1, T, T)
         x = self.transformer.wte(idx)  # (B, T, C)
+        if embedding_offset is not None:  # (B, T, C): adversarial training's push (classification.py)
+            x = x + embedding_offset
         rope = None
         if config.pos_emb == "learned":
             x = x + self.transformer.wpe(pos)  # (T, C) or (B, T, C)
@@ -102,9 +104,9 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *,
                 last_index: torch.Tensor | None = None, last_only: bool = False,
                 targets: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
+                segments: torch.Tensor | None = None, embedding_offset: torch.Tensor | None = None) -> torch.Tensor:
         """Logits, or with `targets` the mean next-token loss. `positions`, `segments` (B, T): packed
-        rows, see `hidden`.
+        rows, see `hidden`; `embedding_offset` (B, T, C) is added to the token embeddings.
 
         LM head: (B, T, V), or (B, 1, V) with `last_only` (generation needs only the last position),
         soft-capped when the config says so. With targets (B, T) (IGNORE = -100 left out): the scalar
@@ -114,7 +116,8 @@ class GPT(nn.Module):
         """
         if targets is not None and self.is_classifier:
             raise ValueError("a classifier has no next-token loss: call it with last_index, without targets")
-        x = self.hidden(idx, cache, positions=positions, segments=segments)  # (B, T, C)
+        x = self.hidden(idx, cache, positions=positions, segments=segments,
+                        embedding_offset=embedding_offset)  # (B, T, C)
         cap = self.config.logit_softcap
         if targets is not None:
             return head_loss(x, self.lm_head.weight, targets, softcap=cap)

@@ -129,10 +129,10 @@ class RunState:
 
     def record_eval(self, metrics: dict, metric: str) -> bool:
         """Keep an evaluation's figures; True when `metric` is better than the best so far (never for
-        train.best_metric=none, which names no figure)."""
+        train.best_metric=none: no checkpoint is marked best)."""
         self.metrics = metrics
         value = metrics.get(metric)
-        if not isinstance(value, (int, float)):
+        if metric == "none" or not isinstance(value, (int, float)):
             return False
         old = self.best["value"] if self.best else None
         improved = old is None or (value < old if metric == "val_loss" else value > old)
