@@ -66,6 +66,8 @@ class TrainTask:
     meta: dict = field(default_factory=dict)  # added to every checkpoint's meta.json (labels, template...)
     log_fields: dict = field(default_factory=dict)  # added to every training line of log.jsonl (padding share)
     on_eval: Callable[[nn.Module], dict] | None = None  # extra at each eval (e.g. sample generations)
+    spike_floor: float = 0.0  # a step loss at or below this is never a loss spike (spikes.py)
+    flops_factor: float = 1.0  # model FLOPs of a step over a plain forward + backward's (MFU)
 
 
 class TrainingDiverged(UserError):
@@ -251,7 +253,7 @@ def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store
             due = Due.after(state.step, recipe, plan.last, stop=dctx.any_true(stop.signum is not None, device))
             if due.any:
                 check_finite(run, state, last_ckpt)
-                for spike in spikes.flush(cfg, dctx, state):  # train.spike=warn
+                for spike in spikes.flush(cfg, dctx, state, task.spike_floor):  # train.spike=warn
                     spikes.say(run, spike, "warning only (train.spike=warn)")
             if due.log:
                 log_step(run, state, window, lr, grad_norm)
@@ -314,6 +316,7 @@ def start_or_resume(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: Trai
                                 warn=lambda text: dctx.is_main and print(text, file=sys.stderr))
     state = RunState.from_saved(*saved) if saved is not None else RunState()
     check_disk(store, run, model)
+    forget_other_best(store, run, state, recipe.train.best_metric, dctx.is_main)
     if dctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         store.clean_partial(run)
@@ -331,6 +334,20 @@ def start_or_resume(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: Trai
             (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))
     dctx.barrier()
     return state, saved
+
+
+def forget_other_best(store: Store, run: str, state: RunState, metric: str, is_main: bool) -> None:
+    """A resume with --allow-change to another train.best_metric (or to none): the best checkpoint by
+    the old metric is no longer the best. Its value goes on every rank (the new metric must not be
+    compared with it, and patience counts afresh), and best.json on the main one (a run name then means
+    the latest checkpoint until an evaluation marks a new best)."""
+    if state.best is not None and state.best.get("metric") != metric:
+        state.best, state.evals_since_best = None, 0
+    old = store.read_best(run) if is_main else None
+    if old is not None and old.get("metric") != metric:
+        (store.run_dir(run) / "best.json").unlink(missing_ok=True)
+        print(f"note: train.best_metric is now {metric}; the best checkpoint by {old.get('metric')} "
+              f"(step {old['step']}) is no longer marked best", file=sys.stderr)
 
 
 def check_run_start(store: Store, run: str, resume: bool) -> None:
@@ -383,7 +400,7 @@ def log_step(run: Run, state: RunState, window: Window, lr: float, grad_norm: to
     seconds = time.perf_counter() - window.start
     tps = window.tokens / seconds if seconds > 0 else 0.0
     # tps counts the tokens of every process; peak is one device's
-    flops_per_s = flops_per_token(run.raw_model.config, window.seq_len) * tps
+    flops_per_s = flops_per_token(run.raw_model.config, window.seq_len) * run.task.flops_factor * tps
     mfu = flops_per_s / (run.peak * run.dctx.world_size) if run.peak == run.peak else None
     record = {"step": state.step, "loss": state.take_loss(), "lr": lr,
               "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens": state.tokens_seen,

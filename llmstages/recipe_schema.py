@@ -192,7 +192,8 @@ class TrainConfig:
     # A loss spike: a step loss above spike_threshold x the median of the last spike_window step losses
     # (checked once spike_min_steps losses are in the window). warn: log it | skip: drop that step's
     # update | rollback: go back to the last checkpoint and skip that step's micro-batches. skip and
-    # rollback stop the run after spike_max spikes in a row.
+    # rollback stop the run after spike_max spikes in a row. A classifier's step loss is a spike only
+    # when it is also above ln(classes), the loss of a uniform guess.
     spike: str = _f("warn", choices=("warn", "skip", "rollback"))
     spike_threshold: float = _f(3.0, gt=1.0)
     spike_window: int = _f(50, ge=1)

@@ -47,11 +47,12 @@ class SpikeGuard:
     skip_steps: list[int] = field(default_factory=list)
     pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # not saved: empty at a commit
 
-    def observe(self, loss: float, threshold: float, size: int, min_steps: int) -> float | None:
-        """Take one step loss; the median it is a spike against, or None when it is none (kept then)."""
+    def observe(self, loss: float, threshold: float, size: int, min_steps: int, floor: float = 0.0) -> float | None:
+        """Take one step loss; the median it is a spike against, or None when it is none (kept then).
+        A loss at or below `floor` is never a spike."""
         if len(self.window) >= min_steps and math.isfinite(loss):
             median = statistics.median(self.window)
-            if loss > threshold * median:
+            if loss > threshold * median and loss > floor:
                 self.in_a_row += 1
                 return median
         self.in_a_row = 0
@@ -134,7 +135,7 @@ class RunState:
         value = metrics.get(metric)
         if metric == "none" or not isinstance(value, (int, float)):
             return False
-        old = self.best["value"] if self.best else None
+        old = self.best["value"] if self.best and self.best.get("metric") == metric else None
         improved = old is None or (value < old if metric == "val_loss" else value > old)
         if improved:
             self.best = {"step": self.step, "metric": metric, "value": value}

@@ -1,7 +1,10 @@
 """The loss-spike policy (`train.spike`): what the loop does when a step's loss jumps.
 
 A spike is a step loss above `train.spike_threshold` x the median of the last `spike_window` step
-losses that were not spikes (checked once `spike_min_steps` are in). The memory of it lives in
+losses that were not spikes (checked once `spike_min_steps` are in), and above the task's floor
+(TrainTask.spike_floor): for a classifier ln(classes), the loss of a uniform guess. A classifier's median
+loss falls near 0, and a batch of 16 with one confident mistake is then "3x the median" without being
+anything a run should stop for (a spam fine-tune logged about 200 such warnings in 889 steps). The memory of it lives in
 `RunState.spikes` (runstate.SpikeGuard), so a resumed run decides as the uninterrupted one would.
 
     warn      log it (log.jsonl gets {"step", "spike", "median"}); training goes on unchanged. The
@@ -61,16 +64,17 @@ class Spike:
                 f"{self.median:.4g} of the recent steps; {what}")
 
 
-def observe(cfg: TrainConfig, state: RunState, step: int, loss: float) -> Spike | None:
-    median = state.spikes.observe(loss, cfg.spike_threshold, cfg.spike_window, cfg.spike_min_steps)
+def observe(cfg: TrainConfig, state: RunState, step: int, loss: float, floor: float) -> Spike | None:
+    median = state.spikes.observe(loss, cfg.spike_threshold, cfg.spike_window, cfg.spike_min_steps, floor)
     return Spike(step, loss, median) if median is not None else None
 
 
-def check_now(cfg: TrainConfig, dctx: DistContext, state: RunState, step_loss: torch.Tensor) -> Spike | None:
+def check_now(cfg: TrainConfig, dctx: DistContext, state: RunState, step_loss: torch.Tensor,
+              floor: float) -> Spike | None:
     """skip / rollback: is the step about to be taken (state.step + 1) a spike? Syncs with the device.
     Stops the run after spike_max spikes in a row."""
     loss = float(dctx.mean_(step_loss.detach().clone()))
-    spike = observe(cfg, state, state.step + 1, loss)
+    spike = observe(cfg, state, state.step + 1, loss, floor)
     if spike is not None and state.spikes.in_a_row >= cfg.spike_max:
         _too_many(state.spikes.in_a_row, spike)
     return spike
@@ -92,13 +96,13 @@ def _too_many(n: int, spike: Spike) -> None:
                              "--allow-change from the last checkpoint")
 
 
-def flush(cfg: TrainConfig, dctx: DistContext, state: RunState) -> list[Spike]:
+def flush(cfg: TrainConfig, dctx: DistContext, state: RunState, floor: float) -> list[Spike]:
     """warn: check the step losses gathered since the last log step (one sync for all of them)."""
     pending, state.spikes.pending = state.spikes.pending, []
     if not pending:
         return []
     losses = dctx.mean_(torch.stack([loss.detach().float() for _, loss in pending])).tolist()
-    return [spike for (step, _), loss in zip(pending, losses) if (spike := observe(cfg, state, step, loss))]
+    return [spike for (step, _), loss in zip(pending, losses) if (spike := observe(cfg, state, step, loss, floor))]
 
 
 def roll_back(path: Path, state: RunState, model: torch.nn.Module, optimizer, device: torch.device) -> RunState:
@@ -123,7 +127,7 @@ def action(run: Run, state: RunState, step_loss: torch.Tensor | None) -> str:
     if cfg.spike == "warn":
         state.spikes.pending.append((state.step + 1, step_loss))  # checked at the next log step
         return "step"
-    spike = check_now(cfg, run.dctx, state, step_loss)
+    spike = check_now(cfg, run.dctx, state, step_loss, run.task.spike_floor)
     if spike is None:
         return "step"
     target = run.store.latest(run.recipe.run) if cfg.spike == "rollback" else None

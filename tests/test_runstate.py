@@ -46,6 +46,10 @@ def test_record_eval_keeps_the_best_and_counts_patience():
     assert higher.record_eval({"f1": 0.5}, "f1") and higher.record_eval({"f1": 0.6}, "f1")
     assert not higher.record_eval({"f1": 0.55}, "f1") and not higher.record_eval({}, "f1")
     assert higher.best["value"] == 0.6 and higher.evals_since_best == 1  # an eval without the metric is not counted
+    # a best by another metric (a resume that changed train.best_metric) is never compared with: a loss
+    # of 2.0 is not worse than an F1 of 0.6
+    assert higher.record_eval({"val_loss": 2.0}, "val_loss")
+    assert higher.best == {"step": 0, "metric": "val_loss", "value": 2.0}
 
 
 def tiny_run(store: Store, steps: int, resume: bool = False):

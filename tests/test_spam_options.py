@@ -30,10 +30,12 @@ from llmstages.classification import predict
 from llmstages.config import build_recipe
 from llmstages.data.plan import choose_tokenizer, fingerprint_settings, make_plan
 from llmstages.data.split import stratified_folds
+from llmstages import loop
 from llmstages.errors import RecipeError, UserError
 from llmstages.model import GPT, GPTConfig
 from llmstages.stages.finetune import finetune
 from llmstages.stages.prepare import get_or_prepare
+from llmstages.runstate import SpikeGuard
 from llmstages.store import Store
 from llmstages.tokenizer import Tokenizer, train_bpe
 from spamdata import labeled_rows, quiet, save_base, spam_tokenizer
@@ -225,18 +227,37 @@ def test_adversarial_loss_is_the_mean_of_the_clean_loss_and_the_loss_one_push_up
             classification_loss(model, batch).item(), rel=1e-6)
 
 
-def test_adversarial_eps_reaches_the_loss_and_a_negative_one_is_refused(tmp_path, store_dir, base):
+def test_adversarial_eps_reaches_the_loss_and_a_negative_one_is_refused(tmp_path, store_dir, base, monkeypatch):
     with pytest.raises(RecipeError, match="finetune.adversarial_eps"):
         build_recipe(raw_recipe(tmp_path / "x.tsv"), ["finetune.adversarial_eps=-0.1"])
+    monkeypatch.setattr(loop, "peak_flops", lambda device, precision: 1e9)  # MFU against a fixed peak
     source = write_tsv(tmp_path / "sms.tsv", 60)
-    losses = {}
+    losses, flops_per_token = {}, {}
     for eps in ("0", "1.0"):
         run = f"clf-{eps}"
         finetune(build_recipe(raw_recipe(source, run=run), [f"finetune.adversarial_eps={eps}"]), Store(store_dir),
                  console=quiet())
         lines = [json.loads(x) for x in (store_dir / "runs" / run / "log.jsonl").read_text().splitlines()]
         losses[eps] = [r["loss"] for r in lines if "loss" in r]
+        flops_per_token[eps] = [r["mfu"] * 1e9 / r["tokens_per_s"] for r in lines if r.get("mfu")]
     assert losses["1.0"][0] > losses["0"][0]  # the same first batch: the pushed half of the loss is larger
+    # MFU counts the push's extra passes: 14 / 6 the FLOPs of a plain step per token (the same batches)
+    assert len(flops_per_token["0"]) == 4
+    for plain, pushed in zip(flops_per_token["0"], flops_per_token["1.0"]):
+        assert pushed / plain == pytest.approx(14 / 6, rel=0.01)
+
+
+def test_a_classifier_loss_below_a_uniform_guess_is_never_a_spike(tmp_path, store_dir, base):
+    guard = SpikeGuard(window=[0.02, 0.03, 0.05])
+    assert guard.observe(0.5, 3.0, 50, 2, floor=math.log(2)) is None  # 17x the median, but < ln 2
+    assert guard.observe(0.9, 3.0, 50, 2, floor=math.log(2)) == pytest.approx(0.04)  # a spike
+    # a run whose threshold calls nearly every rise a spike: only the steps above ln(2 classes) are
+    source = write_tsv(tmp_path / "sms.tsv", 60)
+    finetune(build_recipe(raw_recipe(source, max_steps=24), ["train.spike_threshold=1.01"]), Store(store_dir),
+             console=quiet())
+    lines = [json.loads(x) for x in (store_dir / "runs/clf/log.jsonl").read_text().splitlines()]
+    assert min(r["loss"] for r in lines if "loss" in r) < math.log(2) / 2  # it learnt: low losses were there
+    assert all(r["spike"] > math.log(2) for r in lines if "spike" in r)
 
 
 def test_best_metric_none_scores_and_names_the_last_checkpoint(tmp_path, store_dir, base):
@@ -252,6 +273,26 @@ def test_best_metric_none_scores_and_names_the_last_checkpoint(tmp_path, store_d
     assert last.name == "step-000004" and store.resolve("clf") == last
     report = json.loads((store_dir / "runs/clf/test_metrics.json").read_text())
     assert report["checkpoint"] == str(last)
+
+
+def test_a_resume_to_another_best_metric_forgets_the_old_best(tmp_path, store_dir, base):
+    source = write_tsv(tmp_path / "sms.tsv", 60)
+    store = Store(store_dir)
+    finetune(build_recipe(raw_recipe(source, keep_last=1, max_steps=4), []), store, console=quiet())
+    assert store.read_best("clf")["metric"] == "f1"
+    # to none: best.json goes, so the run name means the latest checkpoint, as in a run made with none
+    finetune(build_recipe(raw_recipe(source, keep_last=1, max_steps=6), ["train.best_metric=none"]), store,
+             resume=True, allow_change=True, console=quiet())
+    assert store.read_best("clf") is None and store.resolve("clf") == store.latest("clf")
+    assert store.latest("clf").name == "step-000006"
+    # to val_loss: the first evaluation after the switch is the best (a loss is never compared with an
+    # F1), and patience counts from it
+    finetune(build_recipe(raw_recipe(source, keep_last=1, max_steps=8), ["train.best_metric=val_loss"]), store,
+             resume=True, allow_change=True, console=quiet())
+    best = store.read_best("clf")
+    assert best["metric"] == "val_loss" and best["step"] == 8
+    meta = json.loads((store.latest("clf") / "meta.json").read_text())
+    assert meta["metrics"]["val_loss"] == pytest.approx(best["value"])
 
 
 def test_pooling_is_saved_and_average_last_averages_the_last_checkpoints(tmp_path, store_dir, base):

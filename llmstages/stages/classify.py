@@ -13,6 +13,7 @@ The batching, loss and metrics themselves are in llmstages/classification.py.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ from rich.table import Table
 
 from llmstages.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from llmstages.classification import (ClassBatches, class_probabilities, class_weights, classification_loss,
-                                      classification_metrics, count_truncated, positive_index, predict)
+                                      classification_metrics, count_truncated, positive_index, predict,
+                                      step_flops_factor)
 from llmstages.config import Recipe
 from llmstages.data.examples import data_settings, read_examples
 from llmstages.data.prepared import LabeledSplit, PreparedDataset
@@ -99,7 +101,8 @@ def classification_task(base: Checkpoint, data: PreparedDataset, recipe: Recipe,
     task = TrainTask(kind="classify", batch=batches,
                      loss=lambda m, b: classification_loss(m, b, weight, ft.label_smoothing, ft.adversarial_eps),
                      evaluate=evaluate, data_fingerprint=data.fingerprint, examples_per_epoch=batches.epoch_size,
-                     meta={"labels": labels, "balance": balance, "truncated": truncated, "classify": decision})
+                     meta={"labels": labels, "balance": balance, "truncated": truncated, "classify": decision},
+                     spike_floor=math.log(len(labels)), flops_factor=step_flops_factor(ft.adversarial_eps))
     return model, task
 
 
