@@ -17,7 +17,7 @@ import llmstages.cli_browse  # noqa: F401  (each import registers its commands o
 import llmstages.cli_train  # noqa: F401
 import llmstages.cli_generate  # noqa: F401
 import llmstages.cli_export  # noqa: F401
-from llmstages.cli_app import _Command, app, console, err_console
+from llmstages.cli_app import PlainHelpCommand, app, console, err_console
 from llmstages.errors import StopTraining, UserError
 
 __all__ = ["app", "console", "err_console", "main", "run"]
@@ -105,7 +105,7 @@ def _quiet_stdout() -> int:
 
 for _info in app.registered_commands:
     _info.callback = _stop_quietly_when_output_closes(_info.callback)
-    _info.cls = _Command  # (app.command() records typer.core.TyperCommand itself)
+    _info.cls = PlainHelpCommand  # (app.command() records typer.core.TyperCommand itself)
 
 
 if __name__ == "__main__":

@@ -28,12 +28,16 @@ def _plain_metavars(params: list) -> list:
     return params
 
 
-class _Command(typer.core.TyperCommand):
+class PlainHelpCommand(typer.core.TyperCommand):
+    """A command whose help shows flags and arguments without empty type placeholders (every command: cli.py)."""
+
     def get_params(self, ctx):  # the parameters as help and usage show them
         return _plain_metavars(super().get_params(ctx))
 
 
 class _Group(typer.core.TyperGroup):
+    """The same for the top-level command group."""
+
     def get_params(self, ctx):
         return _plain_metavars(super().get_params(ctx))
 

@@ -22,8 +22,9 @@ from llmstages.data.plan import recipe_tokenizer
 from llmstages.distributed import is_main_process
 from llmstages.errors import UserError
 from llmstages.lora import add_lora, merge_lora
-from llmstages.loop import TrainResult, check_run_start, train
+from llmstages.loop import TrainResult, train
 from llmstages.model import GPT, set_dropout
+from llmstages.runstart import check_run_start
 from llmstages.runtime import resolve_device, resolve_precision
 from llmstages.stages.prepare import get_or_prepare
 from llmstages.stages.pretrain import check_data_tokenizer, check_tokenizer, say_inherited

@@ -16,9 +16,10 @@ from llmstages.data.plan import parent_tokenizer, recipe_tokenizer
 from llmstages.data.prepared import PreparedDataset
 from llmstages.data.windows import WindowSampler, fixed_windows
 from llmstages.errors import UserError
-from llmstages.loop import TrainResult, TrainTask, check_run_start, train
+from llmstages.loop import TrainResult, TrainTask, train
 from llmstages.model import GPT, GPTConfig, build_config, set_dropout
 from llmstages.objectives import lm_loss, lm_metrics
+from llmstages.runstart import check_run_start
 from llmstages.stages.prepare import get_or_prepare
 from llmstages.store import Store
 from llmstages.tokenizer import Tokenizer, token_byte_lengths
