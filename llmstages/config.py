@@ -100,6 +100,12 @@ def _cross_checks(recipe: Recipe, problems: list[tuple[str, str]]) -> None:
     if ft.average_last > t.keep_last:
         problems.append(("finetune.average_last", f"{ft.average_last} is more than train.keep_last={t.keep_last} "
                          "checkpoints kept; raise train.keep_last"))
+    if ft.soup > 1 and recipe.task != "classify":
+        problems.append(("finetune.soup", f"averages fine-tuned classifiers; task {recipe.task} is not one: "
+                         "set finetune.soup=1, or use task: classify"))
+    if ft.soup > 1 and ft.average_last > 1:
+        problems.append(("finetune.soup", f"and finetune.average_last={ft.average_last} both average weights; "
+                         "use one of them (set finetune.average_last=0 or finetune.soup=1)"))
     for key, name in (("run", recipe.run), ("data.name", d.name)):  # each names a folder in the store
         if ok(key) and name is not None and not RUN_NAME_RE.fullmatch(name):
             problems.append((key, f"{name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit"))

@@ -165,6 +165,10 @@ def estimate(model: GPT, recipe: Recipe, task: TrainTask, console: Console, data
     }
     if task.examples_per_epoch:
         figures["epochs"] = round(steps * cfg.global_batch_size / task.examples_per_epoch, 2)
+    if recipe.finetune.soup > 1:  # finetune.soup: N runs like the one measured (stages/soup.py)
+        minutes = per_micro * accum * steps / 60
+        figures.update({"soup members": recipe.finetune.soup, "estimated time per member (min)": round(minutes, 2),
+                        "estimated time (min)": round(minutes * recipe.finetune.soup, 2)})
     console.print("[bold]resolved recipe[/bold]")
     console.print(dump_yaml(recipe), markup=False, highlight=False)
     console.print(summary_table(f"dry run: {recipe.run} (nothing trained)", figures))

@@ -170,6 +170,9 @@ def train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, sto
           stage: str, parent: dict | None = None, resume: bool = False, allow_change: bool = False,
           console: Console | None = None) -> TrainResult:
     """Train `model` on `task` as `recipe.train` says, committing checkpoints of run `recipe.run` to `store`."""
+    # A process group this call joins is left again at its end; one the caller joined (the CLI, a soup's
+    # members one after another: torchrun's rendezvous cannot be joined twice) stays for the caller.
+    joined = not torch.distributed.is_initialized()
     dctx, device_name = init_distributed(recipe.train.device)
     try:
         check_shared_store(dctx, store.root)
@@ -180,7 +183,8 @@ def train(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, sto
         dctx.barrier()
         return result
     finally:
-        dctx.close()
+        if joined:
+            dctx.close()
 
 
 def fit(model: GPT, tokenizer: Tokenizer, recipe: Recipe, task: TrainTask, store: Store, dctx: DistContext,

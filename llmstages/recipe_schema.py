@@ -332,6 +332,12 @@ class FinetuneConfig:
     # Classification: after training, average the weights of the last N checkpoints (needs
     # train.keep_last >= N) into run `<run>-avg`, which is then the model scored on the test split (0 = off).
     average_last: int = _f(0, ge=0)
+    # Classification: a weight soup (Wortsman et al. 2022, "Model soups"). Fine-tune N times, the runs
+    # alike but for train.seed (seed, seed + 1, ...; runs `<run>-member1` ... `<run>-memberN`), then
+    # average the weights of their final models (each one's best checkpoint where train.best_metric marks
+    # one, else its last) into run `<run>`, the model scored on the test split and that `classify` uses.
+    # N times the fine-tuning; the inference of one model. 1 = off.
+    soup: int = _f(1, ge=1)
     # Instruction: prompt template (alpaca | chat | hf), and whether prompt tokens are left out of the loss.
     # hf = the model's own chat_template (tokenizer_config.json); its end-of-turn token ends each response.
     template: str = _f("alpaca", choices=("alpaca", "chat", "hf"))

@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from llmstages.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from llmstages.averaging import commit_average
+from llmstages.checkpoint import Checkpoint, load_checkpoint
 from llmstages.classification import (ClassBatches, class_probabilities, class_weights, classification_loss,
                                       classification_metrics, count_truncated, positive_index, predict,
                                       step_flops_factor)
@@ -35,7 +36,7 @@ from llmstages.jsonio import dumps
 from llmstages.loop import TrainResult, TrainTask
 from llmstages.model import GPT, GPTConfig
 from llmstages.runlog import RunLog
-from llmstages.store import Store, remove_dir
+from llmstages.store import Store
 
 EVAL_BATCH = 64
 
@@ -176,17 +177,7 @@ def average_last(result: TrainResult, recipe: Recipe, store: Store, *, console: 
     """`finetune.average_last=N`: the mean of the weights of the run's last N checkpoints, committed as
     run `<run>-avg` (replaced on every call) at the last step; returns its folder."""
     paths = store.checkpoints(result.run)[-recipe.finetune.average_last:]
-    models = [load_checkpoint(p, store) for p in paths]
-    states = [c.model.state_for_saving() for c in models]
-    mean = {k: torch.stack([s[k].float() for s in states]).mean(dim=0).to(states[-1][k].dtype) for k in states[-1]}
-    last = models[-1]
-    last.model.load_saved_state(mean)
-    run = f"{result.run}-avg"
-    if store.run_dir(run).exists():
-        remove_dir(store.run_dir(run))
-    meta = {k: v for k, v in last.meta.items() if k not in ("run", "step", "tokenizer_fingerprint")}
-    path = save_checkpoint(store, run, int(last.meta.get("step", result.step)), last.model, last.tokenizer,
-                           dict(meta, averaged=[str(p) for p in paths]))
+    path = commit_average(store, f"{result.run}-avg", paths, {"averaged": [str(p) for p in paths]})
     if console is not None:
         console.print(f"averaged the weights of {len(paths)} checkpoints ({', '.join(p.name for p in paths)}) "
                       f"into {path}", highlight=False)

@@ -1,0 +1,91 @@
+"""`finetune.soup: N`: a weight soup of N fine-tuned classifiers (Wortsman et al. 2022, "Model soups").
+
+The recipe is fine-tuned N times, the runs alike but for the seed (the class head's initialisation,
+the order of the batches): runs `<run>-member1` ... `<run>-memberN` with train.seed, seed + 1, ...
+Each member is an ordinary run (resumed, verified, scored on the test split like any), so a kill
+between or inside members loses nothing: `--resume` continues the member that was training and starts
+the ones not begun. Then the weights of the members' final models are averaged into run `<run>`, one
+checkpoint that `classify`, `evaluate` and the test split use.
+
+Why it helps: fine-tuned from one base, the members stay close enough in weight space that their mean
+is a good model, and it keeps what the members agree on. On the spam CV folds (README, "Cross-validated")
+one seed makes 35-43 errors, the soup of two 33-39.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+import torch
+from rich.console import Console
+
+from llmstages.averaging import commit_average
+from llmstages.config import Recipe, dump_yaml
+from llmstages.distributed import init_distributed, is_main_process
+from llmstages.errors import UserError
+from llmstages.loop import TrainResult
+from llmstages.runstart import check_run_start
+from llmstages.stages.classify import report_test_split
+from llmstages.stages.prepare import get_or_prepare
+from llmstages.store import Store
+
+
+def member_runs(recipe: Recipe) -> list[str]:
+    return [f"{recipe.run}-member{k}" for k in range(1, recipe.finetune.soup + 1)]
+
+
+def member_recipe(recipe: Recipe, k: int) -> Recipe:
+    """The recipe of member k (1-based): its own run name and seed, and no soup of its own."""
+    member = copy.deepcopy(recipe)
+    member.run = f"{recipe.run}-member{k}"
+    member.train.seed = recipe.train.seed + k - 1
+    member.finetune.soup = 1
+    return member
+
+
+def check_soup_start(store: Store, recipe: Recipe, resume: bool) -> None:
+    """A fresh soup must not mix with checkpoints already there (the soup's or a member's); a resume
+    needs at least one member checkpoint."""
+    members = member_runs(recipe)
+    if not resume:
+        for run in (recipe.run, *members):
+            check_run_start(store, run, resume=False)
+    elif all(store.latest(run) is None for run in members):
+        raise UserError(f"run {recipe.run!r} has no member checkpoint to resume from ({', '.join(members)})",
+                        hint=f"start it without --resume (store: {store.root})")
+
+
+def finetune_soup(recipe: Recipe, store: Store, finetune_one: Callable[..., TrainResult], *, resume: bool,
+                  allow_change: bool, console: Console) -> TrainResult:
+    """Train (or resume) every member with `finetune_one` (stages.finetune.finetune), then commit their
+    average as run `recipe.run` and score it on the test split. Returns the soup's TrainResult."""
+    check_soup_start(store, recipe, resume)
+    started, results = time.perf_counter(), []
+    joined = not torch.distributed.is_initialized()
+    dctx = init_distributed(recipe.train.device)[0]  # under torchrun: one process group for all the members
+    try:
+        for k, run in enumerate(member_runs(recipe), 1):
+            member = member_recipe(recipe, k)
+            console.print(f"[bold]soup member {k} of {recipe.finetune.soup}[/bold]: run {run}, "
+                          f"train.seed={member.train.seed}", highlight=False)
+            results.append(finetune_one(member, store, resume=resume and store.latest(run) is not None,
+                                        allow_change=allow_change, console=console))
+            dctx.barrier()  # rank 0 scored the member's test split; the next member starts together
+    finally:
+        if joined:
+            dctx.close()
+    if not is_main_process():
+        return results[-1]
+    paths = [store.resolve(result.run) for result in results]  # each one's best, else its last
+    path = commit_average(store, recipe.run, paths, {"soup": [str(p) for p in paths]})
+    (store.run_dir(recipe.run) / "recipe.yaml").write_text(dump_yaml(recipe))
+    console.print(f"soup: averaged the weights of {', '.join(f'{p.parent.name}/{p.name}' for p in paths)} "
+                  f"into {path}", highlight=False)
+    train_seconds = sum(r.train_seconds for r in results)
+    tokens = sum(r.tokens for r in results)
+    result = TrainResult(recipe.run, results[-1].step, path, {}, None, time.perf_counter() - started, tokens,
+                         tokens / train_seconds if train_seconds else 0.0, train_seconds=train_seconds)
+    report_test_split(result, get_or_prepare(recipe, store, console), store, console=console, path=path)
+    return result
