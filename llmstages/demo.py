@@ -83,6 +83,13 @@ def run_log(store: Path, run: str) -> list[dict]:
     return RunLog(store / "runs" / run).records()
 
 
+def training_log(store: Path, run: str) -> list[dict]:
+    """The log of the run's training: its first member's where the run is a soup (finetune.soup), whose
+    own log holds only the test figures of the average."""
+    member = f"{run}-member1"
+    return run_log(store, member if (store / "runs" / member).is_dir() else run)
+
+
 def train_tokens_per_s(records: list[dict]) -> float | None:
     """Training throughput of a run: mean of its logged windows, the first (warm-up) left out."""
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
@@ -161,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                  "train_tokens_per_s": train_tokens_per_s(base_log)},
         "spam": {"test_accuracy": spam_test["accuracy"], "test_macro_f1": spam_test["f1"],
                  "test_spam_f1": spam_test["per_class"].get("spam", {}).get("f1"), "confusion": spam_test["confusion"],
-                 "train_tokens_per_s": train_tokens_per_s(run_log(store, "finetune-spam"))},
+                 "train_tokens_per_s": train_tokens_per_s(training_log(store, "finetune-spam"))},
         "instruct": {"response_loss_before": before["loss"], "response_loss_after": after["loss"],
                      "rouge_l_before": before.get("rouge_l"), "rouge_l_after": after.get("rouge_l"),
                      "ended_at_eot_before": before.get("ended_at_eot"), "ended_at_eot_after": after.get("ended_at_eot"),
