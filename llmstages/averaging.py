@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from llmstages.checkpoint import load_checkpoint, save_checkpoint
+from llmstages.errors import UserError
 from llmstages.lora import merge_lora
 from llmstages.store import Store
 
@@ -26,7 +27,9 @@ def commit_average(store: Store, run: str, paths: list[Path], meta: dict) -> Pat
         merge_lora(ckpt.model)
     states = [c.model.state_for_saving() for c in loaded]
     if any(s.keys() != states[-1].keys() for s in states):
-        raise ValueError(f"cannot average {', '.join(map(str, paths))}: their tensors differ")
+        raise UserError(f"cannot average {', '.join(map(str, paths))}: their tensors differ",
+                        hint="average checkpoints of one model shape (a run resumed with --allow-change to "
+                             "another model.* setting is another model)")
     mean = {k: torch.stack([s[k].float() for s in states]).mean(dim=0).to(states[-1][k].dtype) for k in states[-1]}
     last = loaded[-1]
     last.model.load_saved_state(mean)

@@ -182,3 +182,14 @@ def test_a_soup_under_torchrun_matches_one_process(tmp_path, tokenizer):
     for run in ("clf-member1", "clf-member2", "clf"):
         a, b = (weights(Store(stores[name]).latest(run)) for name in ("one", "two"))
         assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), run
+
+
+def test_checkpoints_of_different_models_are_not_averaged(store_dir, tokenizer):
+    store = Store(store_dir)
+    paths = []
+    for layers in (1, 2):
+        model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=layers, n_head=2, n_embd=16))
+        paths.append(save_checkpoint(store, f"m{layers}", 1, model, tokenizer, {"task": "pretrain"}))
+    with pytest.raises(UserError, match="their tensors differ"):
+        commit_average(store, "avg", paths, {})
+    assert store.latest("avg") is None
