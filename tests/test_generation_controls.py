@@ -12,7 +12,7 @@ from io import StringIO
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
@@ -114,18 +114,26 @@ def test_streaming_holds_back_what_could_start_a_stop_string():
 @given(pieces=st.lists(st.text(alphabet="ab#\n", max_size=4), max_size=12),
        stops=st.lists(st.text(alphabet="ab#\n", min_size=1, max_size=3), max_size=3),
        armed_after=st.integers(0, 6))
+@example(pieces=["\n#", "#"], stops=["#", "\n##"], armed_after=0)  # "#" completes while "\n##" is still open
 def test_stop_strings_against_an_oracle(pieces, stops, armed_after):
-    """Shown text is always a prefix of the reply; the reply is the text up to the first stop string that
-    starts after the unarmed pieces (min_new_tokens), and shown + flush is the whole reply."""
+    """Shown text is always a prefix of the reply, and shown + flush is the whole reply. Generation ends
+    with the first piece after which the text holds a stop string starting after the unarmed pieces
+    (min_new_tokens); the reply is that text cut before the earliest-starting stop string in it. (A
+    longer stop string that starts earlier but is not complete yet never will be: nothing more is
+    generated.)"""
     scanner, shown = StopStrings(stops), ""
     for i, piece in enumerate(pieces):
         shown += scanner.feed(piece, armed=i >= armed_after)
         if scanner.stopped:
             break
     shown += scanner.flush()
-    text = "".join(pieces)
     boundary = len("".join(pieces[:armed_after]))
-    hits = [i for i in (text.find(s, boundary) for s in stops) if i >= 0]
+    text, hits = "", []
+    for i, piece in enumerate(pieces):
+        text += piece
+        hits = [j for j in (text.find(s, boundary) for s in stops) if j >= 0] if i >= armed_after else []
+        if hits:
+            break
     assert shown == scanner.text == (text[:min(hits)] if hits else text)
     assert scanner.stopped == bool(hits)
 
