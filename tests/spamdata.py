@@ -1,11 +1,16 @@
-"""Small synthetic spam/ham data and a tiny base model, shared by the classifier tests.
+"""Small synthetic spam/ham data, a tiny base model and a finetune subprocess to kill, shared by the classifier tests.
 
 Two word lists that a tiny model separates in a few steps; texts of 3-12 words drawn with a seed.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from io import StringIO
 from pathlib import Path
 
@@ -52,3 +57,21 @@ def save_base(store_dir: Path, tokenizer: Tokenizer, run: str = "base") -> str:
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32))
     save_checkpoint(Store(store_dir), run, 1, model, tokenizer, {"task": "pretrain"})
     return run
+
+
+def finetune_cli(recipe: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "llmstages", "finetune", str(recipe), *extra]
+
+
+def env_for(store: Path) -> dict:
+    return dict(os.environ, LLMSTAGES_STORE=str(store), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def kill_once_written(command: list[str], store: Path, path: Path, wait_s: float = 300) -> None:
+    """Run `command` against `store` and SIGKILL it as soon as `path` exists (or it ended, or wait_s passed)."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env_for(store))
+    deadline = time.monotonic() + wait_s
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,8 @@ from llmstages.lora import merge_lora
 from llmstages.model import GPT, GPTConfig
 from llmstages.stages.finetune import finetune
 from llmstages.store import Store
-from spamdata import labeled_rows, quiet, save_base, spam_tokenizer, write_tsv
+from spamdata import env_for, finetune_cli, kill_once_written, labeled_rows, quiet, save_base, spam_tokenizer
+from spamdata import write_tsv
 
 
 @pytest.fixture(scope="module")
@@ -117,14 +116,6 @@ def test_averaging_merges_lora_adapters_first(store_dir, tokenizer):
         assert torch.allclose(mean[k], (merged[0][k] + merged[1][k]) / 2, atol=1e-6), k
 
 
-def soup_cli(recipe: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "llmstages", "finetune", str(recipe), *extra]
-
-
-def env_for(store: Path) -> dict:
-    return dict(os.environ, LLMSTAGES_STORE=str(store), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-
-
 @pytest.mark.slow
 def test_a_soup_killed_in_its_second_member_resumes_to_the_same_model(tmp_path, tokenizer):
     source = write_tsv(tmp_path / "sms.tsv", labeled_rows(80))
@@ -135,23 +126,16 @@ def test_a_soup_killed_in_its_second_member_resumes_to_the_same_model(tmp_path, 
     stores = {name: tmp_path / name for name in ("straight", "killed")}
     for store in stores.values():
         save_base(store, tokenizer)
-    done = subprocess.run(soup_cli(recipe), capture_output=True, text=True, env=env_for(stores["straight"]),
+    done = subprocess.run(finetune_cli(recipe), capture_output=True, text=True, env=env_for(stores["straight"]),
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
     killed = stores["killed"]
-    proc = subprocess.Popen(soup_cli(recipe), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env_for(killed))
-    first = killed / "runs/clf-member2/step-000010"
-    deadline = time.monotonic() + 300
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL
+    kill_once_written(finetune_cli(recipe), killed, killed / "runs/clf-member2/step-000010")
     latest = Store(killed).latest("clf-member2")
     assert latest is not None and latest.name != "step-000040", "the kill must land inside member 2"
     assert Store(killed).latest("clf") is None
-    resumed = subprocess.run(soup_cli(recipe, "--resume"), capture_output=True, text=True, env=env_for(killed),
+    resumed = subprocess.run(finetune_cli(recipe, "--resume"), capture_output=True, text=True, env=env_for(killed),
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for run in ("clf-member1", "clf-member2", "clf"):
@@ -172,7 +156,7 @@ def test_a_soup_under_torchrun_matches_one_process(tmp_path, tokenizer):
     stores = {name: tmp_path / name for name in ("one", "two")}
     for store in stores.values():
         save_base(store, tokenizer)
-    one = subprocess.run(soup_cli(recipe), capture_output=True, text=True, env=env_for(stores["one"]), timeout=600)
+    one = subprocess.run(finetune_cli(recipe), capture_output=True, text=True, env=env_for(stores["one"]), timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     port = str(29500 + (os.getpid() + 41) % 1000)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +34,7 @@ from llmstages.stages.prepare import get_or_prepare
 from llmstages.runstate import SpikeGuard
 from llmstages.store import Store
 from llmstages.tokenizer import Tokenizer, train_bpe
-from spamdata import labeled_rows, quiet, save_base, spam_tokenizer
+from spamdata import env_for, finetune_cli, kill_once_written, labeled_rows, quiet, save_base, spam_tokenizer
 from spamdata import write_tsv as write_rows
 
 def write_tsv(path: Path, n: int, seed: int = 0) -> Path:
@@ -435,14 +431,6 @@ def dapt_yaml(tmp_path: Path, source: Path) -> Path:
     return path
 
 
-def finetune_cli(recipe: Path, store: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "llmstages", "finetune", str(recipe), *extra]
-
-
-def env_for(store: Path) -> dict:
-    return dict(os.environ, LLMSTAGES_STORE=str(store), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-
-
 def dapt_figures(store: Path, run: str) -> list:
     lines = [json.loads(x) for x in (store / "runs" / run / "log.jsonl").read_text().splitlines()]
     return [(r["step"], r.get("loss"), r.get("val_loss"), r.get("f1"), r.get("tokens")) for r in lines]
@@ -457,23 +445,16 @@ def test_dapt_runs_first_and_resumes_exactly_after_sigkill(tmp_path, tokenizer):
         torch.manual_seed(0)
         model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32))
         save_checkpoint(Store(stores[name]), "base", 1, model, tokenizer, {"task": "pretrain"})
-    done = subprocess.run(finetune_cli(recipe, stores["straight"]), capture_output=True, text=True,
+    done = subprocess.run(finetune_cli(recipe), capture_output=True, text=True,
                           env=env_for(stores["straight"]), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
     killed = stores["killed"]
-    proc = subprocess.Popen(finetune_cli(recipe, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env_for(killed))
-    first = killed / "runs/clf-dapt/step-000010"
-    deadline = time.monotonic() + 300
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL
+    kill_once_written(finetune_cli(recipe), killed, killed / "runs/clf-dapt/step-000010")
     latest = Store(killed).latest("clf-dapt")
     assert latest is not None and latest.name != "step-000300", "the kill must land during DAPT"
     assert not Store(killed).checkpoints("clf")
-    resumed = subprocess.run(finetune_cli(recipe, killed, "--resume"), capture_output=True, text=True,
+    resumed = subprocess.run(finetune_cli(recipe, "--resume"), capture_output=True, text=True,
                              env=env_for(killed), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
@@ -486,7 +467,7 @@ def test_dapt_runs_first_and_resumes_exactly_after_sigkill(tmp_path, tokenizer):
     assert "clf-dapt" in json.dumps(parent)  # the classifier starts from the adapted model
 
     # a second --resume with both runs finished skips DAPT and changes nothing
-    again = subprocess.run(finetune_cli(recipe, killed, "--resume"), capture_output=True, text=True,
+    again = subprocess.run(finetune_cli(recipe, "--resume"), capture_output=True, text=True,
                            env=env_for(killed), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert dapt_figures(killed, "clf-dapt") == dapt_figures(stores["straight"], "clf-dapt")
