@@ -2,10 +2,11 @@
 
 A spike is a step loss above `train.spike_threshold` x the median of the last `spike_window` step
 losses that were not spikes (checked once `spike_min_steps` are in), and above the task's floor
-(TrainTask.spike_floor): for a classifier ln(classes), the loss of a uniform guess. A classifier's median
-loss falls near 0, and a batch of 16 with one confident mistake is then "3x the median" without being
-anything a run should stop for (a spam fine-tune logged about 200 such warnings in 889 steps). The memory of it lives in
-`RunState.spikes` (runstate.SpikeGuard), so a resumed run decides as the uninterrupted one would.
+(TrainTask.spike_floor): for a classifier ln(classes), the loss of a uniform guess. A classifier's
+median loss falls near 0, and a batch of 16 with one confident mistake is then "3x the median"
+without being anything a run should stop for (a spam fine-tune logged about 200 such warnings in 889
+steps). The memory of it lives in `RunState.spikes` (runstate.SpikeGuard), so a resumed run decides
+as the uninterrupted one would.
 
     warn      log it (log.jsonl gets {"step", "spike", "median"}); training goes on unchanged. The
               losses are checked at the next log step, so warn costs no host sync per step.

@@ -2,10 +2,11 @@
 
 Text arrives in pieces (one decoded token at a time). Generation ends with the first piece after which
 the text holds a stop string starting at or after `search_from` (the end of the first min_new_tokens
-tokens' text), and the reply ends right before the earliest-starting stop string in that text (a longer
-one that would start earlier but is not complete yet never will be: nothing more is generated). Streaming must
-not show a piece that may turn out to be the start of a stop string, so the last max(len(stop)) - 1
-characters are held back until the next piece shows they are not; `flush` releases them at the end.
+tokens' text), and the reply ends right before the earliest-starting stop string in that text (a
+longer one that would start earlier but is not complete yet never will be: nothing more is
+generated). Streaming must not show a piece that may turn out to be the start of a stop string, so
+the last max(len(stop)) - 1 characters are held back until the next piece shows they are not;
+`flush` releases them at the end.
 """
 
 from __future__ import annotations

@@ -200,7 +200,8 @@ def test_adversarial_training_under_torch_compile(tmp_path):
             "train.log_every=2"]
     eager = run(tmp_path / "eager", 2, *args)
     assert eager.returncode == 0, eager.stderr[-3000:]
-    compiled = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "compiled"), "2", *args, "train.compile=true"],
+    compiled = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "compiled"), "2", *args,
+                               "train.compile=true"],
                               capture_output=True, text=True, timeout=900,
                               env=dict(ENV, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
                                        TORCHINDUCTOR_COMPILE_THREADS="1"))

@@ -1,6 +1,6 @@
 """Issue 13's classifier options: the decision threshold, ROC AUC, pooling, label smoothing, adversarial
-training, weight averaging, domain-adaptive pretraining (resumed exactly after SIGKILL), data.lowercase, the seeding of LoRA
-adapters, and the CV folds of bench/spam_cv.py.
+training, weight averaging, domain-adaptive pretraining (resumed exactly after SIGKILL), data.lowercase,
+the seeding of LoRA adapters, and the CV folds of bench/spam_cv.py (the weight soup: test_soup.py).
 
 Tiny models built here; small synthetic labeled files in tmp dirs.
 """
