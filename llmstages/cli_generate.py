@@ -16,6 +16,7 @@ STOP_HELP = ("End the reply before this string (repeat for several, e.g. --stop 
              "\\t are read as newline and tab); default: the recipe's generate.stop.")
 PENALTY_HELP = "Repetition penalty (CTRL): above 1 makes tokens already in the context less likely; 1 = off."
 MIN_NEW_HELP = "Ignore end-of-text and --stop strings until this many tokens are generated."
+DEVICE_HELP = "auto (a CUDA GPU when there is one, else the CPU), cpu or cuda."
 
 
 @app.command()
@@ -35,6 +36,7 @@ def generate(
                                  "template (its own chat template for hf: models) and stop at the end of turn."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Generate without the KV cache (slower)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Continue PROMPT with MODEL, streaming tokens as they are produced; stops at end-of-text or a --stop string.
 
@@ -48,13 +50,13 @@ def generate(
       llmstages generate hf:HuggingFaceTB/SmolLM2-135M-Instruct "What is 2+2?" --chat -t 0
     """
     from llmstages.checkpoint import load_checkpoint
-    from llmstages.runtime import set_threads
+    from llmstages.runtime import resolve_device, set_threads
     from llmstages.stages.generate import Sampling, generate_text, stream_to_stdout
 
     set_threads()
     if prompt == "-":
         prompt = sys.stdin.read()
-    ckpt = load_checkpoint(model, open_store())
+    ckpt = load_checkpoint(model, open_store(), device=resolve_device(device, "--device"))
     model_input = None
     template = ckpt.meta.get("template")
     if as_chat and raw:
@@ -95,6 +97,7 @@ def chat(
     stop: Optional[list[str]] = typer.Option(None, "--stop", help=STOP_HELP, metavar="TEXT"),
     repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help=PENALTY_HELP),
     min_new_tokens: Optional[int] = typer.Option(None, "--min-new-tokens", min=0, help=MIN_NEW_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Talk to an instruction model; replies stream as they are generated and end at end-of-text.
 
@@ -110,13 +113,13 @@ def chat(
       printf 'Name three colors.\\n/quit\\n' | llmstages chat finetune-instruct -t 0
     """
     from llmstages.checkpoint import load_checkpoint
-    from llmstages.runtime import set_threads
+    from llmstages.runtime import resolve_device, set_threads
     from llmstages.stages.chat import chat as run_chat
     from llmstages.stages.chat import terminal_read_line
     from llmstages.stages.generate import Sampling, stream_to_stdout
 
     set_threads()
-    ckpt = load_checkpoint(model, open_store())
+    ckpt = load_checkpoint(model, open_store(), device=resolve_device(device, "--device"))
     sampling = Sampling.from_checkpoint(ckpt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                         top_p=top_p, seed=seed, stop=_stop_strings(stop),
                                         repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens)

@@ -45,7 +45,7 @@ from llmstages.optim import build_optimizer, set_lr
 from llmstages.runlog import RunLog, TrainProgress, summary_table
 from llmstages.runstart import start_or_resume
 from llmstages.runstate import RunState, restore_rng
-from llmstages.runtime import autocast, peak_flops, peak_rss_mb, resolve_device, resolve_precision
+from llmstages.runtime import autocast, peak_device_mb, peak_flops, peak_rss_mb, resolve_device, resolve_precision
 from llmstages.store import Store, now_iso
 from llmstages.tokenizer import Tokenizer
 
@@ -352,6 +352,8 @@ def log_step(run: Run, state: RunState, window: Window, lr: float, grad_norm: to
               "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4) if mfu is not None else None,
               "skipped": state.spikes.skipped + len(state.spikes.skip_steps),
               "time": round(state.elapsed, 2), "train_time": round(state.train_time, 2), **run.task.log_fields}
+    if (device_mib := peak_device_mb(run.device)) is not None:  # CUDA: the allocator's peak since start
+        record["peak_device_mib"] = round(device_mib, 1)
     if run.dctx.is_main:
         run.log.write(record)
     run.progress.update(state.step, {"loss": record["loss"], "lr": lr, "tok/s": round(tps),

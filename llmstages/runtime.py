@@ -18,12 +18,16 @@ import torch
 from llmstages.errors import UserError
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto", setting: str = "train.device") -> torch.device:
+    """auto: the CUDA GPU when there is one, else the CPU. `setting` names where `name` came from, for errors."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA device is available", hint="use train.device=auto or cpu")
-    return torch.device(name)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"{setting}={name} but no CUDA device is available", hint=f"use {setting}=auto or cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{setting}={name} is not a device", hint=f"use {setting}=auto, cpu or cuda") from None
 
 
 @functools.cache

@@ -55,6 +55,44 @@ def test_generate_benchmark_runs_on_tiny_settings():
     assert figures["tokens_per_s_with_cache"] > 0 and figures["tokens_per_s_without_cache"] > 0
 
 
+def gpu_check(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHON=sys.executable)
+    return subprocess.run(["bash", str(BENCH / "gpu_check.sh"), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_gpu_check_refuses_a_cpu_without_cpu_smoke_and_unknown_parts(tmp_path):
+    assert gpu_check().returncode == 2 and "usage: bench/gpu_check.sh OUT_DIR" in gpu_check().stderr
+    no_gpu = gpu_check(str(tmp_path / "out"))
+    assert no_gpu.returncode == 2 and "no CUDA device here: run with --cpu-smoke" in no_gpu.stderr
+    unknown = gpu_check(str(tmp_path / "out"), "--cpu-smoke", "--only", "env,warp")
+    assert unknown.returncode == 2 and "unknown parts ['warp']" in unknown.stderr
+    missing = gpu_check(str(tmp_path / "out"), "--cpu-smoke", "--data", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and f"{tmp_path / 'nowhere' / 'gutenberg'} is missing" in missing.stderr
+
+
+@pytest.mark.slow  # prepare and three pretrain processes: about 40 s on 2 busy cores
+def test_gpu_check_cpu_smoke_kills_and_resumes_exactly(data_file, tmp_path):
+    """The script's resume part on a CPU: the killed-and-resumed run logs the straight run's losses
+    bitwise (as the loop promises on a CPU), and every part's figures land in one JSON file."""
+    shared = data_file("gutenberg/pg1184_count_of_monte_cristo.txt").parent.parent
+    data = tmp_path / "data"
+    (data / "gutenberg").mkdir(parents=True)
+    (data / "gutenberg" / "book.txt").symlink_to(shared / "gutenberg" / "pg1184_count_of_monte_cristo.txt")
+    for name in ("gpt2-tokenizer", "sms_spam", "instruction-data.json"):
+        (data / name).symlink_to(shared / name)
+    out = tmp_path / "out"
+    result = gpu_check(str(out), "--cpu-smoke", "--only", "env,prepare,resume", "--data", str(data),
+                       "--work", str(tmp_path / "work"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((out / "gpu_check.json").read_text())
+    assert figures["env"]["mode"] == "cpu-smoke" and figures["env"]["device"] == "cpu"
+    resume = figures["resume"]
+    assert resume["killed_while_at_step"] > resume["checkpoint_step"] == 10
+    assert resume["bitwise_equal"] and resume["max_abs_loss_diff_after_resume"] == 0.0
+    assert "part resume" in (out / "gpu_check.log").read_text()
+
+
 @pytest.mark.slow  # three processes import torch: about 30 s on 2 busy cores
 def test_packing_benchmark_runs_on_tiny_settings(data_file):
     data = data_file("instruction-data.json").parent

@@ -16,6 +16,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
+from llmstages import checkpoint
 from llmstages.checkpoint import Checkpoint, save_checkpoint
 from llmstages.cli import main
 from llmstages.config import build_recipe
@@ -234,6 +235,26 @@ def test_cli_generate_stop_json_and_the_recipe_defaults(tok, store_dir, capsys):
     assert code == 2 and "min_new_tokens=5 is more than max_new_tokens=3" in err and "Traceback" not in err
     code, out, err = run_main(capsys, "generate", "base", "the cat", "--repetition-penalty", "0")
     assert code == 2
+
+
+def test_cli_generate_device_option(tok, store_dir, capsys, monkeypatch):
+    """--device picks where the model runs (auto: a GPU when there is one); a device that is not there,
+    or not a device at all, is a usage error (exit 2) naming the option."""
+    save_checkpoint(Store(store_dir), "base", 1, tiny_model(tok.vocab_size), tok, {"task": "pretrain"})
+    loaded_on = []
+    real_load = checkpoint.load_weights
+    monkeypatch.setattr(checkpoint, "load_weights", lambda *a: loaded_on.append(a[2]) or real_load(*a))
+    args = ("generate", "base", "the cat", "-t", "0", "-n", "5", "--json")
+    code, out, err = run_main(capsys, *args, "--device", "cpu")
+    assert code == 0, err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, auto_out, err = run_main(capsys, *args)
+    assert code == 0 and json.loads(auto_out)["completion"] == json.loads(out)["completion"]
+    assert [str(d) for d in loaded_on] == ["cpu", "cpu"]
+    code, out, err = run_main(capsys, *args, "--device", "cuda")
+    assert code == 2 and "--device=cuda but no CUDA device is available" in err and "Traceback" not in err
+    code, out, err = run_main(capsys, *args, "--device", "gpu0")
+    assert code == 2 and "--device=gpu0 is not a device" in err
 
 
 def one_message(text: str):

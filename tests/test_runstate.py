@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import random
 
 import numpy as np
@@ -75,3 +76,19 @@ def test_resume_refuses_a_checkpoint_whose_files_do_not_match_its_manifest(tmp_p
     weights.write_bytes(bytes(data))
     with pytest.raises(UserError, match="contents do not match MANIFEST"):
         tiny_run(store, 4, resume=True)
+
+
+def test_log_lines_carry_the_device_peak_memory_only_where_there_is_one(tmp_path, monkeypatch):
+    """CUDA: each step line of log.jsonl records the allocator's peak (MiB); a CPU run has no such field.
+    (The device is faked: peak_device_mb is what reads torch.cuda's counter.)"""
+    from llmstages import loop
+
+    def lines(store: Store) -> list[dict]:
+        return [json.loads(x) for x in (store.run_dir("r") / "log.jsonl").read_text().splitlines()]
+
+    tiny_run(Store(tmp_path / "cpu"), 2)
+    assert all("peak_device_mib" not in r for r in lines(Store(tmp_path / "cpu")))
+    monkeypatch.setattr(loop, "peak_device_mb", lambda device: 1234.56)
+    tiny_run(Store(tmp_path / "gpu"), 2)
+    steps = [r for r in lines(Store(tmp_path / "gpu")) if "tokens_per_s" in r]
+    assert len(steps) == 2 and all(r["peak_device_mib"] == 1234.6 for r in steps)
