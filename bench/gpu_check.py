@@ -10,6 +10,8 @@ Parts, in order (each a function below; every command is the `llmstages` command
     pretrain   recipes/gpt2-124m.yaml as shipped (block 1024, bf16 autocast, torch.compile, fused AdamW)
                for STEPS steps on those books: tokens/s and MFU from log.jsonl, peak GPU memory, the loss
     modern     the same with model.arch=modern train.optimizer=muon
+    micro32    the pretrain part with micro-batches of 32 (larger matmuls, twice the activations)
+    sync_cost  the pretrain part logging every step (a host-device sync each step) against every 10th
     resume     the same recipe run twice: once straight, once SIGKILLed after its step-10 checkpoint and
                resumed; the largest per-step loss difference (bitwise is not expected: deterministic
                algorithms are off, as in a user's run)
@@ -117,7 +119,7 @@ class Check:
     def part_env(self) -> dict:
         import torch
         info = {"mode": "cpu-smoke" if self.smoke else "gpu", "python": platform.python_version(),
-                "torch": torch.__version__, "cuda": torch.version.cuda, "cpu": platform.processor() or platform.machine(),
+                "torch": torch.__version__, "cuda": torch.version.cuda, "cpu": cpu_model(),
                 "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
                 "cudnn_deterministic": torch.backends.cudnn.deterministic}
         if torch.cuda.is_available():
@@ -336,6 +338,17 @@ def _top(events, key, steps: int, n: int = 8) -> list[dict]:
     ranked = sorted(events, key=key, reverse=True)[:n]
     return [{"name": e.key[:80], "ms_per_step": round(key(e) / steps / 1e3, 3), "calls_per_step": e.count / steps}
             for e in ranked]
+
+
+def cpu_model() -> dict:
+    """The host CPU's model name and whether it lists avx512_bf16 (every benchmark records both)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return {"name": platform.processor() or platform.machine(), "avx512_bf16": None}
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+    flags = next((line for line in lines if line.startswith("flags")), "").split()
+    return {"name": name, "avx512_bf16": "avx512_bf16" in flags}
 
 
 def timed_generation(model, batch: int, prompt_len: int, new_tokens: int, device) -> float:
