@@ -341,14 +341,15 @@ def test_spam_end_to_end_on_the_real_sms_file(cli, data_file, tmp_path, store_di
     out = json.loads(one.stdout)
     assert [p["text"] for p in out["predictions"]] == ["WINNER!! Claim your free prize now", "See you at 6?"]
     ckpt = load_checkpoint("finetune-spam", Store(store_dir))
+    assert ckpt.meta["classify"] == {"threshold": 0.2, "positive": "spam"}  # the recipe's decision, kept
     for p in out["predictions"]:  # against one plain forward pass: softmax of the class logits at the last token
         ids = ckpt.tokenizer.encode(p["text"])
         with torch.no_grad():
             logits = ckpt.model.eval()(torch.tensor([ids]), last_index=torch.tensor([len(ids) - 1]))[0]
         expected = dict(zip(["ham", "spam"], logits.softmax(-1).tolist()))
         assert p["probabilities"] == pytest.approx(expected, abs=1e-5)
-        assert p["label"] == max(expected, key=expected.get)
-        assert p["probability"] == pytest.approx(max(expected.values()), abs=1e-5)
+        label = "spam" if expected["spam"] >= 0.2 else "ham"
+        assert p["label"] == label and p["probability"] == pytest.approx(expected[label], abs=1e-5)
     piped = cli("classify", "finetune-spam", input="first message\n\nsecond [bold]one[/bold]\n")
     assert piped.returncode == 0 and "second [bold]one[/bold]" in piped.stdout and "first message" in piped.stdout
 
