@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -41,6 +40,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from run_all import machine  # bench/: the machine as `make bench` records it
+
+from llmstages.runlog import RunLog
 
 REPO = Path(__file__).resolve().parent.parent
 PARTS = ("env", "prepare", "pretrain", "modern", "micro32", "sync_cost", "resume", "finetune", "generate", "profile")
@@ -97,8 +100,7 @@ class Check:
         print(json.dumps({part: result})[:2000], flush=True)
 
     def log_records(self, run: str) -> list[dict]:
-        path = self.store / "runs" / run / "log.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return RunLog(self.store / "runs" / run).records()  # [] before the run logs; a half-written line skipped
 
     def train_figures(self, run: str) -> dict:
         """Speed and loss from a run's log.jsonl: the first logged window holds compile, so it is left out."""
@@ -118,8 +120,7 @@ class Check:
     # --- the parts ---------------------------------------------------------------------------------
     def part_env(self) -> dict:
         import torch
-        info = {"mode": "cpu-smoke" if self.smoke else "gpu", "python": platform.python_version(),
-                "torch": torch.__version__, "cuda": torch.version.cuda, "cpu": cpu_model(),
+        info = {"mode": "cpu-smoke" if self.smoke else "gpu", **machine(), "cuda_version": torch.version.cuda,
                 "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
                 "cudnn_deterministic": torch.backends.cudnn.deterministic}
         if torch.cuda.is_available():
@@ -146,34 +147,30 @@ class Check:
         seconds = self.llm("prepare", *self.fresh_run_args("gpt2-124m"))
         return {"seconds": round(seconds, 1)}
 
-    def part_pretrain(self) -> dict:
+    def timed_pretrain(self, run: str, *extra: str, eval_every: int | None = None) -> dict:
+        """`pretrain` of a new run for the mode's step count (eval at `eval_every`, default the last step):
+        wall time and the run's figures."""
         steps = self.size["steps"]
-        seconds = self.llm("pretrain", *self.fresh_run_args("gpt2-124m", f"train.max_steps={steps}",
-                                                            f"train.eval_every={steps // 2}",
+        seconds = self.llm("pretrain", *self.fresh_run_args(run, *extra, f"train.max_steps={steps}",
+                                                            f"train.eval_every={eval_every or steps}",
                                                             f"train.save_every={steps}"))
-        return {"wall_s": round(seconds, 1), **self.train_figures("gpt2-124m")}
+        return {"wall_s": round(seconds, 1), **self.train_figures(run)}
+
+    def part_pretrain(self) -> dict:
+        return self.timed_pretrain("gpt2-124m", eval_every=self.size["steps"] // 2)
 
     def part_modern(self) -> dict:
-        steps = self.size["steps"]
-        seconds = self.llm("pretrain", *self.fresh_run_args("modern-muon", "model.arch=modern", "train.optimizer=muon",
-                                                            f"train.max_steps={steps}", f"train.eval_every={steps // 2}",
-                                                            f"train.save_every={steps}"))
-        return {"wall_s": round(seconds, 1), **self.train_figures("modern-muon")}
+        return self.timed_pretrain("modern-muon", "model.arch=modern", "train.optimizer=muon",
+                                   eval_every=self.size["steps"] // 2)
 
     def part_micro32(self) -> dict:
         """The pretrain part with micro-batches of 32 (accumulation 2 instead of 4): larger matmuls."""
-        steps = self.size["steps"]
-        micro = "train.micro_batch_size=8" if self.smoke else "train.micro_batch_size=32"
-        seconds = self.llm("pretrain", *self.fresh_run_args("micro32", micro, f"train.max_steps={steps}",
-                                                            f"train.eval_every={steps}", f"train.save_every={steps}"))
-        return {"wall_s": round(seconds, 1), **self.train_figures("micro32")}
+        return self.timed_pretrain("micro32", "train.micro_batch_size=8" if self.smoke else "train.micro_batch_size=32")
 
     def part_sync_cost(self) -> dict:
         """The pretrain part logging every step (the loss, grad norm and finite check read back each step,
         instead of every 10th): what those host-device syncs cost, as a tokens/s ratio."""
-        steps = self.size["steps"]
-        self.llm("pretrain", *self.fresh_run_args("log-every-step", "train.log_every=1", f"train.max_steps={steps}",
-                                                  f"train.eval_every={steps}", f"train.save_every={steps}"))
+        self.timed_pretrain("log-every-step", "train.log_every=1")
         records = [r for r in self.log_records("log-every-step") if "tokens_per_s" in r][10:]  # past compile
         every_step = statistics.median(r["tokens_per_s"] for r in records)
         every_10th = self.results.get("pretrain", {}).get("tokens_per_s")
@@ -206,7 +203,7 @@ class Check:
                                 stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and proc.poll() is None:
-            logged = self.log_records("resume-killed") if (run_dir / "log.jsonl").exists() else []
+            logged = self.log_records("resume-killed")
             last = max((r["step"] for r in logged if "tokens_per_s" in r), default=0)
             if (run_dir / f"step-{step:06d}").is_dir() and last > step:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -338,17 +335,6 @@ def _top(events, key, steps: int, n: int = 8) -> list[dict]:
     ranked = sorted(events, key=key, reverse=True)[:n]
     return [{"name": e.key[:80], "ms_per_step": round(key(e) / steps / 1e3, 3), "calls_per_step": e.count / steps}
             for e in ranked]
-
-
-def cpu_model() -> dict:
-    """The host CPU's model name and whether it lists avx512_bf16 (every benchmark records both)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return {"name": platform.processor() or platform.machine(), "avx512_bf16": None}
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
-    flags = next((line for line in lines if line.startswith("flags")), "").split()
-    return {"name": name, "avx512_bf16": "avx512_bf16" in flags}
 
 
 def timed_generation(model, batch: int, prompt_len: int, new_tokens: int, device) -> float:
