@@ -19,7 +19,13 @@ validation part. Then, on exactly those parts:
     char_svm   TF-IDF of character 1-5-grams + LinearSVC, C picked by spam F1 on the validation part;
     word_lr    TF-IDF of word 1-2-grams + logistic regression, C picked the same way.
 Reported per fold and as mean +- std (sample std over folds): accuracy, spam precision / recall / F1,
-errors (misclassified messages), and per fold GPT minus each baseline with its mean and spread.
+errors (misclassified messages), and per fold GPT minus each baseline with its mean and spread. Each
+fold also lists the messages each system got wrong (indices into the file), and the summary pairs the
+GPT with each baseline on them: messages only one of the two gets wrong, and McNemar's exact p-value
+(bench/cv_paired.py), which says whether a gap is larger than chance. --combine adds how many messages
+every run gets wrong (what no other seed fixes); --rescore adds the lists to a run of an older version:
+
+    python bench/spam_cv.py --rescore cv-s9.json --work WORK_OF_THAT_RUN --out cv-s9-paired.json
 KEY=VALUE arguments are recipe overrides, so settings can be compared on the same folds.
 """
 
@@ -35,6 +41,8 @@ from io import StringIO
 from pathlib import Path
 
 import numpy as np
+
+from cv_paired import always_wrong, paired  # bench/
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = "sms_spam/SMSSpamCollection.tsv"
@@ -85,7 +93,9 @@ def baselines(texts: list[str], labels: list[str], parts: dict, positive: str) -
         val, test = vectorizer.transform(x["val"]), vectorizer.transform(x["test"])
         fitted = {c: model_of(c).fit(train, y["train"]) for c in C_GRID}
         best = max(C_GRID, key=lambda c: (scores(y["val"], fitted[c].predict(val), positive)["f1"], -c))
-        return {**scores(y["test"], fitted[best].predict(test), positive), "C": best}
+        predicted = fitted[best].predict(test)
+        return {**scores(y["test"], predicted, positive), "C": best,
+                "wrong": wrong_rows(parts["test"], labels, predicted)}
 
     return {
         "char_svm": pick(TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 5), sublinear_tf=True, min_df=2),
@@ -93,6 +103,31 @@ def baselines(texts: list[str], labels: list[str], parts: dict, positive: str) -
         "word_lr": pick(TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True),
                         lambda c: LogisticRegression(C=c, max_iter=5000)),
     }
+
+
+def wrong_rows(rows: np.ndarray, labels: list[str], predicted) -> list[int]:
+    """Indices (into the whole file) of the messages of `rows` whose predicted label is not theirs: kept per
+    fold so that systems can be compared message by message (cv_paired.py)."""
+    return [int(i) for i, p in zip(rows, predicted) if labels[i] != p]
+
+
+def gpt_scored(store, ref: str, texts: list[str], labels: list[str], rows: np.ndarray) -> dict:
+    """{"wrong": wrong_rows, "roc_auc"} of a fold's scored classifier, decided as its test_metrics.json
+    was (the saved threshold, the evaluation batch size)."""
+    from llmstages.checkpoint import load_checkpoint
+    from llmstages.classification import class_probabilities, decide, positive_index, roc_auc
+    from llmstages.stages.classify import EVAL_BATCH, saved_decision
+
+    ckpt = load_checkpoint(ref, store)
+    tok, names = ckpt.tokenizer, ckpt.model.config.class_names
+    probs = class_probabilities(ckpt.model, tok.encode_batch([texts[i] for i in rows]), tok.eot_id,
+                                batch_size=EVAL_BATCH)
+    decision = saved_decision(ckpt)
+    positive = positive_index(names, decision["positive"])
+    picked = decide(probs, positive, decision["threshold"]).tolist()
+    truth = np.array([labels[i] == names[positive] for i in rows])
+    return {"wrong": wrong_rows(rows, labels, [names[c] for c in picked]),
+            "roc_auc": roc_auc(probs[:, positive].numpy(), truth)}
 
 
 def write_jsonl(path: Path, texts: list[str], labels: list[str], rows: np.ndarray) -> str:
@@ -128,10 +163,17 @@ def gpt_fold(texts, labels, parts, fold: int, args, store, base_ref: str, work: 
     report = json.loads((store.run_dir(recipe.run) / "test_metrics.json").read_text())
     positive = report["positive"]
     row = report["per_class"][positive]
-    return {"accuracy": report["accuracy"], "precision": row["precision"], "recall": row["recall"], "f1": row["f1"],
-            "errors": report["examples"] - int(np.trace(np.asarray(report["confusion"]))),
-            "roc_auc": report["roc_auc"], "checkpoint_step": report["step"], "steps": result.step,
-            "train_seconds": round(time.perf_counter() - started, 1)}
+    seconds = round(time.perf_counter() - started, 1)
+    figures = {"accuracy": report["accuracy"], "precision": row["precision"], "recall": row["recall"],
+               "f1": row["f1"], "errors": report["examples"] - int(np.trace(np.asarray(report["confusion"]))),
+               "roc_auc": report["roc_auc"], "checkpoint_step": report["step"], "steps": result.step,
+               "train_seconds": seconds}
+    again = gpt_scored(store, f"{recipe.run}@{report['step']}", texts, labels, parts["test"])
+    if len(again["wrong"]) != figures["errors"] or not np.isclose(again["roc_auc"], figures["roc_auc"]):
+        raise RuntimeError(f"fold {fold}: scored one by one {len(again['wrong'])} errors and ROC AUC "
+                           f"{again['roc_auc']}, test_metrics.json {figures['errors']} and {figures['roc_auc']}")
+    figures["wrong"] = again["wrong"]
+    return figures
 
 
 def tiny_base(store, texts: list[str]) -> str:
@@ -165,6 +207,8 @@ def summary(per_fold: list[dict]) -> dict:
             diff[key] = {"per_fold": values, "mean": statistics.fmean(values),
                          "std": statistics.stdev(values) if len(values) > 1 else 0.0}
         out[f"gpt_minus_{other}"] = diff
+        if (test := paired(per_fold, "gpt", other)) is not None:
+            out[f"paired_{other}"] = test
     return out
 
 
@@ -198,10 +242,46 @@ def combine(results: list[dict], names: list[str]) -> dict:
         per_fold.append({"fold": rows[0]["fold"], "sizes": rows[0]["sizes"], "gpt": gpt,
                          **{s: rows[0][s] for s in SYSTEMS[1:]}})
     seeds = [{"file": name, "command": r["command"], "overrides": r["overrides"],
-              **{key: r["summary"]["gpt"][key]["mean"] for key in FIGURES}} for name, r in zip(names, results)]
+              **{key: r["summary"]["gpt"][key]["mean"] for key in FIGURES},
+              **{f"paired_{s}": r["summary"][f"paired_{s}"] for s in SYSTEMS[1:] if f"paired_{s}" in r["summary"]}}
+             for name, r in zip(names, results)]
     result = {key: first[key] for key in same + ("recipe", "base")}
     result.update(command="python bench/spam_cv.py --combine " + " ".join(names), combined=seeds, per_fold=per_fold)
     result["summary"] = summary(per_fold)
+    if (stable := always_wrong([r["per_fold"] for r in results], "gpt", SYSTEMS[1:])) is not None:
+        result["summary"]["always_wrong"] = stable
+    return result
+
+
+def rescore(result: dict, name: str, work: Path) -> dict:
+    """A run of an older spam_cv.py (no per-message lists) with its fold models still in `work` -> the same
+    result with the lists added: each fold's scored checkpoint classifies its fold again and the baselines
+    are refitted. Its figures must come out as recorded, else those are not the run's models."""
+    from llmstages.config import load_recipe
+    from llmstages.data.split import stratified_folds
+    from llmstages.store import Store
+
+    recipe = load_recipe(result["recipe"], result["overrides"])
+    texts, labels = read_messages(Path(result["data"]), recipe)
+    if len(texts) != result["messages"]:
+        raise ValueError(f"{result['data']} now has {len(texts)} messages, {name} scored {result['messages']}")
+    folds = stratified_folds(labels, texts, result["folds"], result["seed"])
+    store = Store(work / "store")
+    for row in result["per_fold"]:
+        parts = fold_parts(texts, labels, folds, row["fold"], recipe)
+        ref = f"cv-fold{row['fold']}@{row['gpt']['checkpoint_step']}"
+        fresh = {"gpt": gpt_scored(store, ref, texts, labels, parts["test"]),
+                 **baselines(texts, labels, parts, result["positive"])}
+        for system in SYSTEMS:
+            made, recorded = len(fresh[system]["wrong"]), row[system]["errors"]
+            if made != recorded or (system == "gpt" and not np.isclose(fresh["gpt"]["roc_auc"],
+                                                                       row["gpt"]["roc_auc"])):
+                raise ValueError(f"fold {row['fold']}: {system} now makes {made} errors (GPT ROC AUC "
+                                 f"{fresh['gpt']['roc_auc']:.6f}), {name} recorded {recorded} "
+                                 f"({row['gpt']['roc_auc']:.6f}): {work} does not hold that run's models")
+            row[system]["wrong"] = fresh[system]["wrong"]
+    result["rescored"] = f"python bench/spam_cv.py --rescore {name} --work {work}"
+    result["summary"] = summary(result["per_fold"])
     return result
 
 
@@ -234,6 +314,10 @@ def print_table(result: dict) -> None:
         d = s[f"gpt_minus_{other}"]
         lines.append(f"{'gpt-' + other:<12} "
                      + " ".join(f"{d[k]['mean']:>+8.4f} ± {d[k]['std']:<6.4f}" for k in FIGURES))
+    for other in SYSTEMS[1:]:
+        if t := s.get(f"paired_{other}"):
+            lines.append(f"wrong only by gpt {t['gpt_only']}, only by {other} {t[other + '_only']}, by both "
+                         f"{t['both']}: McNemar p = {t['mcnemar_p']:.3f}")
     print("\n".join(lines), file=sys.stderr)
 
 
@@ -256,9 +340,21 @@ def main(argv: list[str] | None = None) -> dict:
                              "per fold and summarise them as one")
     parser.add_argument("--merge", nargs="+", metavar="RUN.json",
                         help="train nothing: join runs of one setting on different folds (--only) into one result")
+    parser.add_argument("--rescore", metavar="RUN.json",
+                        help="train nothing: add the per-message lists (and the paired tests) to a run of an older "
+                             "version whose fold models are still in --work")
     args = parser.parse_args(argv)
-    if args.combine and args.merge:
-        parser.error("--combine and --merge: one at a time (merge each seed's folds, then combine the seeds)")
+    if sum(bool(x) for x in (args.combine, args.merge, args.rescore)) > 1:
+        parser.error("--combine, --merge and --rescore: one at a time (merge each seed's folds, then combine the seeds)")
+    if args.rescore:
+        if args.overrides or args.only or args.quick or not args.work:
+            parser.error("--rescore trains nothing: give the run's JSON file and the --work folder of its fold models")
+        from llmstages.errors import UserError
+        try:
+            result = rescore(json.loads(Path(args.rescore).read_text()), args.rescore, Path(args.work))
+        except (OSError, ValueError, KeyError, UserError) as err:
+            parser.error(f"--rescore: {err}")
+        return report(result, args.out)
     for option, join in (("combine", combine), ("merge", merge)):
         if names := getattr(args, option):
             if args.overrides or args.only or args.quick:

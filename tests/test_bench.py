@@ -155,8 +155,48 @@ def test_spam_cv_scores_the_chosen_folds_against_both_baselines(data_file, tmp_p
             (1 - fold[system]["accuracy"]) * fold["sizes"]["test"])
     assert figures["summary"]["gpt_minus_char_svm"]["accuracy"]["per_fold"] == [
         fold["gpt"]["accuracy"] - fold["char_svm"]["accuracy"]]
+    # each system's wrong messages, by index into the file: all in the held-out fold, as many as its errors
+    lines = sms.read_text(encoding="utf-8").splitlines()
+    for system in ("gpt", "char_svm", "word_lr"):
+        assert len(fold[system]["wrong"]) == fold[system]["errors"] == len(set(fold[system]["wrong"]))
+        assert all(0 <= i < len(lines) for i in fold[system]["wrong"])
+    paired = figures["summary"]["paired_char_svm"]
+    gpt, svm = set(fold["gpt"]["wrong"]), set(fold["char_svm"]["wrong"])
+    assert (paired["gpt_only"], paired["char_svm_only"], paired["both"]) == (len(gpt - svm), len(svm - gpt),
+                                                                            len(gpt & svm))
+    # --rescore: the same folds scored again from the kept fold models gives the same lists back
+    older = json.loads((tmp_path / "cv.json").read_text())
+    for system in ("gpt", "char_svm", "word_lr"):
+        del older["per_fold"][0][system]["wrong"]
+    (tmp_path / "old.json").write_text(json.dumps(older))
+    again = bench(str(BENCH / "spam_cv.py"), "--rescore", str(tmp_path / "old.json"), "--work", str(tmp_path / "cv"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    rescored = json.loads(again.stdout.strip().splitlines()[-1])
+    assert rescored["per_fold"] == figures["per_fold"] and rescored["summary"] == figures["summary"]
+    # ... and refuses figures its models do not reproduce
+    older["per_fold"][0]["gpt"]["errors"] += 1
+    (tmp_path / "other.json").write_text(json.dumps(older))
+    wrong = bench(str(BENCH / "spam_cv.py"), "--rescore", str(tmp_path / "other.json"), "--work", str(tmp_path / "cv"))
+    assert wrong.returncode == 2 and "does not hold that run's models" in wrong.stderr
     bad = bench(str(BENCH / "spam_cv.py"), "--quick", "--only", "2", "--data", str(sms), "--work", str(tmp_path / "x"))
     assert bad.returncode == 2 and "--only 2: folds are 0..1" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def test_paired_comparison_counts_the_messages_only_one_system_gets_wrong():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from cv_paired import always_wrong, mcnemar_p, paired
+    finally:
+        sys.path.remove(str(BENCH))
+    # exact two-sided binomial: 0 against 6 is 2 / 2**6; the test is symmetric; no discordant message: 1
+    assert mcnemar_p(0, 6) == pytest.approx(2 / 64) and mcnemar_p(6, 0) == mcnemar_p(0, 6)
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(5, 5) == 1.0 and mcnemar_p(9, 22) == pytest.approx(0.0294, abs=1e-4)
+    folds = [{"gpt": {"wrong": [1, 2]}, "svm": {"wrong": [2, 3, 4]}}, {"gpt": {"wrong": [7]}, "svm": {"wrong": []}}]
+    assert paired(folds, "gpt", "svm") == {"gpt_only": 2, "svm_only": 2, "both": 1, "mcnemar_p": 1.0}
+    assert paired([{"gpt": {"errors": 1}, "svm": {"wrong": []}}], "gpt", "svm") is None  # an older result
+    seed2 = [{"gpt": {"wrong": [2, 5]}, "svm": {"wrong": [2, 3, 4]}}, {"gpt": {"wrong": [7]}, "svm": {"wrong": []}}]
+    # messages 2 and 7 are wrong in both runs; of those, the svm also misses 2
+    assert always_wrong([folds, seed2], "gpt", ("svm",)) == {"gpt_every_run": 2, "gpt_some_run": 4, "also_svm": 1}
 
 
 def _cv_run(gpt_accuracy: list[float], seed: int, svm_accuracy: float = 0.99) -> dict:
