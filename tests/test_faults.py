@@ -494,22 +494,34 @@ def test_random_sigkills_leave_a_verifying_store_and_the_same_final_weights(tmp_
     assert ref.returncode == 0, ref.stderr
     store, rng, kills = tmp_path / "killed", random.Random(15), 0
 
-    def resume_flag() -> list[str]:
-        return ["--resume"] if Store(store).checkpoints("syn") else []
+    def latest_step() -> int:
+        found = Store(store).checkpoints("syn")
+        return int(found[-1].name.split("-")[1]) if found else 0
 
-    while kills < KILLS:
-        proc = subprocess.Popen([sys.executable, str(SCRIPT), str(store), "60", *args, *resume_flag()],
+    # Kills are placed by the run's progress, not by the clock (a fast machine finished the run before a
+    # clock-timed third kill): now and then during startup, else a random 0-150 ms after the run has
+    # committed a checkpoint 2 to 8 steps past where it resumed, so they land mid-step, mid-save or
+    # mid-pruning. Kills stop at step 50, so the resumed run always has steps left.
+    while kills < KILLS and (resumed_at := latest_step()) < 50:
+        flag = ["--resume"] if resumed_at else []
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), str(store), "60", *args, *flag],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=SYN_ENV)
-        time.sleep(rng.uniform(1.5, 4.0))  # startup (imports, tokenizer) is ~2 s: most kills land in training
-        if proc.poll() is not None:
+        if rng.random() < 0.2:
+            time.sleep(rng.uniform(0.1, 1.5))
+        else:
+            target, deadline = min(resumed_at + 2 * rng.randint(1, 4), 50), time.monotonic() + 120
+            while latest_step() < target and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.15))
+        if proc.poll() is not None:  # finished first (a slow poll near the end): nothing left to kill
             assert proc.returncode == 0
             break
         proc.kill()
         proc.wait()
         kills += 1
         assert all_verify(store) == [], f"after kill {kills}"
-    assert kills >= min(KILLS, 3)  # the run must not finish before it was killed a few times
-    final = synthetic(store, 60, *args, *resume_flag())
+    assert kills >= min(KILLS, 3)
+    final = synthetic(store, 60, *args, *(["--resume"] if latest_step() else []))
     assert final.returncode == 0, final.stderr
     new, old = (load_file(str(s / "runs/syn/step-000060/model.safetensors")) for s in (store, tmp_path / "ref"))
     assert all(torch.equal(new[k], old[k]) for k in old)  # bit for bit
