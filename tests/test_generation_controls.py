@@ -255,6 +255,11 @@ def test_cli_generate_device_option(tok, store_dir, capsys, monkeypatch):
     assert code == 2 and "--device=cuda but no CUDA device is available" in err and "Traceback" not in err
     code, out, err = run_main(capsys, *args, "--device", "gpu0")
     assert code == 2 and "--device=gpu0 is not a device" in err
+    # chat takes the same option, checked before the model is loaded or a message read
+    code, out, err = run_main(capsys, "chat", "base", "--device", "cuda")
+    assert code == 2 and "--device=cuda but no CUDA device is available" in err and "Traceback" not in err
+    code, out, err = run_main(capsys, "chat", "base", "--device", "gpu0")
+    assert code == 2 and "--device=gpu0 is not a device" in err and len(loaded_on) == 2
 
 
 def one_message(text: str):
