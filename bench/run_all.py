@@ -33,12 +33,14 @@ BENCHES = {
     "browse": ["bench_browse.py"],
     # peak memory per process of DDP, FSDP and FSDP + activation checkpointing (2 processes, ~3 GB)
     "memory": ["bench_memory.py"],
+    # finetune-spam's training speed, texts padded or packed (finetune.packing; needs the quickstart base)
+    "spam_train": ["bench_spam_train.py"],
     # 5-fold cross-validation of finetune-spam vs TF-IDF baselines (needs the quickstart base and scikit-learn)
     "spam_cv": ["spam_cv.py"],
     # About 40 minutes: the old and the new pretraining recipe at 2.5, 5 and 10 minutes each.
     "recipes": ["bench_recipes.py"],
 }
-READS_DATA = {"prepare", "train", "classify", "packing"}
+READS_DATA = {"prepare", "train", "classify", "packing", "spam_train"}
 
 
 def machine() -> dict:

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmstages.data.batches import EpochSampler, pad_batch
+from llmstages.data.packing import pack_texts
 from llmstages.data.prepared import LabeledSplit
 from llmstages.errors import UserError
 from llmstages.tokenizer import Tokenizer
@@ -45,8 +46,9 @@ class ClassBatches:
     """
 
     def __init__(self, split: LabeledSplit, batch_size: int, block_size: int, pad_id: int, seed: int,
-                 *, undersample: bool = False):
+                 *, undersample: bool = False, pack: bool = False):
         self.split, self.block_size, self.pad_id, self.undersample = split, block_size, pad_id, undersample
+        self.collate = pack_texts if pack else pad_batch  # packed: the same texts in fewer rows
         by_class = [np.flatnonzero(split.labels == c) for c in np.unique(split.labels)]
         self.sampler = EpochSampler(len(split), batch_size, seed, groups=by_class if undersample else None)
         self.epoch_size = self.sampler.epoch_size
@@ -57,7 +59,7 @@ class ClassBatches:
 
     def __call__(self, index: int) -> dict:
         rows = self.records(index)
-        batch = pad_batch([self.split.example(int(i)) for i in rows], self.pad_id, self.block_size)
+        batch = self.collate([self.split.example(int(i)) for i in rows], self.pad_id, self.block_size)
         batch["targets"] = torch.from_numpy(self.split.labels[rows])
         return batch
 
@@ -77,9 +79,11 @@ def classification_loss(model: nn.Module, batch: dict, weight: torch.Tensor | No
     if weight is not None:
         weight = weight.to(batch["targets"].device)
 
+    packed = {k: batch[k] for k in ("positions", "segments", "last_row") if k in batch}  # data/packing.pack_texts
+
     def loss_of_forward(offset: torch.Tensor | None = None) -> torch.Tensor:
         extra = {} if offset is None else {"embedding_offset": offset}  # without a push: the plain call
-        logits = model(batch["input_ids"], last_index=batch["last_index"], **extra)  # (B, K)
+        logits = model(batch["input_ids"], last_index=batch["last_index"], **packed, **extra)  # (B, K)
         return F.cross_entropy(logits.float(), batch["targets"], weight=weight, label_smoothing=label_smoothing)
 
     if adversarial_eps <= 0 or not torch.is_grad_enabled():
@@ -90,7 +94,7 @@ def classification_loss(model: nn.Module, batch: dict, weight: torch.Tensor | No
     zero = torch.zeros(*batch["input_ids"].shape, n_embd, device=batch["input_ids"].device, requires_grad=True)
     clean = loss_of_forward(zero)
     (grad,) = torch.autograd.grad(clean, zero, retain_graph=True)  # (B, T, C); 0 at the padding
-    pushed = loss_of_forward(adversarial_step(grad, adversarial_eps))
+    pushed = loss_of_forward(adversarial_step(grad, adversarial_eps, batch.get("segments")))
     return (clean + pushed) / 2
 
 
@@ -101,11 +105,20 @@ def step_flops_factor(adversarial_eps: float) -> float:
     return 14 / 6 if adversarial_eps > 0 else 1.0
 
 
-def adversarial_step(grad: torch.Tensor, eps: float) -> torch.Tensor:
-    """grad (B, T, C) -> the same direction scaled to L2 length eps over each row's (T, C)."""
+def adversarial_step(grad: torch.Tensor, eps: float, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """grad (B, T, C) -> the same direction scaled to L2 length eps over each row's (T, C); packed rows
+    (`segments` (B, T), data/packing.py) over each text's positions instead, so every text gets the
+    push it gets alone in a padded row. Padding has no gradient and gets no push."""
     grad = grad.detach().float()
-    length = grad.flatten(1).norm(dim=1).clamp_min(1e-12)  # (B,)
-    return eps * grad / length[:, None, None]
+    if segments is None:
+        length = grad.flatten(1).norm(dim=1).clamp_min(1e-12)  # (B,)
+        return eps * grad / length[:, None, None]
+    rows, width = segments.shape
+    text = torch.arange(rows, device=grad.device)[:, None] * width + segments.clamp_min(0)  # (B, T): which text
+    squares = torch.zeros(rows * width, device=grad.device).index_add_(0, text.flatten(),
+                                                                     grad.pow(2).sum(-1).flatten())
+    length = squares.sqrt().clamp_min(1e-12)[text]  # (B, T): the L2 length of each position's text
+    return grad * (eps * (segments >= 0) / length)[..., None]
 
 
 @torch.no_grad()

@@ -90,10 +90,12 @@ def _cross_checks(recipe: Recipe, problems: list[tuple[str, str]]) -> None:
                          f"model; use some of {', '.join(LORA_TARGETS)}"))
     if ok("finetune.trainable") and not re.fullmatch(r"all|head|lora|last_blocks:\d+", ft.trainable):
         problems.append(("finetune.trainable", f"{ft.trainable!r} is not all, head, lora or last_blocks:N"))
-    if ft.packing and recipe.task != "instruct":
-        problems.append(("finetune.packing", f"packs instruction examples into shared rows; task {recipe.task} "
-                         "has no such examples (pretraining rows are already full windows, a classifier reads one "
-                         "text per row): set finetune.packing=false, or use task: instruct"))
+    if ft.packing and recipe.task == "pretrain":
+        problems.append(("finetune.packing", "packs fine-tuning examples into shared rows; pretraining rows are "
+                         "already full windows: set finetune.packing=false"))
+    if ft.packing and recipe.task == "classify" and ok("finetune.pooling") and ft.pooling != "last":
+        problems.append(("finetune.packing", f"packed texts are read at their last token; finetune.pooling "
+                         f"{ft.pooling} needs one text per row: set finetune.packing=false or finetune.pooling=last"))
     if t.patience and t.best_metric == "none":
         problems.append(("train.patience", f"{t.patience} evaluations without improvement, but train.best_metric is "
                          "none (nothing to improve): set a best_metric (val_loss, accuracy, f1) or patience 0"))

@@ -104,7 +104,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *,
                 last_index: torch.Tensor | None = None, last_only: bool = False,
                 targets: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                segments: torch.Tensor | None = None, embedding_offset: torch.Tensor | None = None) -> torch.Tensor:
+                segments: torch.Tensor | None = None, embedding_offset: torch.Tensor | None = None,
+                last_row: torch.Tensor | None = None) -> torch.Tensor:
         """Logits, or with `targets` the mean next-token loss. `positions`, `segments` (B, T): packed
         rows, see `hidden`; `embedding_offset` (B, T, C) is added to the token embeddings.
 
@@ -112,7 +113,8 @@ class GPT(nn.Module):
         soft-capped when the config says so. With targets (B, T) (IGNORE = -100 left out): the scalar
         cross-entropy, computed without materialising all logits where that is faster
         (objectives.head_loss). Class head: with `last_index` (B,) — the position of each row's last
-        real token, padding is on the right — (B, K); without it, (B, T, K) at every position.
+        real token, padding is on the right — (B, K); without it, (B, T, K) at every position. Packed
+        texts (data/packing.pack_texts) add `last_row` (N,): text n ends at (last_row[n], last_index[n]).
         """
         if targets is not None and self.is_classifier:
             raise ValueError("a classifier has no next-token loss: call it with last_index, without targets")
@@ -123,7 +125,7 @@ class GPT(nn.Module):
             return head_loss(x, self.lm_head.weight, targets, softcap=cap)
         if self.is_classifier:
             if last_index is not None:
-                x = pool(x, last_index, self.config.pooling)  # (B, C)
+                x = pool(x, last_index, self.config.pooling, last_row)  # (B, C), or (N, C) packed
             return self.score(x)
         if last_only:
             x = x[:, -1:, :]
@@ -144,9 +146,14 @@ class GPT(nn.Module):
             raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def pool(x: torch.Tensor, last_index: torch.Tensor, how: str) -> torch.Tensor:
+def pool(x: torch.Tensor, last_index: torch.Tensor, how: str, last_row: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T, C) hidden states -> (B, C): row b's state at `last_index[b]`, or ("mean") the mean of its
-    states 0..last_index[b]; the padding after a row's last real token never counts."""
+    states 0..last_index[b]; the padding after a row's last real token never counts. Packed rows hold
+    several texts: text n's state is at (last_row[n], last_index[n]) -> (N, C) (last-token pooling only)."""
+    if last_row is not None:
+        if how != "last":
+            raise ValueError(f"packed texts are read at their last token; pooling {how!r} needs one text per row")
+        return x[last_row, last_index]
     if how == "mean":
         real = torch.arange(x.size(1), device=x.device)[None, :] <= last_index[:, None]  # (B, T)
         return (x * real[..., None].to(x.dtype)).sum(dim=1) / (last_index[:, None] + 1).to(x.dtype)

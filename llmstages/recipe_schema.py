@@ -342,9 +342,10 @@ class FinetuneConfig:
     # hf = the model's own chat_template (tokenizer_config.json); its end-of-turn token ends each response.
     template: str = _f("alpaca", choices=("alpaca", "chat", "hf"))
     mask_prompt: bool = True
-    # Instruction: pack several examples into each row of up to block_size tokens (each attends only
-    # to itself, positions restart per example; the loss is the same) instead of padding one per row:
-    # less padding computed, more examples per step; train.epochs then counts rows (data/packing.py).
+    # Pack several examples into each row of up to block_size tokens (each attends only to itself,
+    # positions restart per example; the loss is the same) instead of padding one per row: less
+    # padding computed. Instruction: more examples per step; train.epochs then counts rows.
+    # Classification: the same texts per step in fewer rows (last-token pooling; data/packing.py).
     packing: bool = False
     # Instruction: sample generations for fixed validation prompts printed at each eval.
     eval_samples: int = _f(2, ge=0)

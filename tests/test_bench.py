@@ -182,6 +182,19 @@ def test_spam_cv_scores_the_chosen_folds_against_both_baselines(data_file, tmp_p
     assert bad.returncode == 2 and "--only 2: folds are 0..1" in bad.stderr and not (tmp_path / "x").exists()
 
 
+def test_spam_train_benchmark_compares_padded_and_packed_batches(data_file):
+    root = data_file("sms_spam/SMSSpamCollection.tsv").parents[1]
+    result = bench(str(BENCH / "bench_spam_train.py"), "--quick", "--data", str(root))
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    padded, packed = figures["variants"]["padded"], figures["variants"]["packed"]
+    assert figures["steps"] == 6 and len(padded["train_seconds"]) == len(packed["train_seconds"]) == 1
+    # the same texts in fewer, fuller rows: fewer positions per real token (1.0 = no padding)
+    assert 1.0 <= packed["positions_per_token"] < padded["positions_per_token"]
+    assert figures["packed_speedup"] == pytest.approx(padded["median_s"] / packed["median_s"], rel=0.02)
+    assert "cpu_fast_bf16" in figures["machine"]
+
+
 def test_paired_comparison_counts_the_messages_only_one_system_gets_wrong():
     sys.path.insert(0, str(BENCH))
     try:

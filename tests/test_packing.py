@@ -199,20 +199,24 @@ def test_a_row_mask_is_refused_with_a_kv_cache():
 
 
 # --- the recipe and the stage ------------------------------------------------------------------------------
-@pytest.mark.parametrize("task", ["classify", "pretrain"])
-def test_packing_is_refused_for_tasks_without_instruction_examples(task):
+def test_packing_is_refused_for_pretraining_and_for_mean_pooled_classifiers():
     with pytest.raises(RecipeError) as err:
-        build_recipe({"task": task, "finetune": {"packing": True}})
+        build_recipe({"task": "pretrain", "finetune": {"packing": True}})
     (path, message), = err.value.problems
-    assert path == "finetune.packing" and f"task {task}" in message and "finetune.packing=false" in message
+    assert path == "finetune.packing" and "pretraining" in message and "finetune.packing=false" in message
+    with pytest.raises(RecipeError) as err:
+        build_recipe({"task": "classify", "finetune": {"packing": True, "pooling": "mean"}})
+    (path, message), = err.value.problems
+    assert path == "finetune.packing" and "pooling mean" in message
+    assert build_recipe({"task": "classify", "finetune": {"packing": True}}).finetune.packing
 
 
-def test_packing_with_a_spam_recipe_exits_2_naming_the_key(capsys, tmp_path, monkeypatch):
+def test_packing_with_mean_pooling_in_the_spam_recipe_exits_2_naming_the_key(capsys, tmp_path, monkeypatch):
     from llmstages.cli import main
     monkeypatch.setenv("LLMSTAGES_STORE", str(tmp_path / "store"))
-    code = main(["finetune", "--task", "spam", "finetune.packing=true"])
+    code = main(["finetune", "--task", "spam", "finetune.packing=true", "finetune.pooling=mean"])
     err = capsys.readouterr().err
-    assert code == 2 and "finetune.packing" in err and "task classify" in err and "Traceback" not in err
+    assert code == 2 and "finetune.packing" in err and "pooling mean" in err and "Traceback" not in err
     assert not (tmp_path / "store").exists()
 
 

@@ -10,7 +10,7 @@
     prepared.py  the on-disk format: writers, and `PreparedDataset` to read it
     windows.py   pretraining batches: token windows drawn from the shards by index
     batches.py   fine-tuning batches: the epoch sampler, and the collate functions that pad records
-    packing.py   packed instruction batches: several examples per row, positions and segments per example
+    packing.py   packed batches: several examples (or texts to classify) per row, positions and segments per example
 
 The stage that runs them in order is llmstages/stages/prepare.py (`prepare`, `get_or_prepare`).
 """

@@ -1,5 +1,6 @@
 """Packed instruction batches (`finetune.packing: true`): several examples share one row of up to
-block_size tokens, instead of one example per row padded to the longest of its batch.
+block_size tokens, instead of one example per row padded to the longest of its batch. Classification
+packs too (pack_texts): each micro-batch's texts share as few rows as hold them.
 
     row       | ex 3 (prompt, response) | ex 8 ............ | ex 1 ...... | pad |
     segments    0  0  0  0  0  0  0  0    1  1  1  1  1  1    2  2  2  2   -1 -1
@@ -84,6 +85,33 @@ def collate_packed(rows: Sequence[Sequence[Example]], *, mask_prompt: bool, pad_
     return {"input_ids": torch.from_numpy(inputs), "targets": torch.from_numpy(targets),
             "positions": torch.from_numpy(positions), "segments": torch.from_numpy(segments),
             "n_tokens": int(sum(fills))}
+
+
+def pack_texts(sequences: Sequence[Sequence[int]], pad_id: int, block_size: int) -> dict:
+    """Classification: the texts of one micro-batch (token lists, each cut to block_size) packed first
+    fit into as few rows of block_size tokens as hold them -> {"input_ids", "positions", "segments":
+    (R, T), "last_row", "last_index": (B,) where text b's last token is, "n_tokens"}. The batch keeps
+    its B texts, so a step's loss and gradient are those of the padded batch; only padding is saved."""
+    lengths = [min(len(s), block_size) for s in sequences]
+    if min(lengths) == 0:
+        raise ValueError("an empty text has no last token to classify")
+    rows = pack_rows(lengths, range(len(sequences)), block_size)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    inputs = np.full((len(rows), width), pad_id, dtype=np.int64)
+    positions = np.zeros((len(rows), width), dtype=np.int64)
+    segments = np.full((len(rows), width), PAD_SEGMENT, dtype=np.int64)
+    last_row, last_index = np.zeros(len(sequences), dtype=np.int64), np.zeros(len(sequences), dtype=np.int64)
+    for r, row in enumerate(rows):
+        at = 0
+        for k, i in enumerate(row):
+            n = lengths[i]
+            inputs[r, at:at + n] = np.asarray(sequences[i][:n], dtype=np.int64)
+            positions[r, at:at + n], segments[r, at:at + n] = np.arange(n), k
+            last_row[i], last_index[i] = r, at + n - 1
+            at += n
+    return {"input_ids": torch.from_numpy(inputs), "positions": torch.from_numpy(positions),
+            "segments": torch.from_numpy(segments), "last_row": torch.from_numpy(last_row),
+            "last_index": torch.from_numpy(last_index), "n_tokens": int(sum(lengths))}
 
 
 class PackedBatches:

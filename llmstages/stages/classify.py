@@ -86,7 +86,7 @@ def classification_task(base: Checkpoint, data: PreparedDataset, recipe: Recipe,
     pad_id = int(data.manifest["eot_id"])
     balance = recipe.finetune.balance
     batches = ClassBatches(train, recipe.train.micro_batch_size, block, pad_id, recipe.train.seed,
-                           undersample=balance == "undersample")
+                           undersample=balance == "undersample", pack=ft.packing)
     weight = class_weights(counts) if balance == "weighted" else None
     val = data.records("val") if "val" in data.splits else None
     val = val if val is not None and len(val) else None  # an empty val split (all skipped) is no val split
