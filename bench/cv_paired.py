@@ -39,10 +39,10 @@ def always_wrong(runs_per_fold: list[list[dict]], system: str, others: tuple[str
     None when a run lacks the per-message lists."""
     if not all("wrong" in row[s] for rows in runs_per_fold for row in rows for s in (system,) + others):
         return None
-    every = set.intersection(*({i for row in rows for i in row[system]["wrong"]} for rows in runs_per_fold))
+    per_run = [{i for row in rows for i in row[system]["wrong"]} for rows in runs_per_fold]
+    every = set.intersection(*per_run)
     first = runs_per_fold[0]
-    out = {f"{system}_every_run": len(every), f"{system}_some_run": len(
-        set.union(*({i for row in rows for i in row[system]["wrong"]} for rows in runs_per_fold)))}
+    out = {f"{system}_every_run": len(every), f"{system}_some_run": len(set.union(*per_run))}
     for other in others:
         out[f"also_{other}"] = len(every & {i for row in first for i in row[other]["wrong"]})
     return out
