@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from llmstages.checkpoint import load_checkpoint, save_checkpoint
 from llmstages.classification import classification_loss, decide, roc_auc
 from llmstages.classification import predict
+from llmstages.cli import main as cli_main
 from llmstages.config import build_recipe
 from llmstages.data.plan import choose_tokenizer, fingerprint_settings, make_plan
 from llmstages.data.split import stratified_folds
@@ -95,37 +96,44 @@ def sixty_percent_spam(store_dir: Path, tokenizer, threshold: float = 0.0) -> st
     return "sixty"
 
 
-def test_threshold_changes_labels(cli, store_dir, tokenizer, tmp_path):
+def in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """`llmstages ARGS` through the CLI's own entry point in this process: (exit code, stdout, stderr)."""
+    code = cli_main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_threshold_changes_labels(capsys, store_dir, tokenizer, tmp_path):
     model = sixty_percent_spam(store_dir, tokenizer)
 
     def labels(*extra):
-        out = cli("classify", model, "win a prize now", "see you later", "--json", *extra)
-        assert out.returncode == 0, out.stderr
-        predictions = json.loads(out.stdout)["predictions"]
+        code, out, err = in_process(capsys, "classify", model, "win a prize now", "see you later", "--json", *extra)
+        assert code == 0, err
+        predictions = json.loads(out)["predictions"]
         assert all(p["probabilities"]["spam"] == pytest.approx(0.6, abs=1e-6) for p in predictions)
         return [p["label"] for p in predictions]
 
     assert labels() == ["spam", "spam"]  # the most likely class
     assert labels("--threshold", "0.5") == ["spam", "spam"]
     assert labels("--threshold", "0.7") == ["ham", "ham"]
-    bad = cli("classify", model, "hi", "--threshold", "1.5")
-    assert bad.returncode == 2 and "between 0 and 1" in bad.stderr
+    code, _, err = in_process(capsys, "classify", model, "hi", "--threshold", "1.5")
+    assert code == 2 and "between 0 and 1" in err
 
     data = tmp_path / "eval.tsv"
     data.write_text("spam\twin a prize\nham\tsee you\n", encoding="utf-8")
-    at_half = json.loads(cli("evaluate", model, "--data", str(data), "--json", "--threshold", "0.5").stdout)
-    at_seven = json.loads(cli("evaluate", model, "--data", str(data), "--json", "--threshold", "0.7").stdout)
+    at_half = json.loads(in_process(capsys, "evaluate", model, "--data", str(data), "--json", "--threshold", "0.5")[1])
+    at_seven = json.loads(in_process(capsys, "evaluate", model, "--data", str(data), "--json", "--threshold", "0.7")[1])
     assert at_half["per_class"]["spam"]["recall"] == 1.0 and at_half["per_class"]["spam"]["precision"] == 0.5
     assert at_seven["per_class"]["spam"]["recall"] == 0.0 and at_seven["per_class"]["ham"]["recall"] == 1.0
     assert at_half["threshold"] == 0.5 and at_half["positive"] == "spam"
     assert at_half["roc_auc"] == 0.5  # every text scores the same: a tie
 
 
-def test_the_checkpoints_threshold_is_the_default(cli, store_dir, tokenizer):
+def test_the_checkpoints_threshold_is_the_default(capsys, store_dir, tokenizer):
     model = sixty_percent_spam(store_dir, tokenizer, threshold=0.7)  # as a recipe's classify.threshold records it
-    out = json.loads(cli("classify", model, "win", "--json").stdout)
+    out = json.loads(in_process(capsys, "classify", model, "win", "--json")[1])
     assert out["predictions"][0]["label"] == "ham"
-    out = json.loads(cli("classify", model, "win", "--json", "--threshold", "0").stdout)
+    out = json.loads(in_process(capsys, "classify", model, "win", "--json", "--threshold", "0")[1])
     assert out["predictions"][0]["label"] == "spam"
 
 
