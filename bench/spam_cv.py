@@ -118,7 +118,7 @@ def gpt_scored(store, ref: str, texts: list[str], labels: list[str], rows: np.nd
     from llmstages.classification import class_probabilities, decide, positive_index, roc_auc
     from llmstages.stages.classify import EVAL_BATCH, saved_decision
 
-    ckpt = load_checkpoint(ref, store)
+    ckpt = load_checkpoint(ref, store, ensemble_ok=True)
     tok, names = ckpt.tokenizer, ckpt.model.config.class_names
     probs = class_probabilities(ckpt.model, tok.encode_batch([texts[i] for i in rows]), tok.eot_id,
                                 batch_size=EVAL_BATCH)
@@ -173,7 +173,22 @@ def gpt_fold(texts, labels, parts, fold: int, args, store, base_ref: str, work: 
         raise RuntimeError(f"fold {fold}: scored one by one {len(again['wrong'])} errors and ROC AUC "
                            f"{again['roc_auc']}, test_metrics.json {figures['errors']} and {figures['roc_auc']}")
     figures["wrong"] = again["wrong"]
+    if members := member_scores(store, recipe.run, texts, labels, parts["test"]):
+        figures["members"] = members
     return figures
+
+
+def member_scores(store, run: str, texts: list[str], labels: list[str], rows: np.ndarray) -> list[dict]:
+    """Each member of a soup or ensemble run (finetune.soup / finetune.ensemble: runs `<run>-member<k>`)
+    scored alone on the fold, as its own test_metrics.json chose its checkpoint: errors, ROC AUC and the
+    messages it gets wrong. Empty for an ordinary run."""
+    members, k = [], 1
+    while (run_dir := store.run_dir(f"{run}-member{k}")).is_dir():
+        checkpoint = json.loads((run_dir / "test_metrics.json").read_text())["checkpoint"]
+        scored = gpt_scored(store, checkpoint, texts, labels, rows)
+        members.append({"run": run_dir.name, "errors": len(scored["wrong"]), **scored})
+        k += 1
+    return members
 
 
 def tiny_base(store, texts: list[str]) -> str:
@@ -209,6 +224,25 @@ def summary(per_fold: list[dict]) -> dict:
         out[f"gpt_minus_{other}"] = diff
         if (test := paired(per_fold, "gpt", other)) is not None:
             out[f"paired_{other}"] = test
+    if (members := member_summary(per_fold)) is not None:
+        out["members"] = members
+    return out
+
+
+def member_summary(per_fold: list[dict]) -> list[dict] | None:
+    """For a soup or ensemble: each member alone over all the folds (errors, and paired with each
+    baseline), the spread over seeds behind the combined model's figures. None for ordinary runs."""
+    counts = {len(row["gpt"].get("members", [])) for row in per_fold}
+    if len(counts) != 1 or not (count := counts.pop()):
+        return None
+    out = []
+    for k in range(count):
+        rows = [{"member": row["gpt"]["members"][k], **{s: row[s] for s in SYSTEMS[1:]}} for row in per_fold]
+        entry = {"member": k + 1, "errors": sum(r["member"]["errors"] for r in rows)}
+        for other in SYSTEMS[1:]:
+            if (test := paired(rows, "member", other)) is not None:
+                entry[f"paired_{other}"] = test
+        out.append(entry)
     return out
 
 
@@ -280,6 +314,8 @@ def rescore(result: dict, name: str, work: Path) -> dict:
                                  f"{fresh['gpt']['roc_auc']:.6f}), {name} recorded {recorded} "
                                  f"({row['gpt']['roc_auc']:.6f}): {work} does not hold that run's models")
             row[system]["wrong"] = fresh[system]["wrong"]
+        if members := member_scores(store, f"cv-fold{row['fold']}", texts, labels, parts["test"]):
+            row["gpt"]["members"] = members
     result["rescored"] = f"python bench/spam_cv.py --rescore {name} --work {work}"
     result["summary"] = summary(result["per_fold"])
     return result
@@ -318,6 +354,8 @@ def print_table(result: dict) -> None:
         if t := s.get(f"paired_{other}"):
             lines.append(f"wrong only by gpt {t['gpt_only']}, only by {other} {t[other + '_only']}, by both "
                          f"{t['both']}: McNemar p = {t['mcnemar_p']:.3f}")
+    for m in s.get("members", []):
+        lines.append(f"member {m['member']} alone: {m['errors']} errors")
     print("\n".join(lines), file=sys.stderr)
 
 

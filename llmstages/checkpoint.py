@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from llmstages.ckptmeta import CONFIG, META, TOKENIZER, WEIGHTS, check_meta, lineage, parent_record  # noqa: F401
 from llmstages.ckptmeta import read_meta, read_model_json  # noqa: F401 (re-exported: the torch-free readers)
 from llmstages.config import Recipe, read_yaml, recipe_diff, to_dict
+from llmstages.ensemble import META_KEY as ENSEMBLE_KEY
 from llmstages.errors import UserError
 from llmstages.jsonio import read_json
 from llmstages.model import GPT
@@ -137,8 +138,11 @@ def check_disk(store: Store, run: str, model: GPT) -> None:
 
 
 def load_checkpoint(ref: str | Path, store: Store | None = None, *, device: str | torch.device = "cpu",
-                    check_hashes: bool = True) -> Checkpoint:
-    """Load a MODEL reference: a run name (`run`, `run@best`, `run@500`), a checkpoint folder, or hf:DIR_OR_ID."""
+                    check_hashes: bool = True, ensemble_ok: bool = False) -> Checkpoint:
+    """Load a MODEL reference: a run name (`run`, `run@best`, `run@500`), a checkpoint folder, or hf:DIR_OR_ID.
+
+    An ensemble of classifiers (finetune.ensemble, ensemble.py) loads only with `ensemble_ok`: the
+    callers that classify with it say so; every other use needs one model and gets a clear refusal."""
     ref = str(ref)
     if ref.startswith("hf:"):
         from llmstages.interop import load_hf  # imported here: only hf: references need it
@@ -150,10 +154,23 @@ def load_checkpoint(ref: str | Path, store: Store | None = None, *, device: str 
         raise UserError("\n".join(problems), hint="load an earlier checkpoint of the run (run@STEP)")
     config = read_model_config(path / CONFIG)
     meta = read_meta(path)
-    model = load_weights(path / WEIGHTS, config, device)  # names, shapes, finite values checked
+    if (members := ensemble_size(path, meta)) and not ensemble_ok:
+        raise UserError(f"{path} is an ensemble of {members} classifiers (finetune.ensemble): only `classify`, "
+                        "`evaluate` and the test split use one; this needs one model",
+                        hint=f"use one of its members instead: {path.parent.name}-member1 ... -member{members}")
+    model = load_weights(path / WEIGHTS, config, device, members=members)  # names, shapes, finite values checked
     tokenizer = Tokenizer.from_file(path / TOKENIZER)
     meta["fingerprint"] = manifest_fingerprint(path)
     return Checkpoint(model, tokenizer, meta, path)
+
+
+def ensemble_size(path: Path, meta: dict) -> int:
+    """The number of members of an ensemble checkpoint (meta.json's "ensemble"), 0 for a single model."""
+    members = meta.get(ENSEMBLE_KEY, 0)
+    if not isinstance(members, int) or isinstance(members, bool) or members == 1 or members < 0:
+        raise UserError(f"{path / META}: \"{ENSEMBLE_KEY}\" is {members!r}, not a number of members (2 or more)",
+                        hint="the checkpoint is corrupt; use an earlier one or its members' runs")
+    return members
 
 
 def load_tokenizer(ref: str | Path, store: Store | None = None) -> Tokenizer:
@@ -228,7 +245,8 @@ def verify_checkpoint(path: Path) -> list[str]:
     if problems := verify(path):
         return problems
     try:
-        model = load_weights(path / WEIGHTS, read_model_config(path / CONFIG))
+        members = ensemble_size(path, read_meta(path))
+        model = load_weights(path / WEIGHTS, read_model_config(path / CONFIG), members=members)
         del model
         if (path / STATE_TENSORS).exists():
             tensors, _ = load_train_state(path)

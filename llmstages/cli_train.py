@@ -207,7 +207,7 @@ def classify(
     from llmstages.stages.classify import classify_texts, require_classifier
 
     set_threads()
-    ckpt = load_checkpoint(model, open_store())
+    ckpt = load_checkpoint(model, open_store(), ensemble_ok=True)
     require_classifier(ckpt, "classify")
     texts = list(texts or [])
     if texts in ([], ["-"]):

@@ -108,6 +108,15 @@ def _cross_checks(recipe: Recipe, problems: list[tuple[str, str]]) -> None:
     if ft.soup > 1 and ft.average_last > 1:
         problems.append(("finetune.soup", f"and finetune.average_last={ft.average_last} both average weights; "
                          "use one of them (set finetune.average_last=0 or finetune.soup=1)"))
+    if ft.ensemble > 1 and recipe.task != "classify":
+        problems.append(("finetune.ensemble", f"combines fine-tuned classifiers; task {recipe.task} is not one: "
+                         "set finetune.ensemble=1, or use task: classify"))
+    if ft.ensemble > 1 and ft.soup > 1:
+        problems.append(("finetune.ensemble", f"and finetune.soup={ft.soup} both fine-tune several members; "
+                         "use one of them (set finetune.soup=1 or finetune.ensemble=1)"))
+    if ft.ensemble > 1 and ft.average_last > 1:
+        problems.append(("finetune.ensemble", f"keeps each member's last checkpoint, and finetune.average_last="
+                         f"{ft.average_last} would make another model of it: set finetune.average_last=0"))
     for key, name in (("run", recipe.run), ("data.name", d.name)):  # each names a folder in the store
         if ok(key) and name is not None and not RUN_NAME_RE.fullmatch(name):
             problems.append((key, f"{name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit"))

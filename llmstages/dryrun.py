@@ -165,10 +165,11 @@ def estimate(model: GPT, recipe: Recipe, task: TrainTask, console: Console, data
     }
     if task.examples_per_epoch:
         figures["epochs"] = round(steps * cfg.global_batch_size / task.examples_per_epoch, 2)
-    if recipe.finetune.soup > 1:  # finetune.soup: N runs like the one measured (stages/soup.py)
+    if (members := max(recipe.finetune.soup, recipe.finetune.ensemble)) > 1:  # N runs like the one measured
         minutes = per_micro * accum * steps / 60
-        figures.update({"soup members": recipe.finetune.soup, "estimated time per member (min)": round(minutes, 2),
-                        "estimated time (min)": round(minutes * recipe.finetune.soup, 2)})
+        kind = "ensemble" if recipe.finetune.ensemble > 1 else "soup"
+        figures.update({f"{kind} members": members, "estimated time per member (min)": round(minutes, 2),
+                        "estimated time (min)": round(minutes * members, 2)})
     console.print("[bold]resolved recipe[/bold]")
     console.print(dump_yaml(recipe), markup=False, highlight=False)
     console.print(summary_table(f"dry run: {recipe.run} (nothing trained)", figures))

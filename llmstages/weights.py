@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from llmstages.errors import UserError
+from llmstages.ensemble import Ensemble
 from llmstages.jsonio import read_json
 from llmstages.model import GPT, GPTConfig
 
@@ -103,11 +104,12 @@ def _check_field(name: str, value: Any, tp: Any) -> tuple[Any, str | None]:
 # ---------------------------------------------------------------------------------------------------
 # tensors
 # ---------------------------------------------------------------------------------------------------
-def expected_shapes(config: GPTConfig, where: str) -> dict[str, tuple[int, ...]]:
-    """name -> shape of every saved tensor of a GPT with `config`, built on the meta device (no memory)."""
+def expected_shapes(config: GPTConfig, where: str, members: int = 0) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every saved tensor of a GPT with `config` (or of an ensemble of `members` of them),
+    built on the meta device (no memory)."""
     try:
         with torch.device("meta"):
-            model = GPT(config)
+            model = Ensemble(config, members) if members else GPT(config)
     except (ValueError, TypeError, RuntimeError) as err:  # e.g. LoRA targets that match no layer
         raise UserError(f"{where}: impossible model config ({err})") from None
     return {name: tuple(t.shape) for name, t in model.state_for_saving().items()}
@@ -167,14 +169,16 @@ def safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         raise UserError(f"{path}: corrupt weights file ({_first_line(err)})") from None
 
 
-def load_weights(path: Path, config: GPTConfig, device: str | torch.device = "cpu") -> GPT:
-    """A GPT with `config` holding the weights of safetensors file `path`, after every check above."""
-    model = GPT(config)
-    load_weights_into(model, path, expected_shapes(config, str(path.parent / "model.json")))
+def load_weights(path: Path, config: GPTConfig, device: str | torch.device = "cpu", *,
+                 members: int = 0) -> GPT | Ensemble:
+    """A GPT with `config` (or an ensemble of `members` of them) holding the weights of safetensors file
+    `path`, after every check above."""
+    model = Ensemble(config, members) if members else GPT(config)
+    load_weights_into(model, path, expected_shapes(config, str(path.parent / "model.json"), members))
     return model.to(device)
 
 
-def load_weights_into(model: GPT, path: Path, expected: dict[str, tuple[int, ...]] | None = None) -> None:
+def load_weights_into(model: GPT | Ensemble, path: Path, expected: dict[str, tuple[int, ...]] | None = None) -> None:
     """Load safetensors file `path` into a built `model` (e.g. to resume it), after the same checks:
     names and shapes against `expected` (default: the model's own), floating dtypes, finite values."""
     if expected is None:

@@ -104,6 +104,11 @@ def print_checkpoint(console: Console, store: Store, model: str, *, as_json: boo
                   soft_wrap=True)
     if (data := dataset_line(path, meta)) is not None:
         console.print(data, highlight=False, soft_wrap=True)
+    for key, what in (("members", f"an ensemble of {meta.get('ensemble')} classifiers (the median of their "
+                                  "probabilities decides), the model below each one's:"),
+                      ("soup", "the average of the weights of:")):
+        if isinstance(meta.get(key), list):
+            console.print(f"{what} {', '.join(map(str, meta[key]))}", highlight=False, soft_wrap=True)
     table = Table(title="model", show_header=False)
     for key, value in config.items():
         if key in LORA_FIELDS and not config.get("lora_rank"):

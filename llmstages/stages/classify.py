@@ -159,7 +159,7 @@ def report_test_split(result: TrainResult, data: PreparedDataset, store: Store, 
         return None
     console = console or Console(stderr=True)
     path = path or store.best(result.run) or result.checkpoint
-    ckpt = load_checkpoint(path, store)
+    ckpt = load_checkpoint(path, store, ensemble_ok=True)
     split = data.records("test")
     labels = ckpt.model.config.class_names
     metrics = split_metrics(ckpt.model, split, labels, ckpt.tokenizer.eot_id, prefix="", **saved_decision(ckpt))

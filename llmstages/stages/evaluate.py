@@ -60,7 +60,7 @@ def evaluate(model_ref: str, paths: list[str], store: Store, *, limit: int | Non
     """`template` scores any language model on instruction data with that prompt template (e.g. a base
     model before instruction fine-tuning); instruction models use their own template by default.
     `threshold` (classifiers): the positive class's probability a label needs (None: the model's own)."""
-    ckpt = load_checkpoint(model_ref, store)
+    ckpt = load_checkpoint(model_ref, store, ensemble_ok=True)
     if ckpt.model.is_classifier:
         if template:
             raise UserError(f"{model_ref} is a classifier; --template applies to language models")

@@ -1,15 +1,18 @@
-"""`finetune.soup: N`: a weight soup of N fine-tuned classifiers (Wortsman et al. 2022, "Model soups").
+"""Several fine-tunings of one classifier recipe, combined: `finetune.soup: N` averages their weights (a
+weight soup, Wortsman et al. 2022, "Model soups"); `finetune.ensemble: N` keeps them side by side and
+decides by the median of their probabilities (ensemble.py).
 
 The recipe is fine-tuned N times, the runs alike but for the seed (the class head's initialisation,
 the order of the batches): runs `<run>-member1` ... `<run>-memberN` with train.seed, seed + 1, ...
 Each member is an ordinary run (resumed, verified, scored on the test split like any), so a kill
 between or inside members loses nothing: `--resume` continues the member that was training and starts
-the ones not begun. Then the weights of the members' final models are averaged into run `<run>`, one
-checkpoint that `classify`, `evaluate` and the test split use.
+the ones not begun. Then the members' final models are combined into run `<run>`, one checkpoint that
+`classify`, `evaluate` and the test split use.
 
 Why it helps: fine-tuned from one base, the members stay close enough in weight space that their mean
-is a good model, and it keeps what the members agree on. On the spam CV folds (README, "Cross-validated")
-one seed makes 35-43 errors, the soup of two 33-39.
+is a good model, and it keeps what the members agree on; an ensemble keeps every member, so a
+message one member gets wrong is outvoted by the two that get it right. On the spam CV folds (README,
+"Cross-validated") one seed makes 35-43 errors, the soup of two 33-39, three members voting 32-33.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Callable
 import torch
 from rich.console import Console
 
-from llmstages.averaging import commit_average
+from llmstages.averaging import commit_average, commit_ensemble
 from llmstages.config import Recipe, dump_yaml
 from llmstages.distributed import init_distributed, is_main_process
 from llmstages.errors import UserError
@@ -32,16 +35,21 @@ from llmstages.stages.prepare import get_or_prepare
 from llmstages.store import Store
 
 
+def member_count(recipe: Recipe) -> int:
+    """How many fine-tunings the recipe combines (finetune.soup or finetune.ensemble; 1 = an ordinary run)."""
+    return max(recipe.finetune.soup, recipe.finetune.ensemble)
+
+
 def member_runs(recipe: Recipe) -> list[str]:
-    return [f"{recipe.run}-member{k}" for k in range(1, recipe.finetune.soup + 1)]
+    return [f"{recipe.run}-member{k}" for k in range(1, member_count(recipe) + 1)]
 
 
 def member_recipe(recipe: Recipe, k: int) -> Recipe:
-    """The recipe of member k (1-based): its own run name and seed, and no soup of its own."""
+    """The recipe of member k (1-based): its own run name and seed, and no members of its own."""
     member = copy.deepcopy(recipe)
     member.run = f"{recipe.run}-member{k}"
     member.train.seed = recipe.train.seed + k - 1
-    member.finetune.soup = 1
+    member.finetune.soup = member.finetune.ensemble = 1
     return member
 
 
@@ -60,15 +68,17 @@ def check_soup_start(store: Store, recipe: Recipe, resume: bool) -> None:
 def finetune_soup(recipe: Recipe, store: Store, finetune_one: Callable[..., TrainResult], *, resume: bool,
                   allow_change: bool, console: Console) -> TrainResult:
     """Train (or resume) every member with `finetune_one` (stages.finetune.finetune), then commit their
-    average as run `recipe.run` and score it on the test split. Returns the soup's TrainResult."""
+    average (soup) or their ensemble as run `recipe.run` and score it on the test split. Returns the
+    combined model's TrainResult."""
     check_soup_start(store, recipe, resume)
+    kind = "ensemble" if recipe.finetune.ensemble > 1 else "soup"
     started, results = time.perf_counter(), []
     joined = not torch.distributed.is_initialized()
     dctx = init_distributed(recipe.train.device)[0]  # under torchrun: one process group for all the members
     try:
         for k, run in enumerate(member_runs(recipe), 1):
             member = member_recipe(recipe, k)
-            console.print(f"[bold]soup member {k} of {recipe.finetune.soup}[/bold]: run {run}, "
+            console.print(f"[bold]{kind} member {k} of {member_count(recipe)}[/bold]: run {run}, "
                           f"train.seed={member.train.seed}", highlight=False)
             results.append(finetune_one(member, store, resume=resume and store.latest(run) is not None,
                                         allow_change=allow_change, console=console))
@@ -79,10 +89,12 @@ def finetune_soup(recipe: Recipe, store: Store, finetune_one: Callable[..., Trai
     if not is_main_process():
         return results[-1]
     paths = [store.resolve(result.run) for result in results]  # each one's best, else its last
-    path = commit_average(store, recipe.run, paths, {"soup": [str(p) for p in paths]})
+    combine, done = (commit_ensemble, "kept the models of") if kind == "ensemble" else (commit_average,
+                                                                                        "averaged the weights of")
+    path = combine(store, recipe.run, paths, {"members" if kind == "ensemble" else "soup": [str(p) for p in paths]})
     (store.run_dir(recipe.run) / "recipe.yaml").write_text(dump_yaml(recipe))
-    console.print(f"soup: averaged the weights of {', '.join(f'{p.parent.name}/{p.name}' for p in paths)} "
-                  f"into {path}", highlight=False)
+    console.print(f"{kind}: {done} {', '.join(f'{p.parent.name}/{p.name}' for p in paths)} in {path}",
+                  highlight=False)
     train_seconds = sum(r.train_seconds for r in results)
     tokens = sum(r.tokens for r in results)
     result = TrainResult(recipe.run, results[-1].step, path, {}, None, time.perf_counter() - started, tokens,
