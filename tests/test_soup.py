@@ -1,6 +1,6 @@
 """finetune.soup: N fine-tuned members (seeds seed..seed+N-1) averaged into the run; weight averaging
-with LoRA adapters merged first; the start checks; a soup killed inside its second member resumes to
-the same model bit for bit.
+with LoRA adapters merged first; the start checks; an ensemble (the same members' training) killed
+inside its second member resumes to the same model bit for bit.
 
 Tiny models built here; small synthetic labeled files in tmp dirs.
 """
@@ -117,9 +117,11 @@ def test_averaging_merges_lora_adapters_first(store_dir, tokenizer):
 
 
 @pytest.mark.slow
-def test_a_soup_killed_in_its_second_member_resumes_to_the_same_model(tmp_path, tokenizer):
+def test_an_ensemble_killed_in_its_second_member_resumes_to_the_same_model(tmp_path, tokenizer):
+    """finetune.ensemble shares the members' training with finetune.soup (stages/soup.py); its members here
+    pack their texts (finetune.packing), so a packed classification run is killed and resumed too."""
     source = write_tsv(tmp_path / "sms.tsv", labeled_rows(80))
-    raw = raw_recipe(source, soup=2)
+    raw = raw_recipe(source, ensemble=2, packing=True)
     raw["train"].update(max_steps=40, save_every=10, eval_every=10, log_every=10)
     recipe = tmp_path / "soup.yaml"
     recipe.write_text(yaml.safe_dump(raw))
