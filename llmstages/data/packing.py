@@ -64,27 +64,37 @@ def pack_rows(lengths: Sequence[int], order: Iterable[int], capacity: int,
     return rows
 
 
+def row_layout(row_lengths: Sequence[Sequence[int]], pad_id: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[tuple[int, int]]]]:
+    """Rows of segments laid out back to back: row r holds segments of `row_lengths[r]` tokens. Returns
+    input ids filled with `pad_id`, positions (0..L-1 within each segment, 0 on padding) and segment
+    numbers (k for the row's k-th segment, PAD_SEGMENT on padding), each (R, T) with T the fullest row,
+    and each segment's (start, end) columns for the caller to fill in."""
+    width = max(sum(row) for row in row_lengths)
+    inputs = np.full((len(row_lengths), width), pad_id, dtype=np.int64)
+    positions = np.zeros((len(row_lengths), width), dtype=np.int64)
+    segments = np.full((len(row_lengths), width), PAD_SEGMENT, dtype=np.int64)
+    spans = []
+    for r, row in enumerate(row_lengths):
+        starts = np.concatenate([[0], np.cumsum(row)[:-1]]).astype(int)
+        spans.append([(int(a), int(a + n)) for a, n in zip(starts, row)])
+        for k, (a, b) in enumerate(spans[-1]):
+            positions[r, a:b], segments[r, a:b] = np.arange(b - a), k
+    return inputs, positions, segments, spans
+
+
 def collate_packed(rows: Sequence[Sequence[Example]], *, mask_prompt: bool, pad_id: int) -> dict:
     """Packed rows -> {"input_ids", "targets", "positions", "segments": (B, T), "n_tokens": real input
     tokens}, T = the fullest row. Example k of a row is segment k, its positions 0..L-2; padding at
     the end of a row has segment PAD_SEGMENT, position 0 and target IGNORE."""
-    fills = [sum(len(e.ids) - 1 for e in row) for row in rows]
-    width = max(fills)
-    inputs = np.full((len(rows), width), pad_id, dtype=np.int64)
-    targets = np.full((len(rows), width), IGNORE, dtype=np.int64)
-    positions = np.zeros((len(rows), width), dtype=np.int64)
-    segments = np.full((len(rows), width), PAD_SEGMENT, dtype=np.int64)
+    inputs, positions, segments, spans = row_layout([[len(e.ids) - 1 for e in row] for row in rows], pad_id)
+    targets = np.full(inputs.shape, IGNORE, dtype=np.int64)
     for r, row in enumerate(rows):
-        at = 0
-        for k, example in enumerate(row):
-            n = len(example.ids) - 1
-            inputs[r, at:at + n], targets[r, at:at + n] = example_targets(example, mask_prompt)
-            positions[r, at:at + n] = np.arange(n)
-            segments[r, at:at + n] = k
-            at += n
+        for example, (a, b) in zip(row, spans[r]):
+            inputs[r, a:b], targets[r, a:b] = example_targets(example, mask_prompt)
     return {"input_ids": torch.from_numpy(inputs), "targets": torch.from_numpy(targets),
             "positions": torch.from_numpy(positions), "segments": torch.from_numpy(segments),
-            "n_tokens": int(sum(fills))}
+            "n_tokens": int(sum(b - a for row in spans for a, b in row))}
 
 
 def pack_texts(sequences: Sequence[Sequence[int]], pad_id: int, block_size: int) -> dict:
@@ -96,19 +106,12 @@ def pack_texts(sequences: Sequence[Sequence[int]], pad_id: int, block_size: int)
     if min(lengths) == 0:
         raise ValueError("an empty text has no last token to classify")
     rows = pack_rows(lengths, range(len(sequences)), block_size)
-    width = max(sum(lengths[i] for i in row) for row in rows)
-    inputs = np.full((len(rows), width), pad_id, dtype=np.int64)
-    positions = np.zeros((len(rows), width), dtype=np.int64)
-    segments = np.full((len(rows), width), PAD_SEGMENT, dtype=np.int64)
+    inputs, positions, segments, spans = row_layout([[lengths[i] for i in row] for row in rows], pad_id)
     last_row, last_index = np.zeros(len(sequences), dtype=np.int64), np.zeros(len(sequences), dtype=np.int64)
     for r, row in enumerate(rows):
-        at = 0
-        for k, i in enumerate(row):
-            n = lengths[i]
-            inputs[r, at:at + n] = np.asarray(sequences[i][:n], dtype=np.int64)
-            positions[r, at:at + n], segments[r, at:at + n] = np.arange(n), k
-            last_row[i], last_index[i] = r, at + n - 1
-            at += n
+        for i, (a, b) in zip(row, spans[r]):
+            inputs[r, a:b] = np.asarray(sequences[i][:b - a], dtype=np.int64)
+            last_row[i], last_index[i] = r, b - 1
     return {"input_ids": torch.from_numpy(inputs), "positions": torch.from_numpy(positions),
             "segments": torch.from_numpy(segments), "last_row": torch.from_numpy(last_row),
             "last_index": torch.from_numpy(last_index), "n_tokens": int(sum(lengths))}
