@@ -102,15 +102,13 @@ def _cross_checks(recipe: Recipe, problems: list[tuple[str, str]]) -> None:
     if ft.average_last > t.keep_last:
         problems.append(("finetune.average_last", f"{ft.average_last} is more than train.keep_last={t.keep_last} "
                          "checkpoints kept; raise train.keep_last"))
-    if ft.soup > 1 and recipe.task != "classify":
-        problems.append(("finetune.soup", f"averages fine-tuned classifiers; task {recipe.task} is not one: "
-                         "set finetune.soup=1, or use task: classify"))
+    for key, members, how in (("finetune.soup", ft.soup, "averages"), ("finetune.ensemble", ft.ensemble, "combines")):
+        if members > 1 and recipe.task != "classify":
+            problems.append((key, f"{how} fine-tuned classifiers; task {recipe.task} is not one: set {key}=1, or "
+                             "use task: classify"))
     if ft.soup > 1 and ft.average_last > 1:
         problems.append(("finetune.soup", f"and finetune.average_last={ft.average_last} both average weights; "
                          "use one of them (set finetune.average_last=0 or finetune.soup=1)"))
-    if ft.ensemble > 1 and recipe.task != "classify":
-        problems.append(("finetune.ensemble", f"combines fine-tuned classifiers; task {recipe.task} is not one: "
-                         "set finetune.ensemble=1, or use task: classify"))
     if ft.ensemble > 1 and ft.soup > 1:
         problems.append(("finetune.ensemble", f"and finetune.soup={ft.soup} both fine-tune several members; "
                          "use one of them (set finetune.soup=1 or finetune.ensemble=1)"))

@@ -243,7 +243,7 @@ def test_cli_generate_device_option(tok, store_dir, capsys, monkeypatch):
     save_checkpoint(Store(store_dir), "base", 1, tiny_model(tok.vocab_size), tok, {"task": "pretrain"})
     loaded_on = []
     real_load = checkpoint.load_weights
-    monkeypatch.setattr(checkpoint, "load_weights", lambda *a: loaded_on.append(a[2]) or real_load(*a))
+    monkeypatch.setattr(checkpoint, "load_weights", lambda *a, **kw: loaded_on.append(a[2]) or real_load(*a, **kw))
     args = ("generate", "base", "the cat", "-t", "0", "-n", "5", "--json")
     code, out, err = run_main(capsys, *args, "--device", "cpu")
     assert code == 0, err
