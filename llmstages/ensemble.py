@@ -7,7 +7,8 @@ seed, and keeps all N models in one checkpoint: model.safetensors holds member i
 Why the median: for an odd N, "the median of the members' p(class) >= t" holds exactly when a majority
 of the members has p(class) >= t, so a threshold on the ensemble's probability is the members' majority
 vote at that threshold, and one stray member cannot move it (a mean can be dragged by one confident
-member). On the spam CV folds (README) three members voting made 32-33 errors where one made 35-42.
+member). On the spam CV folds (README, "ninth round") three members voting made 32 and 31 errors on
+fresh seeds, where one member alone made 34 to 42 and the character SVM 44.
 
 Only classification uses an ensemble (classify, evaluate, the test split): load_checkpoint refuses it
 elsewhere (generation, export, fine-tuning from it), where one model is needed.

@@ -162,12 +162,19 @@ def test_spam_cv_scores_the_chosen_folds_against_both_baselines(data_file, tmp_p
         assert all(0 <= i < len(lines) for i in fold[system]["wrong"])
     paired = figures["summary"]["paired_char_svm"]
     gpt, svm = set(fold["gpt"]["wrong"]), set(fold["char_svm"]["wrong"])
+    # the shipped recipe is an ensemble: each member is also scored alone on the fold, as its run chose
+    members = fold["gpt"]["members"]
+    assert [m["run"] for m in members] == ["cv-fold1-member1", "cv-fold1-member2", "cv-fold1-member3"]
+    assert all(m["errors"] == len(m["wrong"]) and set(m["wrong"]) <= set(range(len(lines))) for m in members)
+    assert [m["errors"] for m in figures["summary"]["members"]] == [m["errors"] for m in members]
+    assert figures["summary"]["members"][0]["paired_char_svm"]["member_only"] == len(set(members[0]["wrong"]) - svm)
     assert (paired["gpt_only"], paired["char_svm_only"], paired["both"]) == (len(gpt - svm), len(svm - gpt),
                                                                             len(gpt & svm))
     # --rescore: the same folds scored again from the kept fold models gives the same lists back
     older = json.loads((tmp_path / "cv.json").read_text())
     for system in ("gpt", "char_svm", "word_lr"):
         del older["per_fold"][0][system]["wrong"]
+    del older["per_fold"][0]["gpt"]["members"]
     (tmp_path / "old.json").write_text(json.dumps(older))
     again = bench(str(BENCH / "spam_cv.py"), "--rescore", str(tmp_path / "old.json"), "--work", str(tmp_path / "cv"))
     assert again.returncode == 0, again.stderr[-2000:]
