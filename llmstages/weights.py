@@ -173,8 +173,9 @@ def load_weights(path: Path, config: GPTConfig, device: str | torch.device = "cp
                  members: int = 0) -> GPT | Ensemble:
     """A GPT with `config` (or an ensemble of `members` of them) holding the weights of safetensors file
     `path`, after every check above."""
+    expected = expected_shapes(config, str(path.parent / "model.json"), members)  # an impossible config: exit 2
     model = Ensemble(config, members) if members else GPT(config)
-    load_weights_into(model, path, expected_shapes(config, str(path.parent / "model.json"), members))
+    load_weights_into(model, path, expected)
     return model.to(device)
 
 

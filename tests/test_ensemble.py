@@ -17,11 +17,12 @@ import yaml
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
-from llmstages.checkpoint import load_checkpoint, verify_checkpoint
+from llmstages.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
 from llmstages.classification import class_probabilities, decide
 from llmstages.config import build_recipe
 from llmstages.ensemble import median_probabilities
 from llmstages.errors import RecipeError, UserError
+from llmstages.model import GPT, GPTConfig
 from llmstages.stages.evaluate import evaluate
 from llmstages.stages.finetune import finetune
 from llmstages.stages.browse import print_checkpoint
@@ -85,7 +86,7 @@ def test_an_ensemble_keeps_each_member_and_decides_by_their_median(ensemble_run,
     assert scored["examples"] == 60 and 0 <= scored["roc_auc"] <= 1
 
 
-def test_only_classification_loads_an_ensemble_and_its_files_are_verified(ensemble_run, cli):
+def test_only_classification_loads_an_ensemble_and_its_files_are_verified(ensemble_run, cli, tokenizer):
     store, _, _ = ensemble_run
     with pytest.raises(UserError, match="ensemble of 3 classifiers"):
         load_checkpoint("clf", store)  # generation, export, fine-tuning from it: one model is needed
@@ -122,6 +123,11 @@ def test_only_classification_loads_an_ensemble_and_its_files_are_verified(ensemb
     for bad in (1, "3", True):
         (broken / "meta.json").write_text(json.dumps(dict(meta, ensemble=bad)))
         refused("not a number of members")
+    # a language model's checkpoint that claims to be an ensemble: refused, not a traceback
+    language_model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    lm = save_checkpoint(store, "lm", 1, language_model, tokenizer, {"task": "pretrain", "ensemble": 2})
+    with pytest.raises(UserError, match="impossible model config"):
+        load_checkpoint(lm, store, ensemble_ok=True)
 
 
 def test_a_kill_before_the_ensemble_is_committed_resumes_to_the_same_checkpoint(ensemble_run):
