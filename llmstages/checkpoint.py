@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from llmstages.ckptmeta import CONFIG, META, TOKENIZER, WEIGHTS, check_meta, lineage, parent_record  # noqa: F401
 from llmstages.ckptmeta import read_meta, read_model_json  # noqa: F401 (re-exported: the torch-free readers)
 from llmstages.config import Recipe, read_yaml, recipe_diff, to_dict
+from llmstages.ensemble import MAX_MEMBERS
 from llmstages.ensemble import META_KEY as ENSEMBLE_KEY
 from llmstages.errors import UserError
 from llmstages.jsonio import read_json
@@ -167,8 +168,9 @@ def load_checkpoint(ref: str | Path, store: Store | None = None, *, device: str 
 def ensemble_size(path: Path, meta: dict) -> int:
     """The number of members of an ensemble checkpoint (meta.json's "ensemble"), 0 for a single model."""
     members = meta.get(ENSEMBLE_KEY, 0)
-    if not isinstance(members, int) or isinstance(members, bool) or members == 1 or members < 0:
-        raise UserError(f"{path / META}: \"{ENSEMBLE_KEY}\" is {members!r}, not a number of members (2 or more)",
+    if not isinstance(members, int) or isinstance(members, bool) or members == 1 or not 0 <= members <= MAX_MEMBERS:
+        raise UserError(f"{path / META}: \"{ENSEMBLE_KEY}\" is {members!r}, not a number of members "
+                        f"(2 to {MAX_MEMBERS})",
                         hint="the checkpoint is corrupt; use an earlier one or its members' runs")
     return members
 

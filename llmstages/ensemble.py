@@ -22,6 +22,7 @@ import torch.nn as nn
 from llmstages.model import GPT, GPTConfig
 
 META_KEY = "ensemble"  # meta.json: the number of members of an ensemble checkpoint
+MAX_MEMBERS = 64  # more is a corrupt meta.json, refused before any member is built
 PREFIX = "members."
 
 

@@ -342,7 +342,7 @@ class FinetuneConfig:
     # all N models in one checkpoint of run `<run>`: its probability of a class is the median of the
     # members', so for an odd N a threshold on it is their majority vote (ensemble.py). N times the
     # fine-tuning and N times the inference. 1 = off.
-    ensemble: int = _f(1, ge=1)
+    ensemble: int = _f(1, ge=1, le=64)
     # Instruction: prompt template (alpaca | chat | hf), and whether prompt tokens are left out of the loss.
     # hf = the model's own chat_template (tokenizer_config.json); its end-of-turn token ends each response.
     template: str = _f("alpaca", choices=("alpaca", "chat", "hf"))

@@ -120,7 +120,7 @@ def test_only_classification_loads_an_ensemble_and_its_files_are_verified(ensemb
     save_file(weights, str(broken / "model.safetensors"))
     refused("missing tensors members.2.score.weight")
     meta = json.loads((path / "meta.json").read_text())
-    for bad in (1, "3", True):
+    for bad in (1, "3", True, 10**9):  # 10**9 members would be built (on the meta device) for ever
         (broken / "meta.json").write_text(json.dumps(dict(meta, ensemble=bad)))
         refused("not a number of members")
     # a language model's checkpoint that claims to be an ensemble: refused, not a traceback
