@@ -186,8 +186,8 @@ def member_scores(store, run: str, texts: list[str], labels: list[str], rows: np
     messages it gets wrong. Empty for an ordinary run."""
     members, k = [], 1
     while (run_dir := store.run_dir(f"{run}-member{k}")).is_dir():
-        checkpoint = json.loads((run_dir / "test_metrics.json").read_text())["checkpoint"]
-        scored = gpt_scored(store, checkpoint, texts, labels, rows)
+        step = json.loads((run_dir / "test_metrics.json").read_text())["step"]  # the checkpoint it scored
+        scored = gpt_scored(store, f"{run_dir.name}@{step}", texts, labels, rows)  # found in this --work
         members.append({"run": run_dir.name, "errors": len(scored["wrong"]), **scored})
         k += 1
     return members
@@ -279,7 +279,8 @@ def combine(results: list[dict], names: list[str]) -> dict:
                          **{s: rows[0][s] for s in SYSTEMS[1:]}})
     seeds = [{"file": name, "command": r["command"], "overrides": r["overrides"],
               **{key: r["summary"]["gpt"][key]["mean"] for key in FIGURES},
-              **{f"paired_{s}": r["summary"][f"paired_{s}"] for s in SYSTEMS[1:] if f"paired_{s}" in r["summary"]}}
+              **{f"paired_{s}": r["summary"][f"paired_{s}"] for s in SYSTEMS[1:] if f"paired_{s}" in r["summary"]},
+              **({"members": r["summary"]["members"]} if "members" in r["summary"] else {})}
              for name, r in zip(names, results)]
     result = {key: first[key] for key in same + ("recipe", "base")}
     result.update(command="python bench/spam_cv.py --combine " + " ".join(names), combined=seeds, per_fold=per_fold)

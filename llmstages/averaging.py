@@ -23,12 +23,13 @@ from llmstages.store import Store
 
 
 def load_merged(store: Store, paths: list[Path]) -> list[Checkpoint]:
-    """The checkpoints `paths`, LoRA adapters merged, after checking that they hold the same tensors."""
+    """The checkpoints `paths`, LoRA adapters merged, after checking that they hold tensors of the same
+    names and shapes."""
     loaded = [load_checkpoint(p, store) for p in paths]
     for ckpt in loaded:
         merge_lora(ckpt.model)
-    names = [c.model.state_for_saving().keys() for c in loaded]
-    if any(n != names[-1] for n in names):
+    shapes = [{k: tuple(v.shape) for k, v in c.model.state_for_saving().items()} for c in loaded]
+    if any(s != shapes[-1] for s in shapes):
         raise UserError(f"cannot combine {', '.join(map(str, paths))}: their tensors differ",
                         hint="average checkpoints of one model shape (a run resumed with --allow-change to "
                              "another model.* setting is another model)")

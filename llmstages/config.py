@@ -113,7 +113,7 @@ def _cross_checks(recipe: Recipe, problems: list[tuple[str, str]]) -> None:
         problems.append(("finetune.ensemble", f"and finetune.soup={ft.soup} both fine-tune several members; "
                          "use one of them (set finetune.soup=1 or finetune.ensemble=1)"))
     if ft.ensemble > 1 and ft.average_last > 1:
-        problems.append(("finetune.ensemble", f"keeps each member's last checkpoint, and finetune.average_last="
+        problems.append(("finetune.ensemble", f"keeps each member's final checkpoint (its best, else its last), and finetune.average_last="
                          f"{ft.average_last} would make another model of it: set finetune.average_last=0"))
     for key, name in (("run", recipe.run), ("data.name", d.name)):  # each names a folder in the store
         if ok(key) and name is not None and not RUN_NAME_RE.fullmatch(name):

@@ -5,9 +5,10 @@ seed, and keeps all N models in one checkpoint: model.safetensors holds member i
 `members.<i>.`, model.json is the members' shared config, meta.json says `"ensemble": N`.
 
 Why the median: for an odd N, "the median of the members' p(class) >= t" holds exactly when a majority
-of the members has p(class) >= t, so a threshold on the ensemble's probability is the members' majority
-vote at that threshold, and one stray member cannot move it (a mean can be dragged by one confident
-member). On the spam CV folds (README, "ninth round") three members voting made 32 and 31 errors on
+of the members has p(class) >= t, so with two classes (spam / ham) a threshold on the ensemble's
+probability is the members' majority vote at that threshold, and one stray member cannot move it (a
+mean can be dragged by one confident member). With more classes the medians are renormalised to sum
+to 1, so the vote is only approximate there. On the spam CV folds (README, "ninth round") three members voting made 32 and 31 errors on
 fresh seeds, where one member alone made 34 to 42 and the character SVM 44.
 
 Only classification uses an ensemble (classify, evaluate, the test split): load_checkpoint refuses it

@@ -340,8 +340,8 @@ class FinetuneConfig:
     soup: int = _f(1, ge=1)
     # Classification: an ensemble. Fine-tune N times as for a soup (runs `<run>-member1` ...), then keep
     # all N models in one checkpoint of run `<run>`: its probability of a class is the median of the
-    # members', so for an odd N a threshold on it is their majority vote (ensemble.py). N times the
-    # fine-tuning and N times the inference. 1 = off.
+    # members' (renormalised), so with two classes and an odd N a threshold on it is their majority vote
+    # (ensemble.py). N times the fine-tuning and N times the inference; at most 64 members. 1 = off.
     ensemble: int = _f(1, ge=1, le=64)
     # Instruction: prompt template (alpaca | chat | hf), and whether prompt tokens are left out of the loss.
     # hf = the model's own chat_template (tokenizer_config.json); its end-of-turn token ends each response.

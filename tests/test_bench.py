@@ -235,12 +235,16 @@ def _cv_run(gpt_accuracy: list[float], seed: int, svm_accuracy: float = 0.99) ->
 
 
 def test_spam_cv_combines_seeds_per_fold_and_refuses_other_folds(tmp_path):
-    (tmp_path / "s0.json").write_text(json.dumps(_cv_run([0.98, 0.99], 0)))
+    ensemble = _cv_run([0.98, 0.99], 0)
+    ensemble["summary"]["members"] = [{"member": 1, "errors": 4}, {"member": 2, "errors": 2}]  # a soup or ensemble
+    (tmp_path / "s0.json").write_text(json.dumps(ensemble))
     (tmp_path / "s1.json").write_text(json.dumps(_cv_run([0.99, 1.00], 1)))
     result = bench(str(BENCH / "spam_cv.py"), "--combine", str(tmp_path / "s0.json"), str(tmp_path / "s1.json"),
                    "--out", str(tmp_path / "both.json"))
     assert result.returncode == 0, result.stderr[-2000:]
     both = json.loads((tmp_path / "both.json").read_text())
+    # each run's members alone are kept with its entry (per fold they are not averaged across runs)
+    assert both["combined"][0]["members"] == ensemble["summary"]["members"] and "members" not in both["combined"][1]
     # per fold the mean of the two seeds (0.985, 0.995), then mean and spread over the folds
     assert [f["gpt"]["accuracy"] for f in both["per_fold"]] == pytest.approx([0.985, 0.995])
     assert both["summary"]["gpt"]["accuracy"]["mean"] == pytest.approx(0.99)

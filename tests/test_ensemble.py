@@ -92,9 +92,14 @@ def test_only_classification_loads_an_ensemble_and_its_files_are_verified(ensemb
         load_checkpoint("clf", store)  # generation, export, fine-tuning from it: one model is needed
     generated = cli("generate", "clf", "hello")
     assert generated.returncode == 2 and "clf-member1" in generated.stderr  # the hint names a member to use
-    classified = cli("classify", "clf", "win a prize now", "see you", "--json", "--threshold", "0.5")
+    texts = ["win a prize now", "see you"]
+    classified = cli("classify", "clf", *texts, "--json", "--threshold", "0.5")
     assert classified.returncode == 0, classified.stderr
-    assert [p["label"] in ("ham", "spam") for p in json.loads(classified.stdout)["predictions"]] == [True, True]
+    ensemble = load_checkpoint("clf", store, ensemble_ok=True)
+    median = class_probabilities(ensemble.model, ensemble.tokenizer.encode_batch(texts), tokenizer.eot_id)
+    for p, probs in zip(json.loads(classified.stdout)["predictions"], median.tolist()):  # the members' median
+        assert [p["probabilities"]["ham"], p["probabilities"]["spam"]] == pytest.approx(probs, abs=1e-5)
+        assert p["label"] == ("spam" if probs[1] >= 0.5 else "ham")
 
     path = store.latest("clf")
     shown = Console(record=True, width=400)
