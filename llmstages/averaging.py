@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from llmstages.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from llmstages.ensemble import META_KEY as ENSEMBLE_KEY
+from llmstages.ckptmeta import ENSEMBLE_KEY
 from llmstages.ensemble import Ensemble
 from llmstages.errors import UserError
 from llmstages.lora import merge_lora
@@ -66,5 +66,5 @@ def commit_ensemble(store: Store, run: str, paths: list[Path], meta: dict) -> Pa
     if len({c.tokenizer.fingerprint for c in loaded}) > 1:
         raise UserError(f"cannot make an ensemble of {', '.join(map(str, paths))}: their tokenizers differ",
                         hint="the members must be fine-tuned on the same prepared data")
-    ensemble = Ensemble.of([c.model for c in loaded])
+    ensemble = Ensemble([c.model for c in loaded])
     return commit_combined(store, run, loaded[-1], ensemble, dict(meta, **{ENSEMBLE_KEY: len(loaded)}))

@@ -30,10 +30,9 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from llmstages.ckptmeta import CONFIG, META, TOKENIZER, WEIGHTS, check_meta, lineage, parent_record  # noqa: F401
+from llmstages.ckptmeta import ENSEMBLE_KEY
 from llmstages.ckptmeta import read_meta, read_model_json  # noqa: F401 (re-exported: the torch-free readers)
 from llmstages.config import Recipe, read_yaml, recipe_diff, to_dict
-from llmstages.ensemble import MAX_MEMBERS
-from llmstages.ensemble import META_KEY as ENSEMBLE_KEY
 from llmstages.errors import UserError
 from llmstages.jsonio import read_json
 from llmstages.model import GPT
@@ -155,7 +154,7 @@ def load_checkpoint(ref: str | Path, store: Store | None = None, *, device: str 
         raise UserError("\n".join(problems), hint="load an earlier checkpoint of the run (run@STEP)")
     config = read_model_config(path / CONFIG)
     meta = read_meta(path)
-    if (members := ensemble_size(path, meta)) and not ensemble_ok:
+    if (members := meta.get(ENSEMBLE_KEY, 0)) and not ensemble_ok:  # checked by read_meta
         raise UserError(f"{path} is an ensemble of {members} classifiers (finetune.ensemble): only `classify`, "
                         "`evaluate` and the test split use one; this needs one model",
                         hint=f"use one of its members instead: {path.parent.name}-member1 ... -member{members}")
@@ -163,16 +162,6 @@ def load_checkpoint(ref: str | Path, store: Store | None = None, *, device: str 
     tokenizer = Tokenizer.from_file(path / TOKENIZER)
     meta["fingerprint"] = manifest_fingerprint(path)
     return Checkpoint(model, tokenizer, meta, path)
-
-
-def ensemble_size(path: Path, meta: dict) -> int:
-    """The number of members of an ensemble checkpoint (meta.json's "ensemble"), 0 for a single model."""
-    members = meta.get(ENSEMBLE_KEY, 0)
-    if not isinstance(members, int) or isinstance(members, bool) or members == 1 or not 0 <= members <= MAX_MEMBERS:
-        raise UserError(f"{path / META}: \"{ENSEMBLE_KEY}\" is {members!r}, not a number of members "
-                        f"(2 to {MAX_MEMBERS})",
-                        hint="the checkpoint is corrupt; use an earlier one or its members' runs")
-    return members
 
 
 def load_tokenizer(ref: str | Path, store: Store | None = None) -> Tokenizer:
@@ -247,7 +236,7 @@ def verify_checkpoint(path: Path) -> list[str]:
     if problems := verify(path):
         return problems
     try:
-        members = ensemble_size(path, read_meta(path))
+        members = read_meta(path).get(ENSEMBLE_KEY, 0)  # a number read_meta checked
         model = load_weights(path / WEIGHTS, read_model_config(path / CONFIG), members=members)
         del model
         if (path / STATE_TENSORS).exists():

@@ -19,17 +19,22 @@ from llmstages.jsonio import read_json
 from llmstages.store import Store, manifest_fingerprint
 
 WEIGHTS, CONFIG, TOKENIZER, META = "model.safetensors", "model.json", "tokenizer.json", "meta.json"
+ENSEMBLE_KEY = "ensemble"  # meta.json: the number of members of an ensemble checkpoint (ensemble.py)
+MAX_MEMBERS = 64  # more is a corrupt meta.json, refused before any member is built
 
 
 def check_meta(meta: dict, where: Path) -> None:
-    """Refuse a meta.json whose fields the stages use (task, template, sampling defaults, data settings)
-    hold values llmstages never writes; unknown keys (older or newer versions) are ignored."""
+    """Refuse a meta.json whose fields the stages use (task, ensemble members, template, sampling defaults,
+    data settings) hold values llmstages never writes; unknown keys (older or newer versions) are ignored."""
     from llmstages.config import PARSER, DataConfig, GenerateConfig
     from llmstages.templates import TEMPLATES
 
     problems = []
     if not isinstance(meta.get("task", ""), str):
         problems.append(("task", "expected a string"))
+    members = meta.get(ENSEMBLE_KEY, 0)
+    if not isinstance(members, int) or isinstance(members, bool) or members == 1 or not 0 <= members <= MAX_MEMBERS:
+        problems.append((ENSEMBLE_KEY, f"{members!r:.40} is not a number of members (2 to {MAX_MEMBERS})"))
     template = meta.get("template")
     if template is not None and not (isinstance(template, str) and template in TEMPLATES):
         problems.append(("template", f"{template!r:.40} is not one of {', '.join(TEMPLATES)}"))

@@ -165,9 +165,8 @@ def estimate(model: GPT, recipe: Recipe, task: TrainTask, console: Console, data
     }
     if task.examples_per_epoch:
         figures["epochs"] = round(steps * cfg.global_batch_size / task.examples_per_epoch, 2)
-    if (members := max(recipe.finetune.soup, recipe.finetune.ensemble)) > 1:  # N runs like the one measured
-        minutes = per_micro * accum * steps / 60
-        kind = "ensemble" if recipe.finetune.ensemble > 1 else "soup"
+    if kind := recipe.finetune.combination:  # soup or ensemble: N runs like the one measured
+        minutes, members = per_micro * accum * steps / 60, recipe.finetune.members
         figures.update({f"{kind} members": members, "estimated time per member (min)": round(minutes, 2),
                         "estimated time (min)": round(minutes * members, 2)})
     console.print("[bold]resolved recipe[/bold]")

@@ -22,8 +22,6 @@ import torch.nn as nn
 
 from llmstages.model import GPT, GPTConfig
 
-META_KEY = "ensemble"  # meta.json: the number of members of an ensemble checkpoint
-MAX_MEMBERS = 64  # more is a corrupt meta.json, refused before any member is built
 PREFIX = "members."
 
 
@@ -39,21 +37,18 @@ class Ensemble(nn.Module):
     """N classifiers of one config; called like a GPT classifier (`last_index`), it returns log-probabilities
     (B, K) whose softmax is `median_probabilities` of the members' softmaxes."""
 
-    def __init__(self, config: GPTConfig, size: int):
+    def __init__(self, members: list[GPT]):
         super().__init__()
-        if size < 2:
-            raise ValueError(f"an ensemble needs at least 2 members, not {size}")
-        if not config.num_classes:
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, not {len(members)}")
+        if not members[0].config.num_classes:
             raise ValueError("an ensemble is made of classifiers: the config has no class head")
-        self.members = nn.ModuleList(GPT(config) for _ in range(size))
+        self.members = nn.ModuleList(members)
 
     @classmethod
-    def of(cls, models: list[GPT]) -> Ensemble:
-        """An ensemble holding (copies of the weights of) `models`, which share one config."""
-        ensemble = cls(models[0].config, len(models))
-        for member, model in zip(ensemble.members, models):
-            member.load_saved_state(model.state_for_saving())
-        return ensemble
+    def build(cls, config: GPTConfig, size: int) -> Ensemble:
+        """`size` new members of `config`, to load saved weights into."""
+        return cls([GPT(config) for _ in range(size)])
 
     @property
     def config(self) -> GPTConfig:

@@ -342,7 +342,7 @@ class FinetuneConfig:
     # all N models in one checkpoint of run `<run>`: its probability of a class is the median of the
     # members' (renormalised), so with two classes and an odd N a threshold on it is their majority vote
     # (ensemble.py). N times the fine-tuning and N times the inference; at most 64 members. 1 = off.
-    ensemble: int = _f(1, ge=1, le=64)
+    ensemble: int = _f(1, ge=1, le=64)  # 64: ckptmeta.MAX_MEMBERS, what a checkpoint may say
     # Instruction: prompt template (alpaca | chat | hf), and whether prompt tokens are left out of the loss.
     # hf = the model's own chat_template (tokenizer_config.json); its end-of-turn token ends each response.
     template: str = _f("alpaca", choices=("alpaca", "chat", "hf"))
@@ -354,6 +354,16 @@ class FinetuneConfig:
     packing: bool = False
     # Instruction: sample generations for fixed validation prompts printed at each eval.
     eval_samples: int = _f(2, ge=0)
+
+    @property
+    def members(self) -> int:
+        """How many fine-tunings the recipe combines (soup or ensemble; 1 = an ordinary run)."""
+        return max(self.soup, self.ensemble)
+
+    @property
+    def combination(self) -> str | None:
+        """How the members are combined: "ensemble", "soup", or None for an ordinary run."""
+        return "ensemble" if self.ensemble > 1 else "soup" if self.soup > 1 else None
 
 
 @dataclass

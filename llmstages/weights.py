@@ -109,7 +109,7 @@ def expected_shapes(config: GPTConfig, where: str, members: int = 0) -> dict[str
     built on the meta device (no memory)."""
     try:
         with torch.device("meta"):
-            model = Ensemble(config, members) if members else GPT(config)
+            model = Ensemble.build(config, members) if members else GPT(config)
     except (ValueError, TypeError, RuntimeError) as err:  # e.g. LoRA targets that match no layer
         raise UserError(f"{where}: impossible model config ({err})") from None
     return {name: tuple(t.shape) for name, t in model.state_for_saving().items()}
@@ -174,7 +174,7 @@ def load_weights(path: Path, config: GPTConfig, device: str | torch.device = "cp
     """A GPT with `config` (or an ensemble of `members` of them) holding the weights of safetensors file
     `path`, after every check above."""
     expected = expected_shapes(config, str(path.parent / "model.json"), members)  # an impossible config: exit 2
-    model = Ensemble(config, members) if members else GPT(config)
+    model = Ensemble.build(config, members) if members else GPT(config)
     load_weights_into(model, path, expected)
     return model.to(device)
 

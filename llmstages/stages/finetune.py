@@ -185,7 +185,7 @@ def finetune(recipe: Recipe, store: Store, *, resume: bool = False, allow_change
     if recipe.task not in ("classify", "instruct"):
         raise UserError(f"the recipe's task is {recipe.task}; finetune runs classify or instruct recipes",
                         hint="use `llmstages pretrain` for pretraining recipes")
-    if max(recipe.finetune.soup, recipe.finetune.ensemble) > 1 and not dry_run:
+    if recipe.finetune.combination and not dry_run:
         # N ordinary runs, then their average or their ensemble (a dry run: one member)
         from llmstages.stages.soup import finetune_soup
         return finetune_soup(recipe, store, finetune, resume=resume, allow_change=allow_change, console=console)

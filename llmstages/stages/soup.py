@@ -36,13 +36,14 @@ from llmstages.stages.prepare import get_or_prepare
 from llmstages.store import Store
 
 
-def member_count(recipe: Recipe) -> int:
-    """How many fine-tunings the recipe combines (finetune.soup or finetune.ensemble; 1 = an ordinary run)."""
-    return max(recipe.finetune.soup, recipe.finetune.ensemble)
+# finetune.combination -> how the members' final checkpoints become the run's: the commit, what the
+# console says of it, and the meta.json key listing the members
+COMBINE = {"soup": (commit_average, "averaged the weights of", "soup"),
+           "ensemble": (commit_ensemble, "kept the models of", "members")}
 
 
 def member_runs(recipe: Recipe) -> list[str]:
-    return [f"{recipe.run}-member{k}" for k in range(1, member_count(recipe) + 1)]
+    return [f"{recipe.run}-member{k}" for k in range(1, recipe.finetune.members + 1)]
 
 
 def member_recipe(recipe: Recipe, k: int) -> Recipe:
@@ -72,14 +73,14 @@ def finetune_soup(recipe: Recipe, store: Store, finetune_one: Callable[..., Trai
     average (soup) or their ensemble as run `recipe.run` and score it on the test split. Returns the
     combined model's TrainResult."""
     check_soup_start(store, recipe, resume)
-    kind = "ensemble" if recipe.finetune.ensemble > 1 else "soup"
+    kind = recipe.finetune.combination
     started, results = time.perf_counter(), []
     joined = not torch.distributed.is_initialized()
     dctx = init_distributed(recipe.train.device)[0]  # under torchrun: one process group for all the members
     try:
         for k, run in enumerate(member_runs(recipe), 1):
             member = member_recipe(recipe, k)
-            console.print(f"[bold]{kind} member {k} of {member_count(recipe)}[/bold]: run {run}, "
+            console.print(f"[bold]{kind} member {k} of {recipe.finetune.members}[/bold]: run {run}, "
                           f"train.seed={member.train.seed}", highlight=False)
             results.append(finetune_one(member, store, resume=resume and store.latest(run) is not None,
                                         allow_change=allow_change, console=console))
@@ -90,9 +91,8 @@ def finetune_soup(recipe: Recipe, store: Store, finetune_one: Callable[..., Trai
     if not is_main_process():
         return results[-1]
     paths = [store.resolve(result.run) for result in results]  # each one's best, else its last
-    combine, done = (commit_ensemble, "kept the models of") if kind == "ensemble" else (commit_average,
-                                                                                        "averaged the weights of")
-    path = combine(store, recipe.run, paths, {"members" if kind == "ensemble" else "soup": [str(p) for p in paths]})
+    combine, done, key = COMBINE[kind]
+    path = combine(store, recipe.run, paths, {key: [str(p) for p in paths]})
     (store.run_dir(recipe.run) / "recipe.yaml").write_text(dump_yaml(recipe))
     console.print(f"{kind}: {done} {', '.join(f'{p.parent.name}/{p.name}' for p in paths)} in {path}",
                   highlight=False)
